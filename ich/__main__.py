@@ -1,0 +1,5 @@
+import sys
+
+from ich.cli import main
+
+sys.exit(main())

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real scans beside the checkout (../shared/data); absent in a user's fresh clone."""
+    if not (SHARED_DATA / "README.md").exists():
+        pytest.skip(f"real head-CT data not found at {SHARED_DATA} (only present beside the project in CI/dev)")
+    return SHARED_DATA
