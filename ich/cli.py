@@ -65,6 +65,69 @@ def _phantom(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _predictor(args: argparse.Namespace):
+    from ich.inference import Predictor
+
+    return Predictor.from_checkpoint(args.weights, args.device)
+
+
+def _report_problems(problems) -> None:
+    for p in problems:
+        print(f"skipped {p}", file=sys.stderr)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import time
+
+    from ich import evaluate
+
+    start = time.perf_counter()
+    predictor = _predictor(args)
+    load_s = time.perf_counter() - start
+    result = evaluate.predict(predictor, args.paths, progress=not args.quiet)
+    _report_problems(result.problems)
+    if result.frame.empty:
+        print("no readable slice found", file=sys.stderr)
+        return EXIT_NOTHING_USABLE
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    evaluate.submission(result.frame).to_csv(args.out, index=False)
+    print(f"wrote {len(result.frame)} slices x 6 classes to {args.out} ({predictor.name} on {predictor.device})", file=sys.stderr)
+    if args.timings:
+        timings = {"load_s": load_s, **result.timings}
+        print(json.dumps({k: round(v, 4) for k, v in timings.items()}))
+    return EXIT_OK
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ich import evaluate
+
+    labels = evaluate.load_labels(args.data, args.labels)
+    predictor = _predictor(args)
+    result = evaluate.predict(predictor, [args.data], progress=not args.quiet)
+    _report_problems(result.problems)
+    if result.frame.empty:
+        print("no readable slice found", file=sys.stderr)
+        return EXIT_NOTHING_USABLE
+    report = evaluate.evaluate(result.frame, labels, predictor.thresholds)
+    report["weights"] = predictor.name
+    report["data"] = str(args.data)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    markdown = evaluate.report_markdown(report, f"Evaluation of {predictor.name} on {args.data}")
+    (out / "report.md").write_text(markdown)
+    evaluate.submission(result.frame).to_csv(out / "predictions.csv", index=False)
+    print(markdown)
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'predictions.csv'}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", help="checkpoint (.json or .safetensors); default: $ICH_WEIGHTS or the bundled weights/")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ich", description="Intracranial hemorrhage triage on head CT (not a medical device).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +146,20 @@ def get_parser() -> argparse.ArgumentParser:
     ph.add_argument("--jpeg", action="store_true", help="write a lossless JPEG transfer syntax")
     ph.add_argument("--masks", action="store_true", help="also write hemorrhage pixel masks")
     ph.set_defaults(func=_phantom)
+
+    pr = sub.add_parser("predict", help="score every slice and write an RSNA submission CSV")
+    pr.add_argument("paths", nargs="+", help="DICOM files, folders or .zip archives")
+    pr.add_argument("--out", required=True, help="submission CSV (ID,Label; six rows per slice)")
+    pr.add_argument("--timings", action="store_true", help="print load/read/preprocess/infer/total seconds as JSON last")
+    _model_options(pr)
+    pr.set_defaults(func=_predict)
+
+    ev = sub.add_parser("evaluate", help="predict a labelled dataset and report per-class and series metrics")
+    ev.add_argument("data", help="RSNA-layout folder (stage_2_train.csv + DICOM)")
+    ev.add_argument("--labels", help="RSNA-format label CSV, if not in DATA")
+    ev.add_argument("--out", default="evaluation", help="folder for report.json, report.md, predictions.csv")
+    _model_options(ev)
+    ev.set_defaults(func=_evaluate)
     return parser
 
 

@@ -1,0 +1,153 @@
+"""Slice and study predictions from a checkpoint.
+
+:class:`Predictor` loads a checkpoint once, keeps the model resident on the best device (CUDA in
+bf16 when present, else CPU in fp32) and scores every slice of a series in batches. It is shared
+between threads (Streamlit sessions): the model is never modified after loading and forward passes
+are serialised by :attr:`Predictor.lock`.
+
+Study score (the worklist's likelihood) = the mean of the two highest per-slice ``any``
+probabilities (the single highest for a one-slice series). Requiring two slices damps a single
+noisy slice while keeping a bleed that shows on only two 5 mm slices near the top of the list.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ich import checkpoint
+from ich.dicom import Series
+from ich.labels import CLASSES
+from ich.windowing import Preprocess, Window
+
+__all__ = ["Predictor", "StudyPrediction", "default_weights", "resolve_device", "study_score", "TOP_K", "STUDY_AGGREGATION"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+TOP_K = 2
+STUDY_AGGREGATION = f"mean of the {TOP_K} highest slice 'any' probabilities"
+
+
+def default_weights() -> Path:
+    """``$ICH_WEIGHTS`` if set, else the checkpoint bundled in ``weights/``."""
+    env = os.environ.get("ICH_WEIGHTS")
+    if env:
+        return Path(env)
+    found = sorted(WEIGHTS_DIR.glob("*.json"))
+    if not found:
+        raise checkpoint.CheckpointError(f"no checkpoint in {WEIGHTS_DIR}; pass --weights or set ICH_WEIGHTS")
+    return found[0]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but no CUDA GPU is available")
+    return device
+
+
+def study_score(any_probs: np.ndarray, k: int = TOP_K) -> float:
+    """Mean of the ``k`` highest slice probabilities (see module docstring)."""
+    if len(any_probs) == 0:
+        return float("nan")
+    top = np.sort(np.asarray(any_probs, dtype=np.float64))[-k:]
+    return float(top.mean())
+
+
+@dataclass
+class StudyPrediction:
+    sop_uids: list[str]
+    probs: np.ndarray  # float32 (N, len(CLASSES)); NaN for classes the checkpoint does not predict
+    score: float
+    top_subtype: str | None
+    flagged: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Predictor:
+    """A loaded checkpoint ready to score slices. Build with :meth:`from_checkpoint`."""
+
+    def __init__(self, model: torch.nn.Module, metadata: dict, device: torch.device, batch_size: int = 32) -> None:
+        self.model = model
+        self.metadata = metadata
+        self.device = device
+        self.batch_size = batch_size
+        self.classes: tuple[str, ...] = tuple(CLASSES)
+        self.model_classes: tuple[str, ...] = tuple(metadata["classes"])
+        unknown = set(self.model_classes) - set(CLASSES)
+        if unknown:
+            raise checkpoint.CheckpointError(f"checkpoint predicts unknown classes {sorted(unknown)}")
+        self._columns = [CLASSES.index(c) for c in self.model_classes]
+        thresholds = metadata["thresholds"]
+        self.thresholds: dict[str, float] = (
+            {c: float(thresholds[c]) for c in self.model_classes} if isinstance(thresholds, dict)
+            else dict(zip(self.model_classes, map(float, thresholds)))
+        )
+        windows = tuple(Window(str(n), float(lv), float(w)) for n, lv, w in metadata["windows"])
+        self.preprocess = Preprocess(size=int(metadata["input_size"]), windows=windows, crop=metadata.get("crop", True))
+        self._mean = torch.tensor(metadata["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
+        self._std = torch.tensor(metadata["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
+        # bf16 on GPU: the H100/H200 tensor cores; fp32 on CPU, where bf16 is slower and less exact.
+        self._autocast = device.type == "cuda"
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto", batch_size: int = 32) -> "Predictor":
+        dev = resolve_device(device)
+        model, metadata = checkpoint.load_model(path or default_weights(), dev)
+        if dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return cls(model, metadata, dev, batch_size)
+
+    @property
+    def name(self) -> str:
+        return f"{self.metadata['arch']} ({self.metadata.get('name', 'checkpoint')})"
+
+    def to_input(self, batch: np.ndarray) -> torch.Tensor:
+        """uint8 ``(B, 3, S, S)`` -> normalised float tensor on the device."""
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True).float()
+        x = (x - self._mean) / self._std
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``(B, len(model_classes))`` for preprocessed uint8 slices."""
+        with self.lock, torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast):
+            logits = self.model(self.to_input(batch))
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+    def predict_volume(self, volume: Sequence[np.ndarray], progress: Callable[[float], None] | None = None) -> tuple[np.ndarray, dict]:
+        """``(probs (N, len(CLASSES)), timings)`` for a sequence of HU slices."""
+        start = time.perf_counter()
+        inputs = np.stack([self.preprocess(hu) for hu in volume]) if len(volume) else np.zeros((0, 3, 1, 1), np.uint8)
+        prep = time.perf_counter()
+        out = np.full((len(inputs), len(CLASSES)), np.nan, dtype=np.float32)
+        for i in range(0, len(inputs), self.batch_size):
+            out[i : i + self.batch_size, self._columns] = self.predict_batch(inputs[i : i + self.batch_size])
+            if progress is not None:
+                progress(min(1.0, (i + self.batch_size) / len(inputs)))
+        end = time.perf_counter()
+        return out, {"preprocess_s": prep - start, "infer_s": end - prep}
+
+    def summarize(self, sop_uids: list[str], probs: np.ndarray, timings: dict | None = None) -> StudyPrediction:
+        any_col = probs[:, CLASSES.index("any")]
+        score = study_score(any_col)
+        subtypes = [c for c in self.model_classes if c != "any"]
+        top = None
+        if subtypes and len(probs):
+            peaks = {c: float(np.nanmax(probs[:, CLASSES.index(c)])) for c in subtypes}
+            top = max(peaks, key=peaks.get)
+        flagged = bool(score >= self.thresholds.get("any", 0.5))
+        return StudyPrediction(sop_uids, probs, score, top, flagged, dict(timings or {}))
+
+    def predict_series(self, series: Series, progress: Callable[[float], None] | None = None) -> StudyPrediction:
+        probs, timings = self.predict_volume([s.hu for s in series.slices], progress)
+        return self.summarize(series.sop_uids, probs, timings)

@@ -1,0 +1,191 @@
+"""Evaluation metrics on numpy arrays (no scikit-learn).
+
+Arrays are ``y_true`` 0/1 labels and ``y_prob`` probabilities, shaped ``(N,)`` for one class or
+``(N, C)`` with one column per class. Undefined values (an AUC when a class never or always
+occurs, a sensitivity without positives) are ``nan``, never an exception.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "RSNA_WEIGHTS",
+    "roc_auc",
+    "roc_auc_per_class",
+    "rsna_weights",
+    "weighted_log_loss",
+    "accuracy_multi",
+    "accuracy",
+    "error_rate",
+    "sensitivity_specificity",
+    "youden_thresholds",
+    "summarize",
+]
+
+# Kaggle RSNA 2019 scoring: the "any" column counts twice, each subtype once.
+RSNA_WEIGHTS: dict[str, float] = {"any": 2.0}
+# Clipping as in scikit-learn's log_loss, which the competition used.
+LOG_LOSS_EPS = 1e-15
+
+
+def _as_2d(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64)
+    return y[:, None] if y.ndim == 1 else y
+
+
+def _check(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    t, p = _as_2d(y_true), _as_2d(y_prob)
+    if t.shape != p.shape:
+        raise ValueError(f"y_true {t.shape} and y_prob {p.shape} differ in shape")
+    return t, p
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    # Start index of each run of equal values, and its length.
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    counts = np.diff(np.r_[starts, len(xs)])
+    avg = starts + (counts + 1) / 2.0
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(avg, counts)
+    return ranks
+
+
+def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Area under the ROC curve for one class (Mann-Whitney U; a tie counts one half)."""
+    t = np.asarray(y_true).ravel() > 0.5
+    s = np.asarray(y_score, dtype=np.float64).ravel()
+    n_pos = int(t.sum())
+    n_neg = t.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    u = _rank(s)[t].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def roc_auc_per_class(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
+    """``(C,)`` AUC of each column."""
+    t, p = _check(y_true, y_prob)
+    return np.array([roc_auc(t[:, c], p[:, c]) for c in range(t.shape[1])])
+
+
+def rsna_weights(classes: Sequence[str]) -> np.ndarray:
+    """Per-class weights of the RSNA score for ``classes`` (``any`` 2, others 1)."""
+    return np.array([RSNA_WEIGHTS.get(c, 1.0) for c in classes])
+
+
+def weighted_log_loss(y_true: np.ndarray, y_prob: np.ndarray, weights: Sequence[float] | None = None) -> float:
+    """Mean over rows of the weighted mean of per-class binary cross-entropy (the RSNA score).
+
+    ``weights`` defaults to 1 per class; pass ``rsna_weights(classes)`` for the competition score.
+    """
+    t, p = _check(y_true, y_prob)
+    w = np.ones(t.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
+    p = np.clip(p, LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
+    bce = -(t * np.log(p) + (1 - t) * np.log1p(-p))
+    return float((bce @ w).mean() / w.sum())
+
+
+def _thresholds(thresholds: float | Sequence[float], n: int) -> np.ndarray:
+    return np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (n,))
+
+
+def accuracy_multi(y_true: np.ndarray, y_prob: np.ndarray, thresh: float | Sequence[float] = 0.5) -> float:
+    """fastai's ``accuracy_multi``: the fraction of all (row, class) cells predicted right.
+
+    fastai applies a sigmoid to logits first; here ``y_prob`` is already a probability.
+    """
+    t, p = _check(y_true, y_prob)
+    pred = p > _thresholds(thresh, t.shape[1])
+    return float((pred == (t > 0.5)).mean())
+
+
+def accuracy(y_true: np.ndarray, y_prob: np.ndarray, thresh: float = 0.5) -> float:
+    """Binary accuracy of one class (``(N,)`` or ``(N, 1)``)."""
+    t, p = _check(y_true, y_prob)
+    if t.shape[1] != 1:
+        raise ValueError("accuracy takes one class; use accuracy_multi for several")
+    return accuracy_multi(t, p, thresh)
+
+
+def error_rate(y_true: np.ndarray, y_prob: np.ndarray, thresh: float = 0.5) -> float:
+    """``1 - accuracy`` (fastai's ``error_rate``)."""
+    return 1.0 - accuracy(y_true, y_prob, thresh)
+
+
+def sensitivity_specificity(
+    y_true: np.ndarray, y_prob: np.ndarray, thresholds: float | Sequence[float] = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(sensitivity, specificity)``, each ``(C,)``; a prediction is positive when ``prob > threshold``."""
+    t, p = _check(y_true, y_prob)
+    pos = t > 0.5
+    pred = p > _thresholds(thresholds, t.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens = (pred & pos).sum(0) / pos.sum(0)
+        spec = (~pred & ~pos).sum(0) / (~pos).sum(0)
+    return sens.astype(np.float64), spec.astype(np.float64)
+
+
+def youden_thresholds(y_true: np.ndarray, y_prob: np.ndarray, default: float = 0.5) -> np.ndarray:
+    """Per class, the threshold maximising sensitivity + specificity - 1 (Youden's J).
+
+    Candidate thresholds sit halfway between consecutive distinct probabilities, so the choice
+    does not sit on a validation example. A class with one label value (or one probability) only
+    keeps ``default``.
+    """
+    t, p = _check(y_true, y_prob)
+    out = np.full(t.shape[1], default, dtype=np.float64)
+    for c in range(t.shape[1]):
+        pos = t[:, c] > 0.5
+        values = np.unique(p[:, c])
+        if pos.all() or not pos.any() or len(values) == 1:
+            continue
+        cands = np.r_[values[0] - 1e-9, (values[1:] + values[:-1]) / 2]
+        pred = p[:, c][None, :] > cands[:, None]
+        j = (pred & pos).sum(1) / pos.sum() + (~pred & ~pos).sum(1) / (~pos).sum() - 1
+        out[c] = float(np.clip(cands[int(np.argmax(j))], 0.0, 1.0))
+    return out
+
+
+def summarize(
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    classes: Sequence[str],
+    thresholds: float | Sequence[float] = 0.5,
+) -> dict:
+    """Every metric the training table and checkpoint report, as a JSON-ready dict of floats.
+
+    ``accuracy`` / ``error_rate`` are those of the first class (``any`` in RSNA order), which is
+    the paper's binary bleed / no-bleed figure in both tasks.
+    """
+    t, p = _check(y_true, y_prob)
+    if t.shape[1] != len(classes):
+        raise ValueError(f"{t.shape[1]} columns but {len(classes)} classes")
+    thr = _thresholds(thresholds, len(classes))
+    auc = roc_auc_per_class(t, p)
+    sens, spec = sensitivity_specificity(t, p, thr)
+    acc = accuracy_multi(t[:, :1], p[:, :1], thr[0])
+    with np.errstate(invalid="ignore"):
+        mean_auc = float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
+    return {
+        "n": int(t.shape[0]),
+        "accuracy": acc,
+        "error_rate": 1.0 - acc,
+        "accuracy_multi": accuracy_multi(t, p, thr),
+        "weighted_log_loss": weighted_log_loss(t, p, rsna_weights(classes)),
+        "mean_auc": mean_auc,
+        "per_class": {
+            c: {
+                "auc": float(auc[i]),
+                "sensitivity": float(sens[i]),
+                "specificity": float(spec[i]),
+                "prevalence": float(t[:, i].mean()) if len(t) else float("nan"),
+                "threshold": float(thr[i]),
+            }
+            for i, c in enumerate(classes)
+        },
+    }

@@ -1,0 +1,123 @@
+"""Classification networks: torchvision backbones with a new ``num_classes`` head.
+
+``build_model`` is the only way the product makes a network, so a checkpoint's ``arch`` string is
+all :mod:`ich.checkpoint` needs to rebuild it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+__all__ = [
+    "ARCHITECTURES",
+    "MIN_INPUT_SIZE",
+    "PretrainedUnavailable",
+    "build_model",
+    "head_module",
+    "head_parameters",
+    "freeze_backbone",
+    "unwrap",
+]
+
+ARCHITECTURES: tuple[str, ...] = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "densenet121",
+    "alexnet",
+    "efficientnet_b0",
+)
+
+# Smallest square input each network accepts: AlexNet's three stride-2 max-pools leave no pixel
+# below 63 px; the others end in an adaptive pool and work from 32 px.
+MIN_INPUT_SIZE: dict[str, int] = {arch: 32 for arch in ARCHITECTURES} | {"alexnet": 63}
+
+
+class PretrainedUnavailable(RuntimeError):
+    """ImageNet weights were asked for but could not be downloaded or read."""
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap the ImageNet classifier's last linear layer for a fresh ``num_classes`` one."""
+    parent, name = _head_slot(model)
+    setattr(parent, name, nn.Linear(getattr(parent, name).in_features, num_classes))
+
+
+def _head_slot(model: nn.Module) -> tuple[nn.Module, str]:
+    """``(parent module, attribute name)`` of the final linear layer (Sequential names are "0", "1"...)."""
+    if isinstance(model, torchvision.models.ResNet):
+        return model, "fc"
+    if isinstance(model, torchvision.models.DenseNet):
+        return model, "classifier"
+    if isinstance(model, (torchvision.models.AlexNet, torchvision.models.EfficientNet)):
+        return model.classifier, str(len(model.classifier) - 1)  # Sequential(dropout..., Linear)
+    raise TypeError(f"unsupported model type {type(model).__name__}: build it with ich.models.build_model")
+
+
+def build_model(arch: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """A torchvision ``arch`` whose classifier outputs ``num_classes`` logits.
+
+    ``pretrained=True`` loads torchvision's ImageNet weights (from ``$TORCH_HOME`` when cached,
+    else downloaded) and raises :class:`PretrainedUnavailable` when that fails.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    weights = None
+    if pretrained:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+    try:
+        model = torchvision.models.get_model(arch, weights=weights)
+    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError; bad files raise RuntimeError
+        if weights is None:
+            raise
+        folder = Path(torch.hub.get_dir()) / "checkpoints"  # where torchvision looks first ($TORCH_HOME/hub/...)
+        raise PretrainedUnavailable(
+            f"ImageNet weights for {arch} could not be downloaded (no network?): {exc}. "
+            f"Train from scratch (omit --pretrained) or place the torchvision weight file "
+            f"{weights.url.rsplit('/', 1)[-1]} in {folder}"
+        ) from exc
+    _replace_head(model, num_classes)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain network inside DistributedDataParallel and/or ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DataParallel
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def head_module(model: nn.Module) -> nn.Linear:
+    """The new classifier layer that :func:`build_model` put in."""
+    parent, name = _head_slot(unwrap(model))
+    return getattr(parent, name)
+
+
+def head_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Parameters of the new head only (what ``--freeze-epochs`` trains)."""
+    return head_module(model).parameters()
+
+
+def freeze_backbone(model: nn.Module, frozen: bool = True, train_bn: bool = True) -> None:
+    """Stop (or restart) gradients to everything but the head.
+
+    As fastai's ``freeze``: BatchNorm layers stay trainable by default (``train_bn``) so their
+    statistics and affine terms adapt to CT while the convolutions are held.
+    """
+    net = unwrap(model)
+    head = {id(p) for p in head_parameters(net)}
+    bn = {id(p) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    for p in net.parameters():
+        keep = id(p) in head or (train_bn and id(p) in bn)
+        p.requires_grad_(keep or not frozen)

@@ -1,0 +1,84 @@
+"""ich.metrics against values worked out by hand."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ich import metrics as m
+
+
+def test_roc_auc_simple_and_with_ties():
+    # Positives 0.35, 0.8 vs negatives 0.1, 0.4: 3 of 4 pairs ordered right.
+    assert m.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    # Pairs (pos, neg): (0.5, 0.5) tie = 1/2, (0.5, 0.2), (0.9, 0.5), (0.9, 0.2) = 1 each -> 3.5 / 4.
+    assert m.roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9]) == pytest.approx(0.875)
+    assert m.roc_auc([1, 0, 1, 0], [0.3, 0.3, 0.3, 0.3]) == pytest.approx(0.5)
+    assert m.roc_auc([0, 1], [0.9, 0.1]) == 0.0
+
+
+def test_roc_auc_undefined_for_one_label_value():
+    assert math.isnan(m.roc_auc([1, 1, 1], [0.1, 0.5, 0.9]))
+    auc = m.roc_auc_per_class([[1, 0], [0, 0]], [[0.9, 0.2], [0.1, 0.3]])
+    assert auc[0] == 1.0 and math.isnan(auc[1])
+
+
+def test_weighted_log_loss_rsna_weights():
+    w = m.rsna_weights(["any", "epidural"])
+    assert w.tolist() == [2.0, 1.0]
+    # (2 * -ln 0.8 + -ln 0.9) / 3
+    expected = (2 * -math.log(0.8) - math.log(0.9)) / 3
+    assert m.weighted_log_loss([[1, 0]], [[0.8, 0.1]], w) == pytest.approx(expected)
+    # Mean over rows; unweighted is the plain mean BCE.
+    two = m.weighted_log_loss([[1, 0], [0, 0]], [[0.8, 0.1], [0.5, 0.5]])
+    assert two == pytest.approx(((-math.log(0.8) - math.log(0.9)) / 2 + math.log(2)) / 2)
+
+
+def test_log_loss_clips_certain_mistakes():
+    loss = m.weighted_log_loss([1, 0], [0.0, 1.0])
+    assert math.isfinite(loss) and loss == pytest.approx(-math.log(m.LOG_LOSS_EPS), rel=1e-4)
+
+
+def test_accuracy_multi_is_mean_over_all_cells():
+    y = [[1, 0], [0, 1]]
+    p = [[0.7, 0.6], [0.2, 0.4]]
+    assert m.accuracy_multi(y, p) == 0.5  # predictions [[1, 1], [0, 0]]: 2 of 4 cells right
+    assert m.accuracy_multi(y, p, [0.5, 0.3]) == 0.75  # [[1, 1], [0, 1]]
+
+
+def test_accuracy_and_error_rate_binary():
+    assert m.accuracy([1, 0, 1, 0], [0.9, 0.2, 0.4, 0.6]) == 0.5
+    assert m.error_rate([1, 0, 1, 0], [0.9, 0.2, 0.6, 0.4]) == 0.0
+    with pytest.raises(ValueError):
+        m.accuracy([[1, 0]], [[0.5, 0.5]])
+
+
+def test_sensitivity_specificity():
+    sens, spec = m.sensitivity_specificity([1, 1, 0, 0, 0], [0.9, 0.4, 0.6, 0.1, 0.2])
+    assert sens[0] == 0.5 and spec[0] == pytest.approx(2 / 3)
+    sens, spec = m.sensitivity_specificity([[1, 0], [1, 0]], [[0.9, 0.1], [0.8, 0.9]], [0.5, 0.5])
+    assert sens[0] == 1.0 and math.isnan(sens[1]) and math.isnan(spec[0]) and spec[1] == 0.5
+
+
+def test_youden_threshold_separates_and_defaults():
+    thr = m.youden_thresholds([[0, 1], [0, 1], [1, 1], [1, 1]], [[0.1, 0.3], [0.2, 0.4], [0.7, 0.5], [0.8, 0.6]])
+    assert 0.2 < thr[0] < 0.7  # any cut between the classes gives J = 1
+    assert thr[1] == 0.5  # one label value only: default kept
+
+
+def test_summarize_reports_everything():
+    classes = ["any", "epidural"]
+    y = np.array([[1, 1], [1, 0], [0, 0], [0, 0]])
+    p = np.array([[0.9, 0.8], [0.6, 0.3], [0.4, 0.1], [0.2, 0.6]])
+    s = m.summarize(y, p, classes, 0.5)
+    assert s["n"] == 4
+    assert s["accuracy"] == 1.0 and s["error_rate"] == 0.0
+    assert s["accuracy_multi"] == 7 / 8
+    assert s["per_class"]["any"]["auc"] == 1.0
+    assert s["per_class"]["epidural"]["specificity"] == pytest.approx(2 / 3)
+    assert s["per_class"]["epidural"]["prevalence"] == 0.25
+    assert s["mean_auc"] == pytest.approx(1.0)
+    assert s["weighted_log_loss"] == pytest.approx(m.weighted_log_loss(y, p, [2, 1]))
+    with pytest.raises(ValueError):
+        m.summarize(y, p, ["any"])

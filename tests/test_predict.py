@@ -1,0 +1,105 @@
+"""ich.inference, `ich predict` and `ich evaluate`."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydicom.uid import generate_uid
+
+from ich import dicom
+from ich.inference import Predictor, study_score
+from ich.labels import CLASSES
+from tests.conftest import ROOT, make_checkpoint
+from tests.dicom_factory import make_ct, to_bytes
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint):
+    return Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+def synthetic_series(n=4) -> dicom.Series:
+    series, study = generate_uid(), generate_uid()
+    uploads = [dicom.Upload(f"{i}.dcm", to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study))) for i in range(n)]
+    return dicom.load(uploads).series[0]
+
+
+def test_study_score_is_top2_mean():
+    assert study_score(np.array([0.1, 0.9, 0.3, 0.7])) == pytest.approx(0.8)
+    assert study_score(np.array([0.4])) == pytest.approx(0.4)
+    assert np.isnan(study_score(np.array([])))
+
+
+def test_predict_series(predictor):
+    series = synthetic_series(5)
+    result = predictor.predict_series(series)
+    assert result.probs.shape == (5, 6) and result.sop_uids == series.sop_uids
+    assert np.all((result.probs >= 0) & (result.probs <= 1))
+    assert result.score == pytest.approx(study_score(result.probs[:, 0]), abs=1e-6)
+    assert result.top_subtype in CLASSES[1:]
+    assert result.flagged == (result.score >= predictor.thresholds["any"])
+    # Deterministic: the model is in eval mode and never changed by a prediction.
+    np.testing.assert_array_equal(predictor.predict_series(series).probs, result.probs)
+
+
+def test_binary_checkpoint_leaves_subtypes_empty(tmp_path):
+    path = make_checkpoint(tmp_path / "binary", classes=("any",))
+    result = Predictor.from_checkpoint(path, device="cpu").predict_series(synthetic_series(3))
+    assert np.isfinite(result.probs[:, 0]).all() and np.isnan(result.probs[:, 1:]).all()
+    assert result.top_subtype is None
+
+
+def test_tampered_weights_refused(tmp_path):
+    path = make_checkpoint(tmp_path / "m")
+    weights = path.with_suffix(".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        Predictor.from_checkpoint(path, device="cpu")
+
+
+def run_ich(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ich", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_predict_cli_every_slice(shared_data, tiny_checkpoint, tmp_path):
+    out = tmp_path / "sub.csv"
+    proc = run_ich("predict", str(shared_data / "rsna-sample"), "--weights", str(tiny_checkpoint), "--out", str(out), "--timings", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    timings = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(timings) == {"load_s", "read_s", "preprocess_s", "infer_s", "total_s"}
+    assert all(v >= 0 for v in timings.values())
+    sub = pd.read_csv(out)
+    assert list(sub.columns) == ["ID", "Label"] and sub["Label"].between(0, 1).all()
+    labels = pd.read_csv(shared_data / "rsna-sample/stage_2_train.csv")
+    assert set(sub["ID"]) == set(labels["ID"])  # every slice, all six classes, same ID format
+    assert len(sub) == 235 * 6
+
+
+def test_predict_cli_keeps_going_past_bad_files(tmp_path, tiny_checkpoint):
+    series, study = generate_uid(), generate_uid()
+    for i in range(3):
+        (tmp_path / f"{i}.dcm").write_bytes(to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study)))
+    (tmp_path / "2.dcm").write_bytes((tmp_path / "2.dcm").read_bytes()[:-64])
+    out = tmp_path / "out" / "sub.csv"
+    proc = run_ich("predict", str(tmp_path), "--weights", str(tiny_checkpoint), "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert len(pd.read_csv(out)) == 2 * 6
+    assert "2.dcm: pixel data too short" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_cli(shared_data, tiny_checkpoint, tmp_path):
+    proc = run_ich("evaluate", str(shared_data / "rsna-sample"), "--weights", str(tiny_checkpoint), "--out", str(tmp_path), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["slice"]["n"] == 235 and report["series"]["n"] == 7
+    assert report["slice"]["per_class"]["any"]["prevalence"] == pytest.approx(33 / 235)
+    assert np.isnan(report["slice"]["per_class"]["epidural"]["auc"]) or report["slice"]["per_class"]["epidural"]["auc"] is None
+    assert "| subdural |" in (tmp_path / "report.md").read_text()

@@ -1,0 +1,588 @@
+"""Train a hemorrhage slice classifier, in the style of torchvision's classification reference.
+
+    python -m train.fit --data DATA_OR_CACHE --arch resnet18 --task binary --epochs 5 --out runs
+    python -m train.fit --data CACHE --arch resnet50 --task multilabel --bleed-only --lr-find
+    torchrun --nproc_per_node 8 -m train.fit --data CACHE ...           # DDP, one GPU per process
+
+``--data`` is a cache made by :mod:`train.prepare` or an RSNA-layout folder (prepared on first use
+into ``--cache``). Validation is split by patient. Training follows fastai's recipe: AdamW,
+one-cycle schedule, optionally a first phase training only the new head (``--freeze-epochs``) and
+an LR range test (``--lr-find``, or ``--lr auto``). Writes ``<out>/<name>.safetensors`` + ``.json``
+through :mod:`ich.checkpoint`, and ``<name>.state.pt`` after each epoch for ``--resume``.
+
+Tasks: ``binary`` has one output (``any``: bleed or not) trained with a sigmoid, the same decision
+as the paper's two-way softmax; ``multilabel`` has six (``any`` + the five subtypes).
+
+Decision thresholds: 0.5 per class (``--thresholds fixed``, the paper's), or per class the one
+maximising Youden's J on the validation set (``--thresholds youden``); the latter are chosen on the
+same patients the reported metrics come from, so those metrics are optimistic.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import OneCycleLR
+
+from ich import checkpoint
+from ich.metrics import summarize, youden_thresholds
+from ich.models import ARCHITECTURES, build_model, freeze_backbone, unwrap
+from train import lr_finder
+from train.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchLoader,
+    BatchReader,
+    Cache,
+    DeviceInput,
+    build_augment,
+    is_cache,
+    kept_mask,
+    patient_split,
+    targets,
+)
+
+__all__ = [
+    "DistInfo",
+    "Phase",
+    "get_args_parser",
+    "resolve_device",
+    "init_distributed",
+    "open_data",
+    "task_classes",
+    "plan_phases",
+    "one_cycle",
+    "train_step",
+    "train_one_epoch",
+    "evaluate",
+    "main",
+]
+
+TABLE_COLUMNS = ("epoch", "train_loss", "valid_loss", "error_rate", "accuracy", "accuracy_multi", "wlogloss", "mean_auc", "img/s", "time")
+
+
+# --------------------------------------------------------------------------- process setup
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a (torchrun) job; one process is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; CUDA processes take GPU ``local_rank``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is available (use --device cpu)")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes in the environment (NCCL on CUDA, else gloo)."""
+    env = os.environ
+    info = DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    device = resolve_device(device_name, info.local_rank)
+    if info.distributed:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=info.rank, world_size=info.world_size)
+    return info, device
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _sum_across(*values: torch.Tensor) -> list[torch.Tensor]:
+    """All-reduce sums in a DDP job (one collective); a no-op in a single process."""
+    if not _distributed():
+        return list(values)
+    flat = torch.stack([v.float() for v in values])
+    dist.all_reduce(flat)
+    return list(flat.unbind())
+
+
+def default_cache_dir(data: Path, size: int) -> Path:
+    """Where a raw folder is prepared when ``--cache`` is not given (``.ich-data`` is git-ignored)."""
+    tag = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:8]
+    return Path(".ich-data") / "cache" / f"{data.name}-{tag}-{size}"
+
+
+def open_data(
+    data: Path, cache_dir: Path | None, size: int | None, workers: int, dist_info: DistInfo, log: Callable[..., None]
+) -> Cache:
+    """Open a cache, or prepare ``data`` into one first (rank 0 only; the others wait)."""
+    if not is_cache(data):
+        from train.prepare import prepare
+
+        cache_dir = cache_dir or default_cache_dir(data, size or 256)
+        if dist_info.is_main:
+            log(f"preparing {data} into {cache_dir}")
+            prepare(data, cache_dir, size=size or 256, workers=workers, progress=True)
+        if dist_info.distributed:
+            dist.barrier()
+        data = cache_dir
+    cache = Cache.open(data)
+    if size is not None and size != cache.size:
+        raise SystemExit(f"--size {size} but {data} was prepared at {cache.size}: prepare another cache")
+    return cache
+
+
+def task_classes(task: str, all_classes: Sequence[str]) -> tuple[str, ...]:
+    """Output order of the network: ``("any",)`` for binary, every class for multilabel."""
+    return ("any",) if task == "binary" else tuple(all_classes)
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One one-cycle run: ``epochs`` at peak rate ``lr``, backbone frozen or not."""
+
+    name: str
+    epochs: int
+    frozen: bool
+    lr: float
+    pct_start: float
+
+
+def plan_phases(epochs: int, freeze_epochs: int, lr: float) -> list[Phase]:
+    """fastai's ``fine_tune``: head-only epochs at ``lr`` (warm-up 99 %), then all at ``lr / 2``."""
+    if not freeze_epochs:
+        return [Phase("full", epochs, False, lr, 0.25)]
+    return [Phase("head", freeze_epochs, True, lr, 0.99), Phase("full", epochs, False, lr / 2, 0.25)]
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int, pct_start: float = 0.25) -> OneCycleLR:
+    """fastai's ``fit_one_cycle`` defaults: div 25, final div 1e5, cosine, momentum 0.95 -> 0.85.
+
+    torch divides the *starting* rate by ``final_div_factor``, fastai the peak by ``div_final``,
+    hence 1e5 / 25. With AdamW, "momentum" is beta1. Tiny (smoke) runs get a warm-up of at least
+    two steps, as torch's schedule divides by zero on a shorter one.
+    """
+    total_steps = max(total_steps, 3)
+    return OneCycleLR(
+        optimizer,
+        max_lr=max_lr,
+        total_steps=total_steps,
+        pct_start=min(max(pct_start, 2 / total_steps), 0.99),
+        anneal_strategy="cos",
+        div_factor=25.0,
+        final_div_factor=1e5 / 25.0,
+        cycle_momentum=True,
+        base_momentum=0.85,
+        max_momentum=0.95,
+    )
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def train_step(
+    model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, target: torch.Tensor, amp: bool
+) -> torch.Tensor:
+    """One optimiser step; returns the (detached) batch loss without synchronising the device."""
+    with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(inputs)
+    loss = criterion(logits.float(), target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: OneCycleLR | None,
+    loader: Iterable,
+    to_input: DeviceInput,
+    epoch: int,
+    *,
+    max_steps: int | None = None,
+    amp: bool = False,
+    print_freq: int = 0,
+    log: Callable[..., None] = print,
+) -> dict:
+    """Train over ``loader`` (at most ``max_steps`` batches); losses and img/s summed over ranks."""
+    model.train()
+    device = to_input.device
+    loss_sum = torch.zeros((), device=device)
+    seen = steps = 0
+    start = time.perf_counter()
+    for images, target, _ in loader:
+        if max_steps is not None and steps >= max_steps:
+            break
+        loss = train_step(model, criterion, optimizer, to_input(images, train=True), target.to(device, non_blocking=True), amp)
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss * len(target)  # stays on the device: no sync per step
+        seen += len(target)
+        steps += 1
+        if print_freq and steps % print_freq == 0:
+            rate = seen / (time.perf_counter() - start)
+            lr = optimizer.param_groups[0]["lr"]
+            log(f"  epoch {epoch} step {steps}: loss {loss.item():.4f}  lr {lr:.2e}  {rate:.0f} img/s per process")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    total_loss, total_seen = _sum_across(loss_sum, torch.tensor(float(seen), device=device))
+    n = int(total_seen.item())
+    return {"loss": total_loss.item() / max(n, 1), "images": n, "steps": steps, "seconds": seconds, "images_per_second": n / seconds}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Iterable, to_input: DeviceInput, amp: bool = False) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(mean BCE, y_true, y_prob)`` over the whole validation set, gathered from every rank.
+
+    Rows a DistributedSampler repeated to even out shards are counted once.
+    """
+    net = unwrap(model).eval()  # the ranks hold identical weights: no DDP collectives needed
+    device = to_input.device
+    rows, losses, trues, probs = [], [], [], []
+    for images, target, row in loader:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = net(to_input(images)).float()
+        target = target.to(device, non_blocking=True)
+        losses.append(F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1))
+        trues.append(target)
+        probs.append(torch.sigmoid(logits))
+        rows.append(row)
+    parts = [torch.cat(x).cpu().numpy() for x in (rows, losses, trues, probs)]
+    if _distributed():
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, parts)
+        parts = [np.concatenate([g[i] for g in gathered]) for i in range(4)]
+    row, loss, y_true, y_prob = parts
+    _, first = np.unique(row, return_index=True)
+    return float(loss[first].mean()), y_true[first], y_prob[first]
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _table_row(epoch: int, train: dict, valid_loss: float, summary: dict, seconds: float) -> str:
+    values = (
+        f"{epoch:>5d}",
+        f"{train['loss']:10.6f}",
+        f"{valid_loss:10.6f}",
+        f"{summary['error_rate']:10.6f}",
+        f"{summary['accuracy']:8.6f}",
+        f"{summary['accuracy_multi']:14.6f}",
+        f"{summary['weighted_log_loss']:8.5f}",
+        f"{summary['mean_auc']:8.4f}",
+        f"{train['images_per_second']:5.0f}",
+        time.strftime("%M:%S", time.gmtime(seconds)),
+    )
+    return "  ".join(values)
+
+
+def _auc_line(summary: dict) -> str:
+    return "        AUC " + "  ".join(f"{c} {m['auc']:.4f}" for c, m in summary["per_class"].items())
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _lr_value(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr takes a number or 'auto', not {text!r}") from None
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train an ICH slice classifier", add_help=add_help)
+    p.add_argument("--data", required=True, type=Path, help="prepared cache, or RSNA-layout folder (prepared on first use)")
+    p.add_argument("--cache", type=Path, default=None, help="where to prepare a raw --data folder (default .ich-data/cache/...)")
+    p.add_argument("--size", type=int, default=None, help="slice size when preparing (default 256; must match a cache)")
+    p.add_argument("--min-brain", type=float, default=None, help="brain-pixel filter (default: the cache's 'kept' flag)")
+    p.add_argument("--arch", default="resnet18", choices=ARCHITECTURES)
+    p.add_argument("--pretrained", action="store_true", help="start from torchvision ImageNet weights")
+    p.add_argument("--task", default="binary", choices=("binary", "multilabel"))
+    p.add_argument("--bleed-only", action="store_true", help="train and validate on slices with a bleed only (paper's subtype model)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs with the whole network trained")
+    p.add_argument("--freeze-epochs", type=int, default=0, help="epochs training only the new head first")
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--lr", type=_lr_value, default=1e-3, help="peak one-cycle rate, or 'auto' (LR range test's suggestion)")
+    p.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay (fastai default)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps in all (smoke runs)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--workers", type=int, default=4, help="data-reading threads per training process (0 = inline)")
+    p.add_argument("--out", type=Path, default=Path("runs"))
+    p.add_argument("--name", default=None, help="checkpoint name (default <arch>-<task>[-fold<i>])")
+    p.add_argument("--resume", type=Path, default=None, help="a <name>.state.pt to continue from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-frac", type=float, default=0.2, help="fraction of patients held out")
+    p.add_argument("--folds", type=int, default=None, help="K-fold by patient: validate on fold --fold of K")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--lr-find", action="store_true", help="run the LR range test, write its plot, print the suggestion, exit")
+    p.add_argument("--lr-find-iters", type=int, default=100)
+    p.add_argument("--thresholds", default="fixed", choices=("fixed", "youden"), help="0.5 per class, or chosen on validation")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--aug-flip", type=float, default=0.5, help="left-right flip probability")
+    p.add_argument("--aug-rotate", type=float, default=15.0, help="max rotation, degrees")
+    p.add_argument("--aug-zoom", type=float, default=1.0, help="max zoom-in factor (1 = none)")
+    p.add_argument("--aug-blur", type=float, default=0.25, help="Gaussian blur probability")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--print-freq", type=int, default=50, help="log every N steps (0 = per epoch only)")
+    return p
+
+
+def _wrap(net: nn.Module, dist_info: DistInfo, device: torch.device, compile_model: bool) -> nn.Module:
+    """DDP (+ compile) around ``net``; rebuilt per phase because DDP fixes its trainable set."""
+    model: nn.Module = net
+    if dist_info.distributed:
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if compile_model else model
+
+
+def _run_lr_find(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: BatchLoader,
+    to_input: DeviceInput,
+    amp: bool,
+    num_it: int,
+) -> lr_finder.LRFindResult:
+    stream = loader.forever(first_epoch=10_000)  # its own shuffles, leaving the training epochs' as they are
+
+    def step(lr: float) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, target, _ = next(stream)
+        loss = train_step(model, criterion, optimizer, to_input(images, train=True), target.to(to_input.device), amp)
+        return _sum_across(loss)[0].item() / (dist.get_world_size() if _distributed() else 1)
+
+    model.train()
+    with lr_finder.restored(unwrap(model), optimizer):
+        return lr_finder.lr_find(step, num_it=num_it)
+
+
+def _split(cache: Cache, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(used, train, valid)`` cache rows: the brain-pixel (and bleed-only) filter, then a patient split."""
+    frame = cache.frame
+    selected = kept_mask(frame, args.min_brain)
+    if args.bleed_only:
+        selected &= frame["any"] == 1
+    used = np.flatnonzero(selected.to_numpy())
+    train_pos, val_pos = patient_split(frame["patient_id"].to_numpy()[used], args.val_frac, args.seed, args.folds, args.fold)
+    return used, used[train_pos], used[val_pos]
+
+
+def _budgets(phases: list[Phase], steps_per_epoch: int, max_steps: int | None) -> list[int]:
+    """Optimiser steps per phase: its epochs' worth, cut so that all phases total at most ``max_steps``."""
+    left = math.inf if max_steps is None else max_steps
+    out = []
+    for phase in phases:
+        out.append(int(min(phase.epochs * steps_per_epoch, left)))
+        left -= out[-1]
+    return out
+
+
+def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) -> dict:
+    log: Callable[..., None] = print if dist_info.is_main else (lambda *a, **k: None)
+    torch.manual_seed(args.seed + dist_info.rank)  # same init everywhere is DDP's job; augmentation differs per rank
+    cuda = device.type == "cuda"
+    name = args.name or f"{args.arch}-{args.task}" + (f"-fold{args.fold}" if args.folds else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    cache = open_data(args.data, args.cache, args.size, args.workers, dist_info, log)
+    classes = task_classes(args.task, cache.classes)
+    used, train_rows, val_rows = _split(cache, args)
+    y = targets(cache.frame, classes)
+    log(f"{cache.root}: {len(used)} of {len(cache.frame)} slices used; train {len(train_rows)}, valid {len(val_rows)} (split by patient)")
+
+    loader_kw = dict(workers=args.workers, seed=args.seed, rank=dist_info.rank, world_size=dist_info.world_size, pin_memory=cuda)
+    # Dropping the ragged last batch keeps BatchNorm away from 1-image batches, when there is more than one batch.
+    drop_last = len(train_rows) // dist_info.world_size > args.batch_size
+    train_reader = BatchReader(cache.images_path, train_rows, y[train_rows])
+    train_loader = BatchLoader(train_reader, args.batch_size, True, drop_last=drop_last, **loader_kw)
+    val_loader = BatchLoader(BatchReader(cache.images_path, val_rows, y[val_rows]), args.batch_size, False, **loader_kw)
+    augment = None if args.no_augment else build_augment(args.aug_flip, args.aug_rotate, args.aug_zoom, args.aug_blur)
+    to_input = DeviceInput(device, IMAGENET_MEAN, IMAGENET_STD, augment, channels_last=cuda)
+
+    net = build_model(args.arch, len(classes), args.pretrained).to(device)
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+    criterion = nn.BCEWithLogitsLoss()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=args.wd)
+
+    start_phase = start_epoch = step = 0
+    history: list[dict] = []
+    resume_state: dict = {}
+    lr = args.lr
+    if args.resume:
+        # Optimiser state is tensors and plain values: the weights-only unpickler suffices (no code runs).
+        resume_state = torch.load(args.resume, map_location="cpu", weights_only=True)
+        net.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        start_phase, start_epoch, step = resume_state["phase"], resume_state["epoch"], resume_state["step"]
+        history, lr = resume_state["history"], resume_state["lr"]
+        log(f"resumed from {args.resume}: phase {start_phase}, epoch {start_epoch}, step {step}, lr {lr:.2e}")
+    elif args.lr_find or lr == "auto":
+        freeze_backbone(net, args.freeze_epochs > 0)
+        result = _run_lr_find(_wrap(net, dist_info, device, False), criterion, optimizer, train_loader, to_input, cuda, args.lr_find_iters)
+        plot_path = args.out / f"{name}_lr_find.html"
+        if dist_info.is_main:
+            lr_finder.plot(result, plot_path, f"LR range test: {args.arch}, {args.task}")
+        log(f"LR range test: valley {result.valley:.2e}, steep {result.steep:.2e} (plot: {plot_path})")
+        if args.lr_find:
+            return {"lr_find": {"valley": result.valley, "steep": result.steep, "plot": str(plot_path)}}
+        lr = result.suggestion
+    phases = plan_phases(args.epochs, args.freeze_epochs, lr)
+    budgets = _budgets(phases, len(train_loader), args.max_steps)
+    state_path = args.out / f"{name}.state.pt"
+
+    log("  ".join(TABLE_COLUMNS))
+    last = None
+    started = time.perf_counter()
+    train_seconds = images_seen = 0.0
+    epoch_index = sum(p.epochs for p in phases[:start_phase]) + start_epoch
+    for phase_index in range(start_phase, len(phases)):
+        phase, budget = phases[phase_index], budgets[phase_index]
+        if budget <= 0:
+            break
+        freeze_backbone(net, phase.frozen)
+        model = _wrap(net, dist_info, device, args.compile)
+        scheduler = one_cycle(optimizer, phase.lr, budget, phase.pct_start)
+        first = 0
+        if resume_state and phase_index == start_phase:
+            planned = scheduler.total_steps
+            scheduler.load_state_dict(resume_state["scheduler"])
+            if scheduler.total_steps != planned:
+                raise SystemExit("--resume needs the interrupted run's --epochs, --freeze-epochs, --batch-size and --max-steps")
+            first = start_epoch
+        for epoch in range(first, phase.epochs):
+            if scheduler.last_epoch >= budget:
+                break
+            epoch_start = time.perf_counter()
+            train_loader.set_epoch(epoch_index)
+            stats = train_one_epoch(
+                model, criterion, optimizer, scheduler, train_loader, to_input, epoch_index,
+                max_steps=budget - scheduler.last_epoch, amp=cuda, print_freq=args.print_freq, log=log,
+            )  # fmt: skip
+            step += stats["steps"]
+            train_seconds += stats["seconds"]
+            images_seen += stats["images"]
+            last = evaluate(model, val_loader, to_input, cuda)
+            summary = summarize(last[1], last[2], classes)
+            seconds = time.perf_counter() - epoch_start
+            log(_table_row(epoch_index, stats, last[0], summary, seconds))
+            log(_auc_line(summary))
+            history.append(
+                {"epoch": epoch_index, "phase": phase.name, "train_loss": stats["loss"], "valid_loss": last[0],
+                 "images_per_second": stats["images_per_second"], "seconds": seconds}
+                | {k: summary[k] for k in ("accuracy", "error_rate", "accuracy_multi", "weighted_log_loss", "mean_auc")}
+            )  # fmt: skip
+            epoch_index += 1
+            if dist_info.is_main:  # written then renamed: an interrupted save keeps the previous state
+                torch.save(
+                    {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "phase": phase_index, "epoch": epoch + 1, "step": step, "lr": lr, "history": history},
+                    state_path.with_suffix(".tmp"),
+                )  # fmt: skip
+                os.replace(state_path.with_suffix(".tmp"), state_path)
+
+    if last is None:  # nothing left to train (a finished run resumed, or --max-steps 0): still report
+        last = evaluate(net, val_loader, to_input, cuda)
+    valid_loss, y_true, y_prob = last
+    thresholds = youden_thresholds(y_true, y_prob) if args.thresholds == "youden" else np.full(len(classes), 0.5)
+    metrics = summarize(y_true, y_prob, classes, thresholds) | {"valid_loss": valid_loss}
+    frame = cache.frame
+    training = {
+        "data": str(args.data),
+        "cache": str(cache.root),
+        "source": cache.info.get("source"),
+        "slices_used": len(used),
+        "train_slices": len(train_rows),
+        "valid_slices": len(val_rows),
+        "train_patients": int(frame["patient_id"].iloc[train_rows].nunique()),
+        "valid_patients": int(frame["patient_id"].iloc[val_rows].nunique()),
+        "train_prevalence": dict(zip(classes, y[train_rows].mean(0).tolist())),
+        "bleed_only": args.bleed_only,
+        "min_brain": args.min_brain if args.min_brain is not None else cache.info.get("min_brain"),
+        "split": {"by": "patient_id", "val_frac": args.val_frac, "folds": args.folds, "fold": args.fold, "seed": args.seed},
+        "pretrained": args.pretrained,
+        "epochs": args.epochs,
+        "freeze_epochs": args.freeze_epochs,
+        "lr": lr,
+        "weight_decay": args.wd,
+        "batch_size": args.batch_size,
+        "world_size": dist_info.world_size,
+        "augment": repr(augment),
+        "steps": step,
+        "device": str(device),
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "images_per_second": images_seen / train_seconds if train_seconds else math.nan,
+        "resumed_from": str(args.resume) if args.resume else None,
+    }
+    metadata = {
+        "name": name,
+        "arch": args.arch,
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "task": args.task,
+        "windows": cache.info["windows"],
+        "input_size": cache.size,
+        "crop": cache.info.get("crop", True),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "thresholds": dict(zip(classes, thresholds.tolist())),
+        "threshold_policy": args.thresholds,
+        "metrics": metrics,
+        "history": history,
+        "training": training,
+    }
+    if dist_info.is_main:
+        weights, meta_path = checkpoint.save(net, args.out / name, metadata)
+        log(f"saved {weights} and {meta_path}")
+    return metadata
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Train as ``argv`` says; returns the checkpoint metadata (``{"lr_find": ...}`` with ``--lr-find``)."""
+    args = get_args_parser().parse_args(argv)
+    dist_info, device = init_distributed(args.device)
+    try:
+        return _train(args, dist_info, device)
+    finally:
+        if dist_info.distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
