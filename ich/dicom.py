@@ -148,6 +148,33 @@ class Slice:
     # Patient name, birth date, accession, institution: kept off every default output and log.
     identifiers: dict[str, str] = field(default_factory=dict, repr=False)
 
+    def header_row(self) -> dict[str, Any]:
+        """The header fields as one flat, identifier-free record (a DataFrame row)."""
+        pos = self.position if self.position is not None else np.full(3, np.nan)
+        return {
+            "sop_uid": self.sop_uid,
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "modality": self.modality,
+            "instance_number": self.instance_number,
+            "location": self.location,
+            "pos_x": pos[0],
+            "pos_y": pos[1],
+            "pos_z": pos[2],
+            "rows": self.rows,
+            "columns": self.columns,
+            "pixel_spacing": None if self.pixel_spacing is None else self.pixel_spacing[0],
+            "thickness": self.thickness,
+            "bits_stored": self.bits_stored,
+            "pixel_representation": self.pixel_representation,
+            "rescale_slope": self.slope,
+            "rescale_intercept": self.intercept,
+            "window_center": self.window_center,
+            "window_width": self.window_width,
+            "transfer_syntax": self.transfer_syntax,
+            "wrapped": _is_wrapped(self.bits_stored, self.pixel_representation, self.intercept),
+        }
+
     @property
     def normal(self) -> np.ndarray | None:
         if self.orientation is None:
@@ -677,31 +704,7 @@ def metadata_frame(sources: Iterable[Source] | Source | LoadResult, identifiers:
     rows = []
     for series in result.series:
         for index, s in enumerate(series.slices):
-            row = {
-                "path": s.path,
-                "sop_uid": s.sop_uid,
-                "study_uid": s.study_uid,
-                "series_uid": s.series_uid,
-                "slice_index": index,
-                "modality": s.modality,
-                "instance_number": s.instance_number,
-                "location": s.location,
-                "pos_x": None if s.position is None else s.position[0],
-                "pos_y": None if s.position is None else s.position[1],
-                "pos_z": None if s.position is None else s.position[2],
-                "rows": s.rows,
-                "columns": s.columns,
-                "pixel_spacing": None if s.pixel_spacing is None else s.pixel_spacing[0],
-                "thickness": s.thickness,
-                "bits_stored": s.bits_stored,
-                "pixel_representation": s.pixel_representation,
-                "rescale_slope": s.slope,
-                "rescale_intercept": s.intercept,
-                "window_center": s.window_center,
-                "window_width": s.window_width,
-                "transfer_syntax": s.transfer_syntax,
-                "wrapped": _is_wrapped(s.bits_stored, s.pixel_representation, s.intercept),
-            }
+            row = {"path": s.path, "slice_index": index, **s.header_row()}
             if identifiers:
                 row.update(patient_id=s.patient_id, **s.identifiers)
             rows.append(row)

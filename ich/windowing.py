@@ -24,6 +24,7 @@ __all__ = [
     "brain_fraction",
     "BRAIN_FRACTION_THRESHOLD",
     "head_bbox",
+    "crop_square",
     "CropHead",
     "Resize",
     "WindowStack",
@@ -112,6 +113,20 @@ def head_bbox(hu: np.ndarray, step: int = 4) -> tuple[int, int, int, int] | None
     return y, min(y + h, hu.shape[0]), x, min(x + w, hu.shape[1])
 
 
+def crop_square(hu: np.ndarray, margin: int) -> tuple[int, int, int] | None:
+    """``(top, left, side)`` of the square around the head plus ``margin``, in the slice's pixels.
+
+    The square may run past the image edge; ``None`` for a slice with no head.
+    """
+    box = head_bbox(hu)
+    if box is None:
+        return None
+    y0, y1, x0, x1 = box
+    side = max(y1 - y0, x1 - x0) + 2 * margin
+    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+    return cy - side // 2, cx - side // 2, side
+
+
 class CropHead:
     """Crop to the head's bounding box plus ``margin`` pixels, made square so resizing keeps aspect."""
 
@@ -119,13 +134,10 @@ class CropHead:
         self.margin = margin
 
     def __call__(self, hu: np.ndarray) -> np.ndarray:
-        box = head_bbox(hu)
-        if box is None:
+        square = crop_square(hu, self.margin)
+        if square is None:
             return hu
-        y0, y1, x0, x1 = box
-        side = max(y1 - y0, x1 - x0) + 2 * self.margin
-        cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
-        top, left = cy - side // 2, cx - side // 2
+        top, left, side = square
         # Pad with air where the square runs past the image edge.
         pad = max(0, -top, -left, top + side - hu.shape[0], left + side - hu.shape[1])
         if pad:

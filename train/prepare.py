@@ -58,31 +58,8 @@ def _init_worker(images_path: str, data: str, size: int) -> None:
 
 
 def _header(s: dicom.Slice) -> dict:
-    pos = s.position if s.position is not None else np.full(3, np.nan)
-    return {
-        "sop_uid": s.sop_uid,
-        "patient_id": s.patient_id,
-        "study_uid": s.study_uid,
-        "series_uid": s.series_uid,
-        "instance_number": s.instance_number,
-        "location": s.location,
-        "pos_x": pos[0],
-        "pos_y": pos[1],
-        "pos_z": pos[2],
-        "rows": s.rows,
-        "columns": s.columns,
-        "pixel_spacing": None if s.pixel_spacing is None else s.pixel_spacing[0],
-        "thickness": s.thickness,
-        "bits_stored": s.bits_stored,
-        "pixel_representation": s.pixel_representation,
-        "rescale_slope": s.slope,
-        "rescale_intercept": s.intercept,
-        "window_center": s.window_center,
-        "window_width": s.window_width,
-        "transfer_syntax": s.transfer_syntax,
-        "notes": "; ".join(s.notes),
-        "brain_fraction": brain_fraction(s.hu),
-    }
+    # Training needs the patient id for the patient-level split; the cache stays on the trainer's disk.
+    return s.header_row() | {"patient_id": s.patient_id, "notes": "; ".join(s.notes), "brain_fraction": brain_fraction(s.hu)}
 
 
 # Problem rows carry the columns that finishing reads (as nulls), even in an all-problem run.

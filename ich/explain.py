@@ -1,0 +1,85 @@
+"""Grad-CAM heatmaps: where in a slice the model looked for a class.
+
+The heatmap is computed on the model's input (head crop, resized) and mapped back onto the
+original slice, so it lies over the image the radiologist scrolls through. Hooks live only for one
+call and the model's parameters are never touched; the forward pass runs under the predictor's
+lock, like every other use of the shared model.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from ich.models import unwrap
+from ich.windowing import crop_square
+
+__all__ = ["target_layer", "grad_cam", "overlay"]
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    """The last convolutional stage: ResNet ``layer4``; DenseNet, AlexNet, EfficientNet ``features``."""
+    net = unwrap(model)
+    if isinstance(net, torchvision.models.ResNet):
+        return net.layer4
+    if isinstance(net, (torchvision.models.DenseNet, torchvision.models.AlexNet, torchvision.models.EfficientNet)):
+        return net.features
+    raise TypeError(f"no Grad-CAM layer known for {type(net).__name__}")
+
+
+def _to_slice(cam: np.ndarray, shape: tuple[int, int], box: tuple[int, int, int] | None) -> np.ndarray:
+    """Resize the input-space map over the crop square and paste it into a zero map of ``shape``."""
+    if box is None:
+        return cv2.resize(cam, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    top, left, side = box
+    square = cv2.resize(cam, (side, side), interpolation=cv2.INTER_LINEAR)
+    out = np.zeros(shape, np.float32)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + side, shape[0]), min(left + side, shape[1])
+    out[y0:y1, x0:x1] = square[y0 - top : y1 - top, x0 - left : x1 - left]
+    return out
+
+
+def grad_cam(predictor, hu: np.ndarray, target: str = "any") -> np.ndarray:
+    """Grad-CAM of ``target``'s logit for one HU slice: float32 ``hu.shape`` in [0, 1].
+
+    ``predictor`` is an :class:`ich.inference.Predictor`. All zeros when nothing in the slice raises
+    the logit.
+    """
+    if target not in predictor.model_classes:
+        raise ValueError(f"the model does not predict {target!r}; it predicts {', '.join(predictor.model_classes)}")
+    column = predictor.model_classes.index(target)
+    image = predictor.preprocess(hu)
+    layer = target_layer(predictor.model)
+    captured: list[torch.Tensor] = []
+    with predictor.lock:
+        handle = layer.register_forward_hook(lambda module, inputs, output: captured.append(output))
+        try:
+            with torch.enable_grad():
+                # Parameters are frozen; a grad-requiring input still puts the activations on the graph.
+                x = predictor.to_input(image[None]).requires_grad_(True)
+                logit = predictor.model(x)[0, column]
+                (grads,) = torch.autograd.grad(logit, captured[-1])
+        finally:
+            handle.remove()
+    activations = captured[-1].detach()
+    weights = grads.float().mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * activations.float()).sum(dim=1))[0].cpu().numpy()
+    peak = float(cam.max())
+    cam = cam / peak if peak > 0 else np.zeros_like(cam)
+    crop = predictor.preprocess.crop
+    box = crop_square(np.asarray(hu, np.float32), crop.margin) if crop is not None else None
+    return np.clip(_to_slice(cam.astype(np.float32), hu.shape[:2], box), 0.0, 1.0)
+
+
+def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.5, floor: float = 0.2) -> np.ndarray:
+    """RGB uint8 of a windowed uint8 slice with ``cam`` in a jet colour map where it exceeds ``floor``.
+
+    Below the floor the slice stays plain grey, so weak, diffuse attention does not hide anatomy.
+    """
+    colour = cv2.cvtColor(cv2.applyColorMap(np.uint8(np.clip(cam, 0, 1) * 255), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    weight = np.where(cam > floor, alpha * cam, 0.0).astype(np.float32)[..., None]
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    return (rgb * (1 - weight) + colour * weight + 0.5).astype(np.uint8)

@@ -1,0 +1,126 @@
+"""Predicted vs actual findings, and a radiologist's read turned into per-slice truth.
+
+A *finding set* is what a slice (or study) is said to show: the subtypes called positive, or
+``{"any"}`` for "hemorrhage, type not given", or the empty set for "no hemorrhage". The same sets
+describe the model's call (probabilities against the checkpoint's thresholds) and the truth (label
+CSV, phantom labels or a radiologist's read), so the viewer can print both and compare them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ich.labels import CLASSES, SUBTYPES
+
+__all__ = ["Read", "predicted", "actual", "study_predicted", "study_actual", "describe", "agree", "read_truth"]
+
+DEFAULT_THRESHOLD = 0.5
+_ANY = CLASSES.index("any")
+
+
+@dataclass(frozen=True)
+class Read:
+    """A radiologist's read of one study. ``slice_marks`` are 0-based slice indices showing blood."""
+
+    hemorrhage: bool
+    subtypes: tuple[str, ...] = ()
+    slice_marks: tuple[int, ...] = ()
+    created: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.subtypes) - set(SUBTYPES)
+        if unknown:
+            raise ValueError(f"unknown subtypes {sorted(unknown)}; choose from {', '.join(SUBTYPES)}")
+        if not self.hemorrhage and (self.subtypes or self.slice_marks):
+            raise ValueError("a read without hemorrhage cannot name subtypes or mark slices")
+
+    @property
+    def findings(self) -> frozenset[str]:
+        if not self.hemorrhage:
+            return frozenset()
+        return frozenset(self.subtypes) or frozenset({"any"})
+
+
+def _from_positive(positive: Iterable[str]) -> frozenset[str]:
+    positive = set(positive)
+    subtypes = positive & set(SUBTYPES)
+    return frozenset(subtypes) if subtypes else frozenset(positive & {"any"})
+
+
+def predicted(probs: Sequence[float], thresholds: Mapping[str, float] | None = None) -> frozenset[str]:
+    """The classes a probability row (``CLASSES`` order) calls positive; NaN (not predicted) never is."""
+    thresholds = thresholds or {}
+    return _from_positive(
+        c for c, p in zip(CLASSES, probs) if np.isfinite(p) and p >= thresholds.get(c, DEFAULT_THRESHOLD)
+    )
+
+
+def actual(labels: Sequence[float]) -> frozenset[str] | None:
+    """The truth of a label row (``CLASSES`` order, 0/1); ``None`` when the slice is unlabelled."""
+    values = np.asarray(labels, dtype=np.float64)
+    if np.isnan(values).all():
+        return None
+    return _from_positive(c for c, y in zip(CLASSES, values) if y >= 0.5)
+
+
+def study_predicted(probs: np.ndarray, flagged: bool, thresholds: Mapping[str, float] | None = None) -> frozenset[str]:
+    """The study's call: nothing unless flagged, else every subtype that crosses its threshold on some slice."""
+    if not flagged:
+        return frozenset()
+    with np.errstate(invalid="ignore"):
+        peaks = np.nanmax(np.asarray(probs, dtype=np.float64), axis=0) if len(probs) else np.full(len(CLASSES), np.nan)
+    calls = predicted(peaks, thresholds) - {"any"}
+    return calls or frozenset({"any"})
+
+
+def study_actual(labels: np.ndarray, read: Read | None = None) -> frozenset[str] | None:
+    """The study's truth: the latest read if there is one, else the union over labelled slices."""
+    if read is not None:
+        return read.findings
+    rows = [actual(row) for row in np.asarray(labels, dtype=np.float64)]
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        return None
+    union = frozenset().union(*rows)
+    return union - {"any"} if union - {"any"} else union
+
+
+def describe(findings: frozenset[str] | None) -> str:
+    """Words for a finding set, subtypes in ``CLASSES`` order."""
+    if findings is None:
+        return "not labelled"
+    if not findings:
+        return "no hemorrhage"
+    if findings == {"any"}:
+        return "hemorrhage, type not given"
+    return ", ".join(c for c in SUBTYPES if c in findings)
+
+
+def agree(pred: frozenset[str], truth: frozenset[str] | None) -> bool | None:
+    """Same call? Hemorrhage yes/no must match; subtypes too, unless one side gives no type."""
+    if truth is None:
+        return None
+    if bool(pred) != bool(truth):
+        return False
+    return pred == truth or "any" in pred or "any" in truth
+
+
+def read_truth(read: Read, n_slices: int) -> np.ndarray:
+    """Per-slice labels ``(N, len(CLASSES))`` implied by a read; NaN rows where it says nothing.
+
+    "No hemorrhage" makes every slice negative. With slice marks, marked slices carry "any" plus the
+    read's subtypes and unmarked slices are negative (marks are taken as the complete list). A
+    hemorrhage read without marks does not say which slices bleed, so it leaves every row NaN.
+    """
+    truth = np.full((n_slices, len(CLASSES)), np.nan, dtype=np.float32)
+    if not read.hemorrhage:
+        truth[:] = 0
+    elif read.slice_marks:
+        truth[:] = 0
+        marks = [i for i in read.slice_marks if 0 <= i < n_slices]
+        truth[marks, _ANY] = 1
+        for subtype in read.subtypes:
+            truth[marks, CLASSES.index(subtype)] = 1
+    return truth

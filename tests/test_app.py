@@ -1,0 +1,117 @@
+"""The Streamlit app, headless (streamlit.testing AppTest): demo worklist, viewer, reads, upload."""
+from __future__ import annotations
+
+import functools
+import io
+import sqlite3
+
+import pandas as pd
+import pytest
+from pydicom.uid import generate_uid
+from streamlit.testing.v1 import AppTest
+
+import ich.worklist
+from ich.labels import CLASSES, write_rsna_csv
+from ich.worklist import STATUS_HEMORRHAGE, Worklist
+from tests.conftest import ROOT
+from tests.dicom_factory import make_ct, to_bytes
+
+TIMEOUT = 180  # first run seeds the demo: phantoms + scoring on a shared CI core
+DEMO = len(ich.worklist.DEMO_CASES)
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch, tiny_checkpoint):
+    """An empty data directory and the tiny checkpoint; demo phantoms at 96 px so seeding takes seconds."""
+    monkeypatch.setenv("ICH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ICH_WEIGHTS", str(tiny_checkpoint))
+    monkeypatch.setattr(ich.worklist, "seed_demo", functools.partial(ich.worklist.seed_demo, size=96))
+    return tmp_path / "data"
+
+
+def start() -> AppTest:
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def texts(at: AppTest) -> str:
+    return "\n".join(m.value for m in at.markdown)
+
+
+def test_first_start_fills_demo_worklist_in_likelihood_order(data_dir):
+    at = start()
+    assert any("Not a medical device" in w.value for w in at.warning)
+    table = at.dataframe[0].value
+    assert len(table) == DEMO and table["Study"].str.match(r"Demo \d+ · \d+ slices").all()
+    assert table["Likelihood"].is_monotonic_decreasing
+    assert set(table["Status"]) == {"new"}
+    # A restart finds the same worklist, with reads made meanwhile, and does not seed again.
+    wl = Worklist(data_dir)
+    wl.save_review(int(wl.studies().iloc[-1]["id"]), True, ["epidural"])
+    at = start()
+    assert len(at.dataframe[0].value) == DEMO and len(wl) == DEMO
+    at.segmented_control(key="status_filter").set_value(STATUS_HEMORRHAGE).run()
+    assert at.dataframe[0].value["Status"].tolist() == [STATUS_HEMORRHAGE]
+
+
+def test_viewer_slider_windows_heatmap_and_read(data_dir):
+    at = start()
+    top = at.dataframe[0].value.iloc[0]["Study"]
+    study_id = int(Worklist(data_dir).studies().iloc[0]["id"])
+    next(b for b in at.button if b.label.startswith("Open ")).click().run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="study").value == study_id
+    n = int(top.split("·")[1].split()[0])
+
+    at.slider(key=f"slice-{study_id}").set_value(3).run()
+    assert "**Slice 3 / " in texts(at)
+    assert "pred:" in texts(at) and "actual:" in texts(at)  # phantom labels give every slice an actual
+
+    at.segmented_control(key="window").set_value("bone").run()
+    assert at.image[0].captions[0].startswith("bone window L 600 / W 2800")
+
+    at.toggle(key="heatmap").set_value(True).run()
+    assert not at.exception, at.exception
+    assert "heatmap for any" in at.image[0].captions[0]
+
+    at.radio(key=f"hem-{study_id}").set_value("yes")
+    at.multiselect(key=f"sub-{study_id}").set_value(["subdural"])
+    at.multiselect(key=f"marks-{study_id}").set_value([3, n])
+    next(b for b in at.button if b.label == "Save read").click().run()
+    assert not at.exception, at.exception
+    assert any("Read saved" in s.value for s in at.success)
+    assert "radiologist's read" in texts(at)
+    assert any("Not a medical device" in w.value for w in at.warning)
+
+    with sqlite3.connect(data_dir / "worklist.sqlite3") as db:
+        status = db.execute("SELECT status FROM studies WHERE id = ?", (study_id,)).fetchone()[0]
+        read = db.execute("SELECT hemorrhage, subtypes, slice_marks FROM reviews WHERE study_id = ?", (study_id,)).fetchall()
+    assert status == STATUS_HEMORRHAGE
+    assert read == [(1, '["subdural"]', f"[2, {n - 1}]")]
+    slices = Worklist(data_dir).slices(study_id)
+    assert slices["truth"].eq("review").all() and slices["y_subdural"].sum() == 2
+
+
+def test_upload_scores_series_and_lists_bad_files(data_dir):
+    at = start()
+    next(b for b in at.button if b.label == "Upload studies").click().run()
+    study, series = generate_uid(), generate_uid()
+    slices = [make_ct(z=5.0 * i, series_uid=series, study_uid=study, instance=i + 1) for i in range(4)]
+    labels = pd.DataFrame(0, index=[s.SOPInstanceUID for s in slices], columns=list(CLASSES))
+    csv = io.StringIO()
+    write_rsna_csv(labels, csv)
+    files = [(f"{i}.dcm", to_bytes(s), "application/dicom") for i, s in enumerate(slices)]
+    files.append(("broken.dcm", b"\0" * 50, "application/dicom"))
+    at.file_uploader[0].set_value(files)
+    at.file_uploader[1].set_value(("labels.csv", csv.getvalue().encode(), "text/csv")).run()
+    next(b for b in at.button if b.label == "Score and add to worklist").click().run()
+    assert not at.exception, at.exception
+    assert any("1 series added" in s.value for s in at.success)
+    added, problems = at.dataframe[0].value, at.dataframe[1].value
+    assert added["Slices"].tolist() == [4] and added["Study"].str.startswith("Study ").all()
+    assert problems["file"].tolist() == ["broken.dcm"]
+    studies = Worklist(data_dir).studies()
+    assert len(studies) == DEMO + 1 and "Study" in studies["label"].str.split().str[0].tolist()
+    uploaded = int(studies.loc[~studies["demo"], "id"].iloc[0])
+    assert Worklist(data_dir).slices(uploaded)["truth"].eq("csv").all()

@@ -1,0 +1,74 @@
+"""ich.explain: Grad-CAM per architecture, mapped back onto the original slice, model untouched."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ich import explain
+from ich.inference import Predictor
+from ich.windowing import CropHead, crop_square
+from tests.conftest import make_checkpoint
+
+
+def head(shape=(160, 200), centre=(70, 90), radius=(50, 40)) -> np.ndarray:
+    """An elliptical "head" of brain with a bright blob, in air."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    inside = ((yy - centre[0]) / radius[0]) ** 2 + ((xx - centre[1]) / radius[1]) ** 2 < 1
+    hu = np.where(inside, 35.0, -1000.0).astype(np.float32)
+    hu[centre[0] - 8 : centre[0] + 8, centre[1] : centre[1] + 12] = 70.0
+    return hu
+
+
+@pytest.mark.parametrize("centre", [(70, 90), (30, 20), (130, 180)])  # middle, and squares running off the edge
+def test_crop_box_matches_crophead(centre):
+    hu = head(centre=centre)
+    crop = CropHead()
+    top, left, side = crop_square(hu, crop.margin)
+    pad = side
+    padded = np.pad(hu, pad, constant_values=np.float32(-1024))
+    np.testing.assert_array_equal(padded[top + pad : top + pad + side, left + pad : left + pad + side], crop(hu))
+
+
+def test_crop_box_none_for_empty_slice():
+    assert crop_square(np.full((64, 64), -1000.0, np.float32), 8) is None
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "alexnet", "efficientnet_b0"])
+def test_grad_cam_every_architecture(tmp_path, arch):
+    pred = Predictor.from_checkpoint(make_checkpoint(tmp_path / arch, arch=arch, size=64), device="cpu")
+    before = {k: v.clone() for k, v in pred.model.state_dict().items()}
+    layer = explain.target_layer(pred.model)
+    locked: list[bool] = []
+    pred.model.register_forward_pre_hook(lambda module, args: locked.append(pred.lock.locked()))
+
+    hu = head()
+    cam = explain.grad_cam(pred, hu, "subdural")
+
+    assert cam.shape == hu.shape and cam.dtype == np.float32
+    assert 0.0 <= cam.min() and cam.max() <= 1.0
+    top, left, side = crop_square(hu, pred.preprocess.crop.margin)
+    outside = np.ones(hu.shape, bool)
+    outside[max(top, 0) : top + side, max(left, 0) : left + side] = False
+    assert not cam[outside].any()  # nothing outside the crop the model saw
+    assert locked == [True] and not pred.lock.locked()
+    assert not layer._forward_hooks and not layer._backward_hooks
+    assert all(torch.equal(before[k], v) for k, v in pred.model.state_dict().items())
+    assert all(p.grad is None and not p.requires_grad for p in pred.model.parameters())
+    assert not pred.model.training
+
+
+def test_grad_cam_unknown_class(tmp_path):
+    pred = Predictor.from_checkpoint(make_checkpoint(tmp_path / "binary", classes=("any",)), device="cpu")
+    assert explain.grad_cam(pred, head(), "any").shape == (160, 200)
+    with pytest.raises(ValueError, match="does not predict 'subdural'"):
+        explain.grad_cam(pred, head(), "subdural")
+
+
+def test_overlay_keeps_grey_below_floor():
+    grey = np.full((4, 4), 100, np.uint8)
+    cam = np.zeros((4, 4), np.float32)
+    cam[0, 0] = 1.0
+    rgb = explain.overlay(grey, cam)
+    assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
+    assert (rgb[1:, :] == 100).all() and tuple(rgb[0, 0]) != (100, 100, 100)

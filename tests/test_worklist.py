@@ -1,0 +1,217 @@
+"""ich.worklist (SQLite store, ingest, demo seed) and ich.review (predicted vs actual findings)."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydicom.uid import generate_uid
+
+from ich import dicom, review
+from ich.labels import CLASSES
+from ich.worklist import STATUS_CLEAR, STATUS_HEMORRHAGE, STATUS_NEW, Worklist, ingest, seed_demo
+from tests.dicom_factory import make_ct, to_bytes
+
+
+@dataclass
+class FakePrediction:
+    sop_uids: list[str]
+    probs: np.ndarray
+    score: float
+    top_subtype: str | None
+    flagged: bool
+
+
+class FakePredictor:
+    """Scores every slice with the same probability row; no torch needed."""
+
+    thresholds = {c: 0.5 for c in CLASSES}
+    name = "fake"
+
+    def __init__(self, row: dict[str, float] | None = None, fail_on: int | None = None) -> None:
+        self.row = np.array([(row or {}).get(c, 0.1) for c in CLASSES], np.float32)
+        self.fail_on = fail_on
+        self.calls = 0
+
+    def predict_series(self, series, progress=None):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("simulated failure")
+        probs = np.tile(self.row, (len(series), 1))
+        if progress:
+            progress(1.0)
+        return FakePrediction(series.sop_uids, probs, float(probs[:, 0].max()), "subdural", bool(probs[0, 0] >= 0.5))
+
+
+def uploads(n: int = 4) -> list[dicom.Upload]:
+    study, series = generate_uid(), generate_uid()
+    return [dicom.Upload(f"{i}.dcm", to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study, instance=i + 1))) for i in range(n)]
+
+
+def series_of(n: int = 4) -> dicom.Series:
+    return dicom.load(uploads(n)).series[0]
+
+
+def add(wl: Worklist, score: float, n: int = 4, labels: pd.DataFrame | None = None) -> tuple[int, dicom.Series]:
+    series = series_of(n)
+    probs = np.full((n, len(CLASSES)), 0.1, np.float32)
+    probs[:, 0] = score
+    pred = FakePrediction(series.sop_uids, probs, score, "subdural", score >= 0.5)
+    return wl.add_study(series, pred, labels, thresholds=FakePredictor.thresholds, model="fake"), series
+
+
+def test_worklist_sorted_by_likelihood_and_anonymous(tmp_path):
+    wl = Worklist(tmp_path)
+    for score in (0.2, 0.9, 0.55):
+        add(wl, score)
+    studies = wl.studies()
+    assert studies["score"].tolist() == pytest.approx([0.9, 0.55, 0.2])
+    assert studies["label"].str.fullmatch(r"Study \d+ · 4 slices").all()
+    assert not {"study_uid", "series_uid"} & set(studies.columns)
+    assert studies["flagged"].tolist() == [True, True, False]
+    assert (studies["status"] == STATUS_NEW).all()
+    assert len(wl.studies(STATUS_CLEAR)) == 0
+
+
+def test_study_round_trip_and_restart(tmp_path):
+    wl = Worklist(tmp_path)
+    series = series_of(4)
+    labels = pd.DataFrame(0, index=series.sop_uids[:3], columns=list(CLASSES))
+    labels.loc[series.sop_uids[1], ["any", "subdural"]] = 1
+    study_id = wl.add_study(series, FakePredictor({"any": 0.8}).predict_series(series), labels)
+
+    again = Worklist(tmp_path)  # a server restart
+    np.testing.assert_array_equal(again.volume(study_id), np.rint(series.volume()).astype(np.int16))
+    slices = again.slices(study_id)
+    assert slices["index"].tolist() == [0, 1, 2, 3]
+    assert slices["sop_uid"].tolist() == series.sop_uids
+    assert slices["truth"].tolist()[:3] == ["csv"] * 3 and pd.isna(slices["truth"].iloc[3])
+    assert slices.loc[1, "y_subdural"] == 1 and slices.loc[0, "y_any"] == 0 and np.isnan(slices.loc[3, "y_any"])
+    assert slices["p_any"].to_numpy() == pytest.approx(0.8)
+    assert not list((tmp_path / "volumes").glob("*.tmp"))
+
+
+def test_review_becomes_actual_and_persists(tmp_path):
+    wl = Worklist(tmp_path)
+    study_id, series = add(wl, 0.7, n=5)
+    wl.save_review(study_id, True, ["subdural"], [1, 3])
+    info = Worklist(tmp_path).study(study_id)
+    assert info["status"] == STATUS_HEMORRHAGE
+    assert info["read"].subtypes == ("subdural",) and info["read"].slice_marks == (1, 3)
+    slices = wl.slices(study_id)
+    assert (slices["truth"] == "review").all()
+    assert slices["y_any"].tolist() == [0, 1, 0, 1, 0] and slices["y_subdural"].tolist() == [0, 1, 0, 1, 0]
+
+    wl.save_review(study_id, False)
+    assert wl.study(study_id)["status"] == STATUS_CLEAR
+    assert (wl.slices(study_id)["y_any"] == 0).all()
+    with sqlite3.connect(tmp_path / "worklist.sqlite3") as db:
+        rows = db.execute("SELECT hemorrhage, subtypes, slice_marks FROM reviews WHERE study_id = ?", (study_id,)).fetchall()
+    assert rows == [(1, '["subdural"]', "[1, 3]"), (0, "[]", "[]")]
+
+    with pytest.raises(ValueError, match="slice marks"):
+        wl.save_review(study_id, True, [], [5])
+    with pytest.raises(ValueError, match="without hemorrhage"):
+        wl.save_review(study_id, False, ["subdural"])
+    with pytest.raises(ValueError, match="unknown subtypes"):
+        wl.save_review(study_id, True, ["tumour"])
+
+
+def test_reupload_keeps_id_labels_and_read(tmp_path):
+    wl = Worklist(tmp_path)
+    series = series_of(4)
+    labels = pd.DataFrame(1, index=series.sop_uids, columns=list(CLASSES))
+    study_id = wl.add_study(series, FakePredictor({"any": 0.3}).predict_series(series), labels, truth="phantom")
+    wl.save_review(study_id, True)  # no marks: the labels stay the per-slice actual
+    new_id = wl.add_study(series, FakePredictor({"any": 0.95}).predict_series(series))
+    info, slices = wl.study(new_id), wl.slices(new_id)
+    assert new_id == study_id and len(wl) == 1
+    assert info["status"] == STATUS_HEMORRHAGE and info["score"] == pytest.approx(0.95)
+    assert slices["truth"].eq("phantom").all() and (slices["y_subdural"] == 1).all()
+
+
+def test_exports_leave_uids_out_by_default(tmp_path):
+    wl = Worklist(tmp_path)
+    study_id, series = add(wl, 0.6)
+    wl.save_review(study_id, True, ["epidural"])
+    plain = wl.export_csv()
+    assert series.study_uid not in plain and series.series_uid not in plain and "read_subtypes" in plain
+    assert series.study_uid in wl.export_csv(uids=True)
+    slices = pd.read_csv(pd.io.common.StringIO(wl.slices_csv(study_id)))
+    assert slices["slice"].tolist() == [1, 2, 3, 4] and "sop_uid" not in slices
+    assert series.sop_uids[0] in wl.slices_csv(study_id, uids=True)
+
+
+def test_concurrent_writers(tmp_path):
+    wl = Worklist(tmp_path)
+    ids = [add(wl, 0.5)[0] for _ in range(3)]
+    errors: list[Exception] = []
+
+    def read_many(study_id: int) -> None:
+        try:
+            for _ in range(10):
+                wl.save_review(study_id, True, ["subdural"])
+                wl.studies()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read_many, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(len(wl.reviews(i)) == 10 for i in ids)
+
+
+def test_ingest_keeps_going_past_bad_files_and_series(tmp_path):
+    wl = Worklist(tmp_path)
+    good, failing = uploads(3), uploads(2)
+    bad = dicom.Upload("notes.dcm", b"not a dicom file at all")
+    steps: list[float] = []
+    report = ingest(wl, FakePredictor(fail_on=1), [*good, *failing, bad], progress=lambda f, text: steps.append(f))
+    assert len(report.added) == 1 and len(wl) == 1
+    reasons = {p.path: p.reason for p in report.problems}
+    assert "not a DICOM file" in reasons["notes.dcm"]
+    assert any("simulated failure" in r for r in reasons.values())
+    assert steps == sorted(steps) and steps[-1] == 1.0
+
+
+def test_findings_and_agreement():
+    thresholds = {c: 0.5 for c in CLASSES}
+    pred = review.predicted([0.9, 0.1, 0.7, np.nan, 0.2, 0.6], thresholds)
+    assert pred == {"intraparenchymal", "subdural"}
+    assert review.describe(pred) == "intraparenchymal, subdural"
+    assert review.predicted([0.9, 0.1, 0.1, 0.1, 0.1, 0.1], thresholds) == {"any"}
+    assert review.describe(frozenset()) == "no hemorrhage" and review.describe(None) == "not labelled"
+    assert review.actual([np.nan] * 6) is None
+    assert review.actual([1, 0, 0, 0, 0, 1]) == {"subdural"}
+    assert review.agree(pred, frozenset({"subdural"})) is False
+    assert review.agree(frozenset({"subdural"}), frozenset({"subdural"})) is True
+    assert review.agree(frozenset({"subdural"}), frozenset({"any"})) is True  # truth without a type
+    assert review.agree(frozenset(), frozenset({"any"})) is False
+    assert review.agree(frozenset(), None) is None
+
+
+def test_study_level_findings():
+    probs = np.array([[0.9, 0.1, 0.1, 0.1, 0.1, 0.8], [0.6, 0.1, 0.1, 0.7, 0.1, 0.2]])
+    assert review.study_predicted(probs, True) == {"subdural", "intraventricular"}
+    assert review.study_predicted(probs, False) == frozenset()
+    labels = np.array([[1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]], float)
+    assert review.study_actual(labels) == {"subdural"}
+    assert review.study_actual(np.full((2, 6), np.nan)) is None
+    assert review.study_actual(labels, review.Read(False)) == frozenset()
+
+
+@pytest.mark.slow
+def test_seed_demo_once_with_labels(tmp_path):
+    wl = Worklist(tmp_path)
+    report = seed_demo(wl, FakePredictor({"any": 0.7, "subdural": 0.6}), n=2, size=96)
+    assert report is not None and len(report.added) == 2 and not report.problems
+    studies = wl.studies()
+    assert studies["demo"].all() and studies["label"].str.startswith("Demo").all()
+    assert all(wl.slices(i)["truth"].eq("phantom").all() for i in studies["id"])
+    assert seed_demo(wl, FakePredictor()) is None and len(wl) == 2  # never twice
