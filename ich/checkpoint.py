@@ -22,7 +22,7 @@ from torch import nn
 
 from ich.models import build_model, unwrap
 
-__all__ = ["CheckpointError", "REQUIRED_KEYS", "FORMAT_VERSION", "save", "load", "load_model", "paths", "ich_version"]
+__all__ = ["CheckpointError", "REQUIRED_KEYS", "FORMAT_VERSION", "save", "load", "load_model", "paths", "ich_version", "json_ready"]
 
 FORMAT_VERSION = 1
 # What inference needs to rebuild the network and its input exactly.
@@ -50,14 +50,14 @@ def paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
-def _json_ready(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """Strict JSON: numpy scalars to Python, NaN/inf to ``null``, tuples to lists."""
     if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     if hasattr(value, "tolist"):  # numpy arrays and scalars, 0-d tensors
-        return _json_ready(value.tolist())
+        return json_ready(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Path):
@@ -103,7 +103,7 @@ def save(model: nn.Module, path_stem: str | os.PathLike, metadata: dict) -> tupl
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
     _atomic_write(weights_path, blob)
-    _atomic_write(json_path, (json.dumps(_json_ready(meta), indent=2, allow_nan=False) + "\n").encode())
+    _atomic_write(json_path, (json.dumps(json_ready(meta), indent=2, allow_nan=False) + "\n").encode())
     return weights_path, json_path
 
 

@@ -113,7 +113,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     report["data"] = str(args.data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    from ich.checkpoint import json_ready
+
+    (out / "report.json").write_text(json.dumps(json_ready(report), indent=2, allow_nan=False) + "\n")
     markdown = evaluate.report_markdown(report, f"Evaluation of {predictor.name} on {args.data}")
     (out / "report.md").write_text(markdown)
     evaluate.submission(result.frame).to_csv(out / "predictions.csv", index=False)

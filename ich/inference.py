@@ -38,7 +38,8 @@ def default_weights() -> Path:
     env = os.environ.get("ICH_WEIGHTS")
     if env:
         return Path(env)
-    found = sorted(WEIGHTS_DIR.glob("*.json"))
+    # A checkpoint is a .json beside its .safetensors (weights/ also holds evaluation.json).
+    found = sorted(p for p in WEIGHTS_DIR.glob("*.json") if p.with_suffix(".safetensors").is_file())
     if not found:
         raise checkpoint.CheckpointError(f"no checkpoint in {WEIGHTS_DIR}; pass --weights or set ICH_WEIGHTS")
     return found[0]

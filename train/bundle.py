@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from ich import evaluate, phantom
+from ich.checkpoint import json_ready
 from ich.inference import Predictor
 from ich.labels import CLASSES, INDEX_NAME, read_rsna_csv, write_rsna_csv
 from train import fit
@@ -89,7 +90,7 @@ def merge_layouts(out: Path, folders: Sequence[Path]) -> Path:
     return _link_layout(out, files, pd.concat(labels))
 
 
-def _card(args: argparse.Namespace, meta: dict, reports: dict[str, dict], data_summary: dict, minutes: float) -> str:
+def _card(meta: dict, reports: dict[str, dict], data_summary: dict, have_real: bool, minutes: float) -> str:
     lines = [
         "# Model card: bundled hemorrhage classifier",
         "",
@@ -120,7 +121,7 @@ def _card(args: argparse.Namespace, meta: dict, reports: dict[str, dict], data_s
     lines += ["", "## Results on data it never saw", ""]
     for title, report in reports.items():
         lines.append(evaluate.report_markdown(report, title).replace("# ", "### ", 1))
-    if "real" not in " ".join(reports):
+    if not have_real:
         lines.append("No real test series were available when this card was made (../shared/data absent).")
     lines += [
         "## Limits",
@@ -194,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate.predict(predictor, [folder])
         reports[title] = evaluate.evaluate(result.frame, evaluate.load_labels(folder), predictor.thresholds)
     minutes = (time.perf_counter() - start) / 60
-    (args.out / "evaluation.json").write_text(json.dumps(reports, indent=2, default=float) + "\n")
-    (args.out / "MODEL_CARD.md").write_text(_card(args, predictor.metadata, reports, summary, minutes))
+    (args.out / "evaluation.json").write_text(json.dumps(json_ready(reports), indent=2, allow_nan=False) + "\n")
+    (args.out / "MODEL_CARD.md").write_text(_card(predictor.metadata, reports, summary, have_real, minutes))
     print((args.out / "MODEL_CARD.md").read_text())
     return 0
 
