@@ -170,6 +170,19 @@ def test_fit_end_to_end_writes_a_loadable_checkpoint(cache, tmp_path):
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 6)
 
 
+def test_fit_init_starts_from_a_checkpoint(cache, tmp_path):
+    first = fit.main(["--data", str(cache.root), "--epochs", "1", "--out", str(tmp_path / "a"), *TINY])
+    start, _ = checkpoint.load(tmp_path / "a" / first["name"])
+    # --lr 0 leaves the weights where --init put them, so the saved model equals the start.
+    argv = ["--data", str(cache.root), "--epochs", "1", "--lr", "0", "--out", str(tmp_path / "b"), *TINY]
+    meta = fit.main([*argv, "--init", str(tmp_path / "a" / first["name"])])
+    end, _ = checkpoint.load(tmp_path / "b" / meta["name"])
+    weights = [k for k in start if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(start[k], end[k]) for k in weights)
+    with pytest.raises(SystemExit, match="predicting"):
+        fit.main([*argv, "--task", "multilabel", "--init", str(tmp_path / "a" / first["name"])])
+
+
 @pytest.mark.slow
 def test_fit_resumes_after_an_interruption(cache, tmp_path, monkeypatch):
     argv = ["--data", str(cache.root), "--epochs", "2", "--freeze-epochs", "1", "--out", str(tmp_path), "--thresholds", "youden", *TINY]

@@ -330,6 +330,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--min-brain", type=float, default=None, help="brain-pixel filter (default: the cache's 'kept' flag)")
     p.add_argument("--arch", default="resnet18", choices=ARCHITECTURES)
     p.add_argument("--pretrained", action="store_true", help="start from torchvision ImageNet weights")
+    p.add_argument("--init", type=Path, default=None, help="start from this checkpoint's weights (fine-tuning); arch and classes must match")
     p.add_argument("--task", default="binary", choices=("binary", "multilabel"))
     p.add_argument("--bleed-only", action="store_true", help="train and validate on slices with a bleed only (paper's subtype model)")
     p.add_argument("--epochs", type=int, default=5, help="epochs with the whole network trained")
@@ -434,7 +435,16 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     augment = None if args.no_augment else build_augment(args.aug_flip, args.aug_rotate, args.aug_zoom, args.aug_blur)
     to_input = DeviceInput(device, IMAGENET_MEAN, IMAGENET_STD, augment, channels_last=cuda)
 
-    net = build_model(args.arch, len(classes), args.pretrained).to(device)
+    net = build_model(args.arch, len(classes), args.pretrained)
+    if args.init:
+        state, init_meta = checkpoint.load(args.init)
+        if init_meta["arch"] != args.arch or list(init_meta["classes"]) != list(classes):
+            raise SystemExit(
+                f"--init {args.init} is {init_meta['arch']} predicting {init_meta['classes']}; "
+                f"this run is {args.arch} predicting {list(classes)}"
+            )
+        net.load_state_dict(state)
+    net = net.to(device)
     if cuda:
         net = net.to(memory_format=torch.channels_last)
     criterion = nn.BCEWithLogitsLoss()
@@ -536,6 +546,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         "min_brain": args.min_brain if args.min_brain is not None else cache.info.get("min_brain"),
         "split": {"by": "patient_id", "val_frac": args.val_frac, "folds": args.folds, "fold": args.fold, "seed": args.seed},
         "pretrained": args.pretrained,
+        "init": str(args.init) if args.init else None,
         "epochs": args.epochs,
         "freeze_epochs": args.freeze_epochs,
         "lr": lr,
