@@ -20,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from ich import __version__
 from ich.models import build_model, unwrap
 
 __all__ = ["CheckpointError", "REQUIRED_KEYS", "FORMAT_VERSION", "save", "load", "load_model", "paths", "ich_version", "json_ready"]
@@ -35,12 +36,7 @@ class CheckpointError(ValueError):
 
 
 def ich_version() -> str:
-    try:
-        from ich import __version__
-
-        return str(__version__)
-    except ImportError:
-        return "unknown"
+    return __version__
 
 
 def paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -66,6 +62,8 @@ def json_ready(value: Any) -> Any:
 
 
 def _validate(metadata: dict) -> None:
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"checkpoint metadata must be a JSON object, got {type(metadata).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in metadata]
     if missing:
         raise CheckpointError(f"checkpoint metadata lacks {', '.join(missing)}")

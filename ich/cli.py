@@ -71,9 +71,17 @@ def _predictor(args: argparse.Namespace):
     return Predictor.from_checkpoint(args.weights, args.device)
 
 
-def _report_problems(problems) -> None:
-    for p in problems:
+def _score(predictor, paths: Sequence, quiet: bool):
+    """``evaluate.predict`` with every skipped file on stderr; ``None`` when no slice was readable."""
+    from ich import evaluate
+
+    result = evaluate.predict(predictor, paths, progress=not quiet)
+    for p in result.problems:
         print(f"skipped {p}", file=sys.stderr)
+    if result.frame.empty:
+        print("no readable slice found", file=sys.stderr)
+        return None
+    return result
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -84,10 +92,8 @@ def _predict(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     predictor = _predictor(args)
     load_s = time.perf_counter() - start
-    result = evaluate.predict(predictor, args.paths, progress=not args.quiet)
-    _report_problems(result.problems)
-    if result.frame.empty:
-        print("no readable slice found", file=sys.stderr)
+    result = _score(predictor, args.paths, args.quiet)
+    if result is None:
         return EXIT_NOTHING_USABLE
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     evaluate.submission(result.frame).to_csv(args.out, index=False)
@@ -103,10 +109,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     labels = evaluate.load_labels(args.data, args.labels)
     predictor = _predictor(args)
-    result = evaluate.predict(predictor, [args.data], progress=not args.quiet)
-    _report_problems(result.problems)
-    if result.frame.empty:
-        print("no readable slice found", file=sys.stderr)
+    result = _score(predictor, [args.data], args.quiet)
+    if result is None:
         return EXIT_NOTHING_USABLE
     report = evaluate.evaluate(result.frame, labels, predictor.thresholds)
     report["weights"] = predictor.name

@@ -284,13 +284,11 @@ def _parse(fp: Any, name: str, pixels: bool) -> Dataset:
 
 
 def _float(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
     if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
         # WindowCenter/Width may hold several values (RSNA: "[00040, 00040]"): the first is the default.
         value = value[0] if len(value) else None
-        if value is None:
-            return None
+    if value is None or value == "":
+        return None
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -303,6 +301,12 @@ def _vector(value: Any, n: int) -> np.ndarray | None:
     except (TypeError, ValueError):
         return None
     return arr if arr.shape == (n,) and np.all(np.isfinite(arr)) else None
+
+
+def _transfer_syntax(ds: Dataset) -> UID | None:
+    """The file's TransferSyntaxUID, or ``None`` for a bare dataset without file meta."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    return UID(str(syntax)) if syntax else None
 
 
 def _check_kind(ds: Dataset, name: str, notes: list[str]) -> str:
@@ -340,8 +344,8 @@ def _check_dimensions(ds: Dataset, name: str, pixels: bool) -> tuple[int, int, i
     if pixels:
         if "PixelData" not in ds:
             raise DicomError(name, "no pixel data (the file has an image header but no PixelData element)")
-        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        if syntax is None or not UID(str(syntax)).is_compressed:
+        syntax = _transfer_syntax(ds)
+        if syntax is None or not syntax.is_compressed:
             expected = rows * cols * frames * bits // 8
             found = len(ds.PixelData)
             if found < expected:
@@ -351,8 +355,8 @@ def _check_dimensions(ds: Dataset, name: str, pixels: bool) -> tuple[int, int, i
     return rows, cols, frames
 
 
-def _rescale(ds: Dataset, name: str, item: Dataset | None = None) -> tuple[float, float]:
-    src = item if item is not None else ds
+def _rescale(src: Dataset, name: str) -> tuple[float, float]:
+    """``(slope, intercept)`` of ``src`` (a file, or an enhanced CT frame's transformation item)."""
     slope = _float(src.get("RescaleSlope", 1))
     intercept = _float(src.get("RescaleIntercept", 0))
     slope = 1.0 if slope is None else slope
@@ -382,8 +386,8 @@ def _decode(ds: Dataset, name: str) -> np.ndarray:
     try:
         return ds.pixel_array
     except Exception as exc:
-        syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).name if hasattr(ds, "file_meta") else "?"
-        raise DicomError(name, f"cannot decode pixel data ({syntax}): {exc}") from None
+        syntax = _transfer_syntax(ds)
+        raise DicomError(name, f"cannot decode pixel data ({syntax.name if syntax else '?'}): {exc}") from None
 
 
 def _frame_items(ds: Dataset, index: int, attr: str) -> Dataset | None:
@@ -417,7 +421,7 @@ def read_file(source: Source, pixels: bool = True) -> list[Slice]:
     if _is_wrapped(bits_stored, pixel_representation, intercept):
         notes.append("12-bit unsigned with wrapped pixels: RSNA wrap fix applied")
 
-    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    syntax = _transfer_syntax(ds)
     spacing = _vector(ds.get("PixelSpacing", ()), 2)
     base = dict(
         path=name,
@@ -433,7 +437,7 @@ def read_file(source: Source, pixels: bool = True) -> list[Slice]:
         pixel_representation=pixel_representation,
         window_center=_float(ds.get("WindowCenter")),
         window_width=_float(ds.get("WindowWidth")),
-        transfer_syntax=UID(str(syntax)).name if syntax else "unknown",
+        transfer_syntax=syntax.name if syntax else "unknown",
         identifiers={key: str(ds.get(tag, "") or "") for key, tag in _IDENTIFYING.items()},
     )
     sop = str(ds.get("SOPInstanceUID", "") or "") or name
@@ -477,7 +481,7 @@ def _split_frames(ds: Dataset, name: str, raw: np.ndarray | None, base: dict, so
         plane = _frame_items(ds, i, "PlanePositionSequence")
         orient = _frame_items(ds, i, "PlaneOrientationSequence")
         transform = _frame_items(ds, i, "PixelValueTransformationSequence")
-        slope, intercept = _rescale(ds, name, transform) if transform is not None else _rescale(ds, name)
+        slope, intercept = _rescale(transform if transform is not None else ds, name)
         hu = None if raw is None else _to_hu(raw[i], slope, intercept, base["bits_stored"], base["pixel_representation"])
         out.append(
             Slice(

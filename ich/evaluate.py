@@ -18,7 +18,7 @@ from ich import dicom, metrics
 from ich.inference import STUDY_AGGREGATION, Predictor, study_score
 from ich.labels import CLASSES, INDEX_NAME, read_rsna_csv
 
-__all__ = ["Predictions", "predict", "submission", "evaluate", "report_markdown", "find_labels"]
+__all__ = ["Predictions", "predict", "submission", "evaluate", "report_markdown", "find_labels", "load_labels"]
 
 
 @dataclass
@@ -164,6 +164,7 @@ def report_markdown(report: dict, title: str = "Evaluation") -> str:
 
 
 def load_labels(data: str | os.PathLike, labels: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Wide labels from ``labels``, else from the label CSV that :func:`find_labels` finds in ``data``."""
     path = Path(labels) if labels else find_labels(Path(data))
     if path is None:
         raise FileNotFoundError(f"no label CSV found in {data}: pass --labels (RSNA format ID,Label)")

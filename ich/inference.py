@@ -80,7 +80,6 @@ class Predictor:
         self.metadata = metadata
         self.device = device
         self.batch_size = batch_size
-        self.classes: tuple[str, ...] = tuple(CLASSES)
         self.model_classes: tuple[str, ...] = tuple(metadata["classes"])
         unknown = set(self.model_classes) - set(CLASSES)
         if unknown:

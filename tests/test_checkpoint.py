@@ -66,6 +66,9 @@ def test_missing_files_and_keys(tmp_path, saved):
     with pytest.raises(checkpoint.CheckpointError, match="not found"):
         checkpoint.load(tmp_path / "nothing")
     metadata = json.loads(meta.read_text())
+    meta.write_text("[]")
+    with pytest.raises(checkpoint.CheckpointError, match="JSON object"):
+        checkpoint.load(weights)
     del metadata["windows"]
     meta.write_text(json.dumps(metadata))
     with pytest.raises(checkpoint.CheckpointError, match="windows"):

@@ -37,8 +37,8 @@ def air_and_brain(hu: np.ndarray) -> tuple[float, float]:
 def symmetry(hu: np.ndarray) -> tuple[float, float]:
     """Correlation of the windowed head with its left-right and its up-down mirror image."""
     y0, y1, x0, x1 = head_bbox(hu)
-    img = apply_window(hu[y0:y1, x0:x1], BRAIN).ravel()
     crop = apply_window(hu[y0:y1, x0:x1], BRAIN)
+    img = crop.ravel()
     return (
         float(np.corrcoef(img, crop[:, ::-1].ravel())[0, 1]),
         float(np.corrcoef(img, crop[::-1].ravel())[0, 1]),
@@ -83,12 +83,9 @@ def test_rsna_12bit_wrapped_form_round_trip(shared_data, tmp_path):
     """Re-encode a real 12-bit slice in the broken RSNA form (intercept 0, wrapped) and read it back."""
     import pydicom
 
-    path = next((shared_data / "rsna-sample/stage_2_train").glob("*.dcm"))
-    ref = dicom.read_slice(path).hu
-    for candidate in sorted((shared_data / "rsna-sample/stage_2_train").glob("*.dcm")):
-        ds = pydicom.dcmread(candidate)
-        if ds.BitsStored == 12:
-            break
+    files = sorted((shared_data / "rsna-sample/stage_2_train").glob("*.dcm"))
+    candidate = next(p for p in files if pydicom.dcmread(p, stop_before_pixels=True).BitsStored == 12)
+    ds = pydicom.dcmread(candidate)
     ref = dicom.read_slice(candidate).hu
     hu = np.clip(ref, -1000, 3095).astype(np.int32)  # the wrapped form can only hold this range
     ds.RescaleIntercept = 0

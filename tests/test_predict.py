@@ -103,3 +103,12 @@ def test_evaluate_cli(shared_data, tiny_checkpoint, tmp_path):
     assert report["slice"]["per_class"]["any"]["prevalence"] == pytest.approx(33 / 235)
     assert report["slice"]["per_class"]["epidural"]["auc"] is None  # no epidural slice: strict JSON null, not NaN
     assert "| subdural |" in (tmp_path / "report.md").read_text()
+
+
+def test_predict_cli_nothing_readable_exits_2(tmp_path, tiny_checkpoint):
+    (tmp_path / "junk.dcm").write_bytes(b"junk")
+    out = tmp_path / "sub.csv"
+    proc = run_ich("predict", str(tmp_path), "--weights", str(tiny_checkpoint), "--out", str(out), "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    assert "junk.dcm: not a DICOM file" in proc.stderr and "no readable slice found" in proc.stderr
+    assert not out.exists() and "Traceback" not in proc.stderr
