@@ -1,10 +1,16 @@
-"""train.bundle's data assembly: the real slices it trains on never include the real test series."""
+"""train.bundle: the real slices it trains on never include the real test series; its card matches weights/."""
 from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
 
 import pandas as pd
 
 from ich.labels import CLASSES, read_rsna_csv
 from train import bundle
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
 
 def test_real_training_slices_exclude_test_series(shared_data):
@@ -31,3 +37,15 @@ def test_merge_layouts_links_every_image(shared_data, tmp_path):
     for sop in out.index:
         link = merged / "stage_2_train" / f"{sop}.dcm"
         assert link.is_symlink() and link.resolve() == files[sop].resolve()
+
+
+def test_card_rebuilds_the_bundled_model_card():
+    """The card's text, from the bundled checkpoint and evaluation.json, is weights/MODEL_CARD.md as committed."""
+    card = (WEIGHTS / "MODEL_CARD.md").read_text()
+    meta = json.loads((WEIGHTS / f"{bundle.NAME}.json").read_text())
+    reports = json.loads((WEIGHTS / "evaluation.json").read_text())
+    command = re.search(r"^python -m train\.bundle (.*)$", card, re.M).group(1).split()
+    minutes = float(re.search(r"^took (\d+) min here", card, re.M).group(1))
+    summary = dict(re.findall(r"^- ([^:\n]+\)): (.+)$", card, re.M))  # "- phantom (stage 1): ..." lines
+    assert len(summary) == 4 and len(reports) == 2
+    assert bundle._card(meta, reports, summary, True, minutes, command) == card

@@ -13,6 +13,7 @@ import torch
 
 from ich import checkpoint
 from ich.labels import CLASSES, write_rsna_csv
+from ich.windowing import MODEL_WINDOWS, PRESETS
 from tests.dicom_factory import make_ct, to_bytes
 from train import bench, compare, explore, fit, lr_finder, prepare
 from train.data import (
@@ -86,9 +87,14 @@ def test_batch_loader_threads_read_ahead_and_stop_early(cache):
     inline = BatchLoader(reader, 4, shuffle=True, workers=0, drop_last=True, seed=5)
     inline.set_epoch(3)
     assert threaded == [r.tolist() for _, _, r in inline]  # same batches, same order as without threads
+    inline_epochs = []
+    for epoch in (0, 1):
+        inline.set_epoch(epoch)
+        inline_epochs.append([r.tolist() for _, _, r in inline])
+    assert inline_epochs[0] != inline_epochs[1]  # each epoch its own shuffle
     stream = loader.forever()
-    for _ in range(10):  # across an epoch boundary, then abandoned mid-epoch
-        next(stream)
+    streamed = [next(stream)[2].tolist() for _ in range(10)]  # across an epoch boundary, then abandoned mid-epoch
+    assert streamed == inline_epochs[0] + inline_epochs[1][:3]
     stream.close()
 
 
@@ -153,6 +159,16 @@ def test_lr_find_returns_a_finite_rate_and_restores_the_model():
 
 
 # --------------------------------------------------------------------------- fit
+
+
+def test_resolve_device_puts_each_process_on_its_gpu(monkeypatch):
+    assert fit.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fit.resolve_device("auto", local_rank=1) == torch.device("cpu")
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        fit.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fit.resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
 
 
 def test_fit_end_to_end_writes_a_loadable_checkpoint(cache, tmp_path):
@@ -306,8 +322,12 @@ def test_prepare_and_explore_real_rsna_sample(shared_data, tmp_path):
     assert set(frame["bits_stored"]) == {12, 16}
     assert frame.loc[frame["kept"], "any"].sum() > 0 and frame["epidural"].sum() == 0
     report = explore.main([str(out), "--examples", "1"])
-    text = report.read_text()
-    assert "Subtype prevalence" in text and "stroke" in text  # DICOM readable: every preset window shown
+    assert "Subtype prevalence" in report.read_text()
+    # DICOM readable: every preset window, through the cache's own crop and resize (so the model's three match).
+    row = int(np.flatnonzero(frame["kept"])[0])
+    stack, names = explore._windows_of(cache, row)
+    assert names == list(PRESETS) and stack.shape == (len(PRESETS), 64, 64)
+    assert np.array_equal(stack[: len(MODEL_WINDOWS)], cache.images[row])
 
 
 def test_explore_report_on_synthetic_cache(cache, tmp_path):
@@ -315,7 +335,9 @@ def test_explore_report_on_synthetic_cache(cache, tmp_path):
     text = report.read_text()
     for title in ("Label balance", "Subtype prevalence", "BitsStored", "Brain-pixel fraction", "no bleed"):
         assert title in text
-    assert "subdural" in text  # no DICOM behind a synthetic cache: the cached channels are shown
+    # No DICOM behind a synthetic cache: the cached channels are shown, named by the cache's windows.
+    stack, names = explore._windows_of(cache, 5)
+    assert names == [w.name for w in MODEL_WINDOWS] and np.array_equal(stack, cache.images[5])
 
 
 # --------------------------------------------------------------------------- compare / bench

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ich import evaluate, phantom
+from ich import dicom, evaluate, phantom
 from ich.checkpoint import json_ready
-from ich.inference import Predictor
+from ich.inference import STUDY_AGGREGATION, Predictor
 from ich.labels import CLASSES, INDEX_NAME, read_rsna_csv, write_rsna_csv
 from train import fit
 
@@ -54,8 +54,6 @@ def _link_layout(folder: Path, files: dict[str, Path], labels: pd.DataFrame) -> 
 
 def real_training_slices(shared: Path) -> tuple[dict[str, Path], pd.DataFrame]:
     """Real slices with per-slice labels, none from the rsna-sample test series."""
-    from ich import dicom
-
     files: dict[str, Path] = {}
     rows = []
     physionet = pd.read_csv(shared / "physionet-ctich/labels_raw_ct_numbering.csv", dtype={"file": str})
@@ -92,7 +90,10 @@ def merge_layouts(out: Path, folders: Sequence[Path]) -> Path:
     return _link_layout(out, files, pd.concat(labels))
 
 
-def _card(meta: dict, reports: dict[str, dict], data_summary: dict, have_real: bool, minutes: float) -> str:
+def _card(
+    meta: dict, reports: dict[str, dict], data_summary: dict, have_real: bool, minutes: float, command: Sequence[str]
+) -> str:
+    """The model card's markdown; ``command`` is the ``train.bundle`` arguments it was made with."""
     lines = [
         "# Model card: bundled hemorrhage classifier",
         "",
@@ -108,12 +109,12 @@ def _card(meta: dict, reports: dict[str, dict], data_summary: dict, have_real: b
         + ", normalised with ImageNet mean/std.",
         "- Decision thresholds per class: " + ", ".join(f"{c} {t:.2f}" for c, t in meta["thresholds"].items())
         + f" ({meta.get('threshold_policy', 'fixed')}).",
-        f"- Study score: {evaluate.STUDY_AGGREGATION}.",
+        f"- Study score: {STUDY_AGGREGATION}.",
         f"- Weights: `weights/{NAME}.safetensors`, sha256 `{meta['sha256']}`.",
         "",
         "## How it was made",
         "```bash",
-        "python -m train.bundle " + " ".join(sys.argv[1:]),
+        "python -m train.bundle " + " ".join(command),
         "```",
         f"took {minutes:.0f} min here. Training data:",
         "",
@@ -175,13 +176,12 @@ def _fit(args: argparse.Namespace, data: Path, name: str, extra: Sequence[str]) 
 
 def rsna_series(shared: Path) -> dict[str, list[str]]:
     """SOPInstanceUIDs of each series of ``rsna-sample``, in slice order."""
-    from ich import dicom
-
     return {s.series_uid: s.sop_uids for s in dicom.load(shared / "rsna-sample", pixels=False).series}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    command = sys.argv[1:] if argv is None else list(argv)
+    args = get_args_parser().parse_args(command)
     start = time.perf_counter()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     minutes = (time.perf_counter() - start) / 60
     (args.out / "evaluation.json").write_text(json.dumps(json_ready(reports), indent=2, allow_nan=False) + "\n")
-    (args.out / "MODEL_CARD.md").write_text(_card(predictor.metadata, reports, summary, have_real, minutes))
+    (args.out / "MODEL_CARD.md").write_text(_card(predictor.metadata, reports, summary, have_real, minutes, command))
     print((args.out / "MODEL_CARD.md").read_text())
     return 0
 

@@ -300,10 +300,9 @@ class BatchLoader:
             for positions in self.batches:
                 yield self.reader.read(positions, self.pin_memory)
             return
-        order = iter(self.batches)
         pending: deque[Future] = deque()
         try:
-            for positions in order:
+            for positions in self.batches:
                 pending.append(self.pool.submit(self.reader.read, positions, self.pin_memory))
                 if len(pending) > self.ahead:
                     yield pending.popleft().result()

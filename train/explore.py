@@ -67,15 +67,17 @@ def example_rows(frame: pd.DataFrame, classes: Sequence[str], per_class: int = 2
 def _windows_of(cache: Cache, row: int) -> tuple[np.ndarray, list[str]]:
     """``(stack (W, S, S) uint8, window names)``: every preset from the DICOM, else the cached channels."""
     from ich import dicom
-    from ich.windowing import PRESETS, CropHead, Resize, apply_window
+    from ich.windowing import PRESETS, Preprocess
 
     source = cache.info.get("source")
     path = Path(source or "") / str(cache.frame.at[row, "path"])
     try:
-        hu = Resize(cache.size)(CropHead()(dicom.read_slice(path).hu))
+        hu = dicom.read_slice(path).hu
     except dicom.DicomError:  # the source folder moved or was removed: show what the model sees
         return np.asarray(cache.images[row]), [w[0] for w in cache.info["windows"]]
-    return np.stack([apply_window(hu, w, np.uint8) for w in PRESETS.values()]), list(PRESETS)
+    # The cache's own crop and resize, with every preset window instead of the model's three.
+    preprocess = Preprocess(cache.size, tuple(PRESETS.values()), crop=cache.info.get("crop", True))
+    return preprocess(hu), list(PRESETS)
 
 
 def _example(cache: Cache, label: str, row: int) -> go.Figure:

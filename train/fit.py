@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import OneCycleLR
 
-from ich import checkpoint
+from ich import checkpoint, inference
 from ich.metrics import summarize, youden_thresholds
 from ich.models import ARCHITECTURES, build_model, freeze_backbone, unwrap
 from train import lr_finder
@@ -94,14 +94,12 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; CUDA processes take GPU ``local_rank``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is available (use --device cpu)")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    """:func:`ich.inference.resolve_device` (``auto``: CUDA when present), CUDA processes on GPU ``local_rank``."""
+    try:
+        device = inference.resolve_device(name)
+    except RuntimeError as exc:  # no GPU: a command-line error, not a traceback
+        raise SystemExit(str(exc)) from None
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
 
 
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
