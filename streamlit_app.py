@@ -16,10 +16,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from ich import dicom, explain, review
-from ich.inference import Predictor, default_weights
+from ich.inference import STUDY_AGGREGATION, Predictor, default_weights
 from ich.labels import CLASSES, SUBTYPES, read_rsna_csv
 from ich.windowing import PRESETS, Window, apply_window
-from ich.worklist import STATUSES, Worklist, data_dir, ingest, seed_demo
+from ich.worklist import STATUS_NEW, STATUSES, Worklist, data_dir, ingest, seed_demo
 
 NOTICE = "**Not a medical device — research use only.** The model's scores are not diagnoses."
 VIEW_WINDOWS = ("brain", "subdural", "bone", "stroke")
@@ -207,7 +207,7 @@ def study_picker_ui(studies: pd.DataFrame) -> int:
     ids = [int(i) for i in studies["id"]]
     if st.session_state.get("study") not in ids:
         st.session_state["study"] = ids[0]
-    unread = [i for i, status in zip(ids, studies["status"]) if status == STATUSES[0]]
+    unread = [i for i, status in zip(ids, studies["status"]) if status == STATUS_NEW]
 
     def next_unread() -> None:
         later = [i for i in unread if ids.index(i) > ids.index(st.session_state["study"])]
@@ -255,7 +255,8 @@ def upload_page() -> None:
         bar = st.progress(0.0, "Reading files…")
         uploads = [dicom.Upload(f.name, f.getvalue()) for f in files]
         report = ingest(store(), pred, uploads, labels, progress=lambda f, text: bar.progress(f, text))
-        report.problems += [csv_problem] if csv_problem else []
+        if csv_problem:
+            report.problems.append(csv_problem)
         bar.empty()
         st.session_state["upload_report"] = report
         st.session_state["upload_run"] = run + 1  # fresh, empty uploaders: the files are on the worklist now
@@ -289,8 +290,8 @@ def worklist_page() -> None:
     first = studies.iloc[0]
     thresholds = wl.study(int(first["id"]))["thresholds"]
     st.caption(
-        "Sorted by likelihood of hemorrhage, highest first. Likelihood = mean of the two highest per-slice "
-        f"\"any\" probabilities; flagged at ≥ {thresholds.get('any', review.DEFAULT_THRESHOLD):.0%}. "
+        f"Sorted by likelihood of hemorrhage, highest first. Likelihood = {STUDY_AGGREGATION}; "
+        f"flagged at ≥ {thresholds.get('any', review.DEFAULT_THRESHOLD):.0%}. "
         "Select a row, then open it."
         + (" Demo studies are synthetic phantoms with known labels." if studies["demo"].any() else "")
     )
@@ -340,7 +341,7 @@ def viewer_page() -> None:
 
     slice_key = f"slice-{study_id}"
     if slice_key not in st.session_state:  # open at the most suspicious slice
-        st.session_state[slice_key] = int(np.argmax(np.nan_to_num(probs[:, 0], nan=-1.0))) + 1
+        st.session_state[slice_key] = int(np.argmax(np.nan_to_num(slices["p_any"].to_numpy(float), nan=-1.0))) + 1
 
     # Callbacks run before the script, the only time a drawn slider's value may be set.
     def jump(to: int) -> None:

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ich import phantom  # noqa: E402
+from ich import dicom, phantom  # noqa: E402
 from ich.labels import SUBTYPES, read_rsna_csv  # noqa: E402
-from ich.windowing import BRAIN, CropHead, apply_window  # noqa: E402
+from ich.windowing import BRAIN, CropHead, Resize, apply_window  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data"
 RSNA = REAL / "rsna-sample"
@@ -36,22 +35,10 @@ BLEED_SEEDS = dict(zip(SUBTYPES, (23, 11, 15, 16, 13)))  # chosen to show each s
 TILE = 224
 
 
-def read_hu(path: Path) -> tuple[pydicom.Dataset, np.ndarray]:
-    ds = pydicom.dcmread(path)
-    return ds, ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-
-
 def real_series() -> dict[str, tuple[np.ndarray, list[str]]]:
-    """Series UID -> (HU volume sorted along z, SOP UIDs)."""
-    found: dict[str, list[tuple[float, str, np.ndarray]]] = {}
-    for path in sorted((RSNA / "stage_2_train").glob("*.dcm")):
-        ds, hu = read_hu(path)
-        found.setdefault(ds.SeriesInstanceUID, []).append((float(ds.ImagePositionPatient[2]), ds.SOPInstanceUID, hu))
-    out = {}
-    for uid, items in found.items():
-        items.sort(key=lambda t: t[0])
-        out[uid] = (np.stack([t[2] for t in items]), [t[1] for t in items])
-    return out
+    """Series UID -> (HU volume sorted along the slice normal, SOP UIDs), read by :mod:`ich.dicom`
+    (so the RSNA wrapped-pixel fix applies)."""
+    return {s.series_uid: (s.volume(), s.sop_uids) for s in dicom.load(RSNA / "stage_2_train").series}
 
 
 def level_index(volume: np.ndarray, fraction: float) -> int:
@@ -74,7 +61,7 @@ def middle_positive(flags: np.ndarray) -> int:
 
 
 def tile(hu: np.ndarray, caption: str) -> np.ndarray:
-    img = cv2.resize(CropHead(margin=6)(hu), (TILE, TILE), interpolation=cv2.INTER_AREA)
+    img = Resize(TILE)(CropHead(margin=6)(hu))
     img = apply_window(img, BRAIN, np.uint8)
     cv2.rectangle(img, (0, 0), (TILE, 17), 0, -1)
     cv2.putText(img, caption, (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.42, 255, 1, cv2.LINE_AA)
@@ -103,7 +90,7 @@ def main() -> None:
         area = ((st.masks >> SUBTYPES.index(subtype)) & 1).reshape(len(st), -1).sum(axis=1)
         fake.append(tile(st.hu[int(area.argmax())], f"phantom: {subtype}"))
         if subtype == "epidural":
-            hu = read_hu(REAL_EPIDURAL)[1]
+            hu = dicom.read_slice(REAL_EPIDURAL).hu
         else:  # the series with most slices of this subtype: its slice with the fewest other subtypes
             volume, sops = max(real.values(), key=lambda v: labels.loc[v[1], subtype].sum())
             hu = volume[middle_positive(_pure_rows(labels.loc[sops], subtype))]

@@ -39,6 +39,15 @@ def texts(at: AppTest) -> str:
     return "\n".join(m.value for m in at.markdown)
 
 
+def shown(at: AppTest) -> str:
+    """Every text the page shows: messages, tables, study choices, image captions."""
+    parts = [str(e.value) for kind in (at.markdown, at.caption, at.success, at.warning, at.error, at.info) for e in kind]
+    parts += [d.value.to_csv() for d in at.dataframe]
+    parts += [" ".join(map(str, box.options)) for box in at.selectbox]
+    parts += [" ".join(image.captions) for image in at.image]
+    return "\n".join(parts)
+
+
 def test_first_start_fills_demo_worklist_in_likelihood_order(data_dir):
     at = start()
     assert any("Not a medical device" in w.value for w in at.warning)
@@ -112,6 +121,16 @@ def test_upload_scores_series_and_lists_bad_files(data_dir):
     assert added["Slices"].tolist() == [4] and added["Study"].str.startswith("Study ").all()
     assert problems["file"].tolist() == ["broken.dcm"]
     studies = Worklist(data_dir).studies()
-    assert len(studies) == DEMO + 1 and "Study" in studies["label"].str.split().str[0].tolist()
+    assert len(studies) == DEMO + 1 and (~studies["demo"]).sum() == 1
     uploaded = int(studies.loc[~studies["demo"], "id"].iloc[0])
     assert Worklist(data_dir).slices(uploaded)["truth"].eq("csv").all()
+
+    # No patient identifier or DICOM UID on the upload page or in the viewer of the new study.
+    identifiers = ["DOE", "JANE", "TEST-0001", study, series, *(s.SOPInstanceUID for s in slices)]
+    assert not [i for i in identifiers if i in shown(at)]
+    at = start()
+    next(b for b in at.button if b.label.startswith("Open ")).click().run()
+    at.selectbox(key="study").set_value(uploaded).run()
+    assert not at.exception, at.exception
+    assert "**Slice " in texts(at) and "(label CSV)" in texts(at)  # the viewer shows the uploaded study
+    assert not [i for i in identifiers if i in shown(at)]

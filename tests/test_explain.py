@@ -46,7 +46,7 @@ def test_grad_cam_every_architecture(tmp_path, arch):
     cam = explain.grad_cam(pred, hu, "subdural")
 
     assert cam.shape == hu.shape and cam.dtype == np.float32
-    assert 0.0 <= cam.min() and cam.max() <= 1.0
+    assert 0.0 <= cam.min() and cam.max() in (0.0, 1.0)  # scaled to its peak, or all zero
     top, left, side = crop_square(hu, pred.preprocess.crop.margin)
     outside = np.ones(hu.shape, bool)
     outside[max(top, 0) : top + side, max(left, 0) : left + side] = False
@@ -56,6 +56,19 @@ def test_grad_cam_every_architecture(tmp_path, arch):
     assert all(torch.equal(before[k], v) for k, v in pred.model.state_dict().items())
     assert all(p.grad is None and not p.requires_grad for p in pred.model.parameters())
     assert not pred.model.training
+
+
+def test_cam_is_pasted_over_the_crop_square():
+    """An input-space map lands on the crop square in the slice's pixels, clipped where the square runs off the edge."""
+    cam = np.zeros((8, 8), np.float32)
+    cam[:4, :4] = 1.0  # top-left quarter of what the model saw
+    out = explain._to_slice(cam, (50, 100), (-10, 20, 40))  # square rows -10..30, cols 20..60
+    assert out.shape == (50, 100)
+    assert (out[:5, 22:35] > 0.99).all()  # top-left quarter of the square: rows -10..10, cols 20..40
+    assert not out[:, :20].any() and not out[:, 60:].any() and not out[30:].any()  # outside the square
+    assert (out[15:30, 45:60] < 0.01).all()  # the square's cold bottom-right quarter
+    whole = explain._to_slice(cam, (16, 32), None)  # no crop: the map is stretched over the slice
+    assert whole.shape == (16, 32) and whole[:6, :14].min() > 0.99 and whole[10:, 18:].max() < 0.01
 
 
 def test_grad_cam_unknown_class(tmp_path):

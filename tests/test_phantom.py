@@ -7,7 +7,7 @@ import pydicom
 import pytest
 from pydicom.uid import UID, CTImageStorage
 
-from ich import phantom
+from ich import dicom, phantom
 from ich.labels import CLASSES, SUBTYPES, read_rsna_csv
 from ich.windowing import head_bbox
 
@@ -188,7 +188,6 @@ def test_write_dataset(tmp_path):
 
 
 def test_round_trip_through_ich_dicom(tmp_path):
-    dicom = pytest.importorskip("ich.dicom")
     studies = [phantom.generate_study(s, n_slices=4, size=SIZE, subtypes=["intraventricular"]) for s in (21, 22, 23)]
     for study, bits in zip(studies, phantom.BITS_KINDS):
         phantom.write_study(study, tmp_path, bits=bits, jpeg=bits == "12")

@@ -1,8 +1,10 @@
 """ich.worklist (SQLite store, ingest, demo seed) and ich.review (predicted vs actual findings)."""
 from __future__ import annotations
 
+import io
 import sqlite3
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,7 +142,7 @@ def test_exports_leave_uids_out_by_default(tmp_path):
     plain = wl.export_csv()
     assert series.study_uid not in plain and series.series_uid not in plain and "read_subtypes" in plain
     assert series.study_uid in wl.export_csv(uids=True)
-    slices = pd.read_csv(pd.io.common.StringIO(wl.slices_csv(study_id)))
+    slices = pd.read_csv(io.StringIO(wl.slices_csv(study_id)))
     assert slices["slice"].tolist() == [1, 2, 3, 4] and "sop_uid" not in slices
     assert series.sop_uids[0] in wl.slices_csv(study_id, uids=True)
 
@@ -200,6 +202,11 @@ def test_study_level_findings():
     probs = np.array([[0.9, 0.1, 0.1, 0.1, 0.1, 0.8], [0.6, 0.1, 0.1, 0.7, 0.1, 0.2]])
     assert review.study_predicted(probs, True) == {"subdural", "intraventricular"}
     assert review.study_predicted(probs, False) == frozenset()
+    binary = np.full((3, len(CLASSES)), np.nan)  # a checkpoint that predicts "any" only
+    binary[:, 0] = 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no all-NaN RuntimeWarning on every viewer rerun
+        assert review.study_predicted(binary, True) == {"any"}
     labels = np.array([[1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]], float)
     assert review.study_actual(labels) == {"subdural"}
     assert review.study_actual(np.full((2, 6), np.nan)) is None
