@@ -140,7 +140,10 @@ def studies_table(studies: pd.DataFrame) -> pd.DataFrame:
 
 
 def pct(value: float | None) -> str:
-    return "—" if value is None or not np.isfinite(value) else f"{value:.0%}"
+    """A probability for a person: never a bare "100 %" or "0 %", which no model can claim."""
+    if value is None or not np.isfinite(value):
+        return "—"
+    return ">99%" if value > 0.99 else "<1%" if value < 0.01 else f"{value:.0%}"
 
 
 # --------------------------------------------------------------------------- widgets (return values)
@@ -290,7 +293,7 @@ def worklist_page() -> None:
     first = studies.iloc[0]
     thresholds = wl.study(int(first["id"]))["thresholds"]
     st.caption(
-        f"Sorted by likelihood of hemorrhage, highest first. Likelihood = {STUDY_AGGREGATION}; "
+        f"Sorted by likelihood of hemorrhage, highest first. Likelihood = {pred.aggregation if (pred := model()) else STUDY_AGGREGATION}; "
         f"flagged at ≥ {thresholds.get('any', review.DEFAULT_THRESHOLD):.0%}. "
         "Select a row, then open it."
         + (" Demo studies are synthetic phantoms with known labels." if studies["demo"].any() else "")

@@ -109,10 +109,17 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     labels = evaluate.load_labels(args.data, args.labels)
     predictor = _predictor(args)
-    result = _score(predictor, [args.data], args.quiet)
-    if result is None:
+    if evaluate.image_layout(args.data):
+        from ich import datasets
+
+        result = evaluate.predict_images(predictor, datasets.read_source(args.data).manifest, progress=not args.quiet)
+        for p in result.problems:
+            print(f"skipped {p}", file=sys.stderr)
+    else:
+        result = _score(predictor, [args.data], args.quiet)
+    if result is None or result.frame.empty:
         return EXIT_NOTHING_USABLE
-    report = evaluate.evaluate(result.frame, labels, predictor.thresholds)
+    report = evaluate.evaluate(result.frame, labels, predictor.thresholds, predictor.top_k)
     report["weights"] = predictor.name
     report["data"] = str(args.data)
     out = Path(args.out)
@@ -123,8 +130,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     markdown = evaluate.report_markdown(report, f"Evaluation of {predictor.name} on {args.data}")
     (out / "report.md").write_text(markdown)
     evaluate.submission(result.frame).to_csv(out / "predictions.csv", index=False)
+    figure = evaluate.reliability_figure(report["reliability"], f"Reliability of {predictor.name} on {args.data}")
+    figure.write_html(out / "reliability.html", include_plotlyjs=True)  # embedded: opens offline
     print(markdown)
-    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'predictions.csv'}", file=sys.stderr)
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'predictions.csv'}, {out / 'reliability.html'}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -161,7 +170,7 @@ def get_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_predict)
 
     ev = sub.add_parser("evaluate", help="predict a labelled dataset and report per-class and series metrics")
-    ev.add_argument("data", help="RSNA-layout folder (stage_2_train.csv + DICOM)")
+    ev.add_argument("data", help="labelled folder: RSNA layout (stage_2_train.csv + DICOM), or an image layout (RSNA PNG, PHE-SICH, boxes)")
     ev.add_argument("--labels", help="RSNA-format label CSV, if not in DATA")
     ev.add_argument("--out", default="evaluation", help="folder for report.json, report.md, predictions.csv")
     _model_options(ev)

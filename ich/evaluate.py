@@ -2,6 +2,9 @@
 
 Folders are read in two passes — headers first (grouping and order), then pixels one series at a
 time — so a large folder never has to fit in memory; zip archives and uploads are read whole.
+Labelled image folders (:mod:`ich.datasets`: the RSNA PNG, PHE-SICH and box layouts) are scored
+through the same input definition via :func:`predict_images`; their "series" are the patients
+(partial series), and a folder of single slices (``rsna-png``) has none.
 """
 from __future__ import annotations
 
@@ -14,11 +17,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ich import dicom, metrics
-from ich.inference import STUDY_AGGREGATION, Predictor, study_score
+from ich import calibration, datasets, dicom, metrics
+from ich.inference import TOP_K, Predictor, aggregation_text, study_score
 from ich.labels import CLASSES, INDEX_NAME, read_rsna_csv
+from ich.windowing import BRAIN, window_to_hu
 
-__all__ = ["Predictions", "predict", "submission", "evaluate", "report_markdown", "find_labels", "load_labels"]
+__all__ = [
+    "Predictions",
+    "predict",
+    "predict_images",
+    "image_layout",
+    "submission",
+    "evaluate",
+    "report_markdown",
+    "reliability_figure",
+    "find_labels",
+    "load_labels",
+]
+
+IMAGE_BATCH = 64
 
 
 @dataclass
@@ -88,6 +105,52 @@ def predict(predictor: Predictor, sources: Iterable, progress: bool = True) -> P
     return Predictions(frame, problems, totals)
 
 
+def image_layout(data: str | os.PathLike) -> bool:
+    """True when ``data`` is a labelled folder of pre-windowed images (see :mod:`ich.datasets`)."""
+    try:
+        return Path(data).is_dir() and datasets.detect_layout(data) != "rsna-dicom"
+    except ValueError:
+        return False
+
+
+def predict_images(predictor: Predictor, manifest: pd.DataFrame, progress: bool = True) -> Predictions:
+    """Probabilities for each image of a :mod:`ich.datasets` manifest (brain-window images only).
+
+    Each image goes back to HU inside the brain window (:func:`ich.windowing.window_to_hu`), then
+    through the checkpoint's own preprocessing, as a DICOM slice would. An image that does not
+    decode becomes a problem, not an end.
+    """
+    from tqdm.auto import tqdm
+
+    problems: list[dicom.Problem] = []
+    rows: list[pd.DataFrame] = []
+    start = time.perf_counter()
+    totals = {"read_s": 0.0, "preprocess_s": 0.0, "infer_s": 0.0}
+    with tqdm(total=len(manifest), desc="scoring", unit="image", disable=not progress) as bar:
+        for first in range(0, len(manifest), IMAGE_BATCH):
+            chunk = manifest.iloc[first : first + IMAGE_BATCH]
+            t0 = time.perf_counter()
+            hus, kept = [], []
+            for rec in chunk.itertuples(index=False):
+                try:
+                    hus.append(window_to_hu(datasets.load_image(rec.path, int(rec.rotate)), BRAIN))
+                    kept.append(rec)
+                except ValueError as exc:
+                    problems.append(dicom.Problem(rec.path, str(exc)))
+            totals["read_s"] += time.perf_counter() - t0
+            probs, timings = predictor.predict_volume(hus)
+            for key in ("preprocess_s", "infer_s"):
+                totals[key] += timings[key]
+            frame = pd.DataFrame(probs, columns=list(CLASSES), index=pd.Index([r.image_id for r in kept], name=INDEX_NAME))
+            frame.insert(0, "slice_index", 0)
+            frame.insert(0, "series_uid", [r.patient_id for r in kept])
+            frame.insert(0, "study_uid", [r.patient_id for r in kept])
+            rows.append(frame)
+            bar.update(len(chunk))
+    totals["total_s"] = time.perf_counter() - start
+    return Predictions(pd.concat(rows) if rows else pd.DataFrame(columns=["study_uid", "series_uid", "slice_index", *CLASSES]), problems, totals)
+
+
 def submission(frame: pd.DataFrame) -> pd.DataFrame:
     """RSNA submission format: ``ID = <SOPInstanceUID>_<class>``, ``Label`` = probability."""
     probs = frame[list(CLASSES)].clip(0.0, 1.0)
@@ -106,28 +169,61 @@ def find_labels(data: Path) -> Path | None:
     return csvs[0] if len(csvs) == 1 else None
 
 
-def evaluate(predictions: pd.DataFrame, labels: pd.DataFrame, thresholds: dict[str, float]) -> dict:
-    """Slice-level and series-level metrics for the slices that have labels."""
+def evaluate(
+    predictions: pd.DataFrame, labels: pd.DataFrame, thresholds: dict[str, float], top_k: int = TOP_K, bootstrap: int = 1000
+) -> dict:
+    """Slice-level metrics (AUC with a bootstrap 95 % interval per class) and series-level ones.
+
+    Series are scored as the product scores them (mean of the ``top_k`` highest 'any'
+    probabilities) and flagged at the 'any' threshold. ``series`` is ``None`` where every series
+    has one slice (a folder of single slices). Labels below 0 (unknown) count nowhere.
+    """
     classes = [c for c in CLASSES if predictions[c].notna().all()]
     joined = predictions.join(labels[classes], rsuffix="_true", how="inner")
     if joined.empty:
         raise ValueError("no predicted slice has a label: do the label IDs match the SOPInstanceUIDs?")
     y_true = joined[[f"{c}_true" for c in classes]].to_numpy(dtype=np.float64)
     y_prob = joined[classes].to_numpy(dtype=np.float64)
-    per_series = joined.groupby("series_uid").apply(
-        lambda g: pd.Series({"score": study_score(g["any"].to_numpy()), "truth": float(g["any_true"].max()), "slices": len(g)}),
-        include_groups=False,
-    )
     th = [thresholds.get(c, 0.5) for c in classes]
-    series_block = metrics.summarize(per_series[["truth"]].to_numpy(), per_series[["score"]].to_numpy(), ["any"], th[:1])
-    return {
+    slice_block = metrics.summarize(y_true, y_prob, classes, th)
+    for i, c in enumerate(classes):
+        slice_block["per_class"][c]["auc_ci"] = list(metrics.bootstrap_auc(y_true[:, i], y_prob[:, i], n=bootstrap))
+        slice_block["per_class"][c]["positives"] = int((y_true[:, i] > 0.5).sum())
+    report = {
         "classes": classes,
         "thresholds": dict(zip(classes, th)),
         "unlabelled_slices": int(len(predictions) - len(joined)),
-        "slice": metrics.summarize(y_true, y_prob, classes, th),
-        "series": series_block | {"aggregation": STUDY_AGGREGATION},
-        "series_scores": per_series.reset_index().to_dict(orient="records"),
+        "slice": slice_block,
+        "series": None,
+        "series_scores": [],
+        "reliability": {c: calibration.reliability(y_true[:, i], y_prob[:, i]) for i, c in enumerate(classes)},
     }
+    per_series = joined.groupby("series_uid").apply(
+        lambda g: pd.Series({"score": study_score(g["any"].to_numpy(), top_k), "truth": float(g["any_true"].max()), "slices": len(g)}),
+        include_groups=False,
+    )
+    if len(per_series) and per_series["slices"].max() > 1:
+        # Flagged when score >= threshold, as the worklist flags; summarize counts score > threshold.
+        at = np.nextafter(th[0], -np.inf)
+        series_block = metrics.summarize(per_series[["truth"]].to_numpy(), per_series[["score"]].to_numpy(), ["any"], [at])
+        series_block["per_class"]["any"]["threshold"] = th[0]
+        report["series"] = series_block | {"aggregation": aggregation_text(top_k), "top_k": top_k}
+        report["series_scores"] = per_series.reset_index().to_dict(orient="records")
+    return report
+
+
+def reliability_figure(curves: dict[str, list[dict]], title: str = "Reliability"):
+    """A plotly reliability plot: observed rate against mean predicted probability per bin, one line per curve."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dash", "color": "#888"}, name="perfect"))
+    for name, rows in curves.items():
+        fig.add_trace(
+            go.Scatter(x=[r["predicted"] for r in rows], y=[r["observed"] for r in rows], mode="lines+markers", name=name,
+                       text=[f"{r['n']} slices" for r in rows])
+        )  # fmt: skip
+    fig.update_layout(title=title, xaxis_title="mean predicted probability", yaxis_title="observed rate", height=480, width=560)
+    return fig
 
 
 def _fmt(value: float | None) -> str:
@@ -145,18 +241,26 @@ def report_markdown(report: dict, title: str = "Evaluation") -> str:
         f"accuracy (any) {_fmt(s['accuracy'])}, accuracy_multi {_fmt(s['accuracy_multi'])}, "
         f"RSNA weighted log loss {_fmt(s['weighted_log_loss'])}",
         "",
-        "| class | positives | AUC | sensitivity | specificity | threshold |",
+        "| class | positives | AUC (95 % CI) | sensitivity | specificity | threshold |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for c, m in s["per_class"].items():
+        lo, hi = m.get("auc_ci") or (None, None)
+        ci = f" ({_fmt(lo)}–{_fmt(hi)})" if lo is not None and np.isfinite(lo) else ""
         lines.append(
-            f"| {c} | {round(m['prevalence'] * s['n'])} | {_fmt(m['auc'])} | {_fmt(m['sensitivity'])} | "
-            f"{_fmt(m['specificity'])} | {m['threshold']:.2f} |"
+            f"| {c} | {m.get('positives', '?')} | {_fmt(m['auc'])}{ci} | {_fmt(m['sensitivity'])} | "
+            f"{_fmt(m['specificity'])} | {m['threshold']:.3f} |"
         )
-    se, any_ = report["series"], report["series"]["per_class"]["any"]
+    se = report.get("series")
+    if se is None:
+        lines += ["", "Series: none (single slices).", ""]
+        return "\n".join(lines)
+    any_ = se["per_class"]["any"]
+    flagged = sum(r["score"] >= any_["threshold"] for r in report["series_scores"])
     lines += [
         "",
-        f"Series ({se['aggregation']}): {se['n']} series, {round(any_['prevalence'] * se['n'])} with hemorrhage; "
+        f"Series ({se['aggregation']}, flagged at >= {any_['threshold']:.3f}): {se['n']} series, "
+        f"{round(any_['prevalence'] * se['n'])} with hemorrhage, {flagged} flagged; "
         f"AUC {_fmt(any_['auc'])}, sensitivity {_fmt(any_['sensitivity'])}, specificity {_fmt(any_['specificity'])}.",
         "",
     ]
@@ -164,7 +268,13 @@ def report_markdown(report: dict, title: str = "Evaluation") -> str:
 
 
 def load_labels(data: str | os.PathLike, labels: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Wide labels from ``labels``, else from the label CSV that :func:`find_labels` finds in ``data``."""
+    """Wide labels from ``labels``, else from the label CSV that :func:`find_labels` finds in ``data``.
+
+    An image layout's labels come from its manifest (:func:`ich.datasets.read_source`).
+    """
+    if labels is None and image_layout(data):
+        manifest = datasets.read_source(data).manifest
+        return manifest.set_index("image_id").rename_axis(INDEX_NAME)[list(CLASSES)].astype(int)
     path = Path(labels) if labels else find_labels(Path(data))
     if path is None:
         raise FileNotFoundError(f"no label CSV found in {data}: pass --labels (RSNA format ID,Label)")

@@ -14,7 +14,6 @@ import torchvision
 from torch import nn
 
 from ich.models import unwrap
-from ich.windowing import crop_square
 
 __all__ = ["target_layer", "grad_cam", "overlay"]
 
@@ -70,7 +69,7 @@ def grad_cam(predictor, hu: np.ndarray, target: str = "any") -> np.ndarray:
     peak = float(cam.max())
     cam = cam / peak if peak > 0 else np.zeros_like(cam)
     crop = predictor.preprocess.crop
-    box = crop_square(np.asarray(hu, np.float32), crop.margin) if crop is not None else None
+    box = crop.square(np.asarray(hu, np.float32)) if crop is not None else None
     return np.clip(_to_slice(cam.astype(np.float32), hu.shape[:2], box), 0.0, 1.0)
 
 

@@ -5,9 +5,11 @@ bf16 when present, else CPU in fp32) and scores every slice of a series in batch
 between threads (Streamlit sessions): the model is never modified after loading and forward passes
 are serialised by :attr:`Predictor.lock`.
 
-Study score (the worklist's likelihood) = the mean of the two highest per-slice ``any``
-probabilities (the single highest for a one-slice series). Requiring two slices damps a single
-noisy slice while keeping a bleed that shows on only two 5 mm slices near the top of the list.
+Study score (the worklist's likelihood) = the mean of the ``k`` highest per-slice ``any``
+probabilities (fewer for a shorter series). ``k`` is the checkpoint's ``study_top_k`` (2 when it
+does not say); :mod:`train.bundle` chooses it on out-of-fold predictions. Probabilities are the
+checkpoint's calibrated ones (``calibration``: :class:`ich.calibration.Platt`), averaged over the
+slice and its mirror image when the checkpoint was validated that way (``tta_flip``).
 """
 from __future__ import annotations
 
@@ -22,15 +24,23 @@ import numpy as np
 import torch
 
 from ich import checkpoint
+from ich.calibration import Platt
 from ich.dicom import Series
 from ich.labels import CLASSES
 from ich.windowing import Preprocess, Window
 
-__all__ = ["Predictor", "StudyPrediction", "default_weights", "resolve_device", "study_score", "TOP_K", "STUDY_AGGREGATION"]
+__all__ = ["Predictor", "StudyPrediction", "default_weights", "resolve_device", "study_score", "aggregation_text", "TOP_K", "STUDY_AGGREGATION"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 TOP_K = 2
-STUDY_AGGREGATION = f"mean of the {TOP_K} highest slice 'any' probabilities"
+
+
+def aggregation_text(k: int) -> str:
+    """How a study score is made from its slices, in words."""
+    return "highest slice 'any' probability" if k == 1 else f"mean of the {k} highest slice 'any' probabilities"
+
+
+STUDY_AGGREGATION = aggregation_text(TOP_K)
 
 
 def default_weights() -> Path:
@@ -90,8 +100,14 @@ class Predictor:
             {c: float(thresholds[c]) for c in self.model_classes} if isinstance(thresholds, dict)
             else dict(zip(self.model_classes, map(float, thresholds)))
         )
+        self.top_k = int(metadata.get("study_top_k", TOP_K))
+        self.tta_flip = bool(metadata.get("tta_flip", False))
+        calibration = metadata.get("calibration")
+        self.calibration = Platt.from_json(calibration, self.model_classes) if calibration else None
         windows = tuple(Window(str(n), float(lv), float(w)) for n, lv, w in metadata["windows"])
-        self.preprocess = Preprocess(size=int(metadata["input_size"]), windows=windows, crop=metadata.get("crop", True))
+        self.preprocess = Preprocess(
+            size=int(metadata["input_size"]), windows=windows, crop=metadata.get("crop", True), clip=metadata.get("clip", False)
+        )
         self._mean = torch.tensor(metadata["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
         self._std = torch.tensor(metadata["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
         # bf16 on GPU: the H100/H200 tensor cores; fp32 on CPU, where bf16 is slower and less exact.
@@ -112,6 +128,10 @@ class Predictor:
     def name(self) -> str:
         return f"{self.metadata['arch']} ({self.metadata.get('name', 'checkpoint')})"
 
+    @property
+    def aggregation(self) -> str:
+        return aggregation_text(self.top_k)
+
     def to_input(self, batch: np.ndarray) -> torch.Tensor:
         """uint8 ``(B, 3, S, S)`` -> normalised float tensor on the device."""
         x = torch.from_numpy(batch).to(self.device, non_blocking=True).float()
@@ -119,10 +139,16 @@ class Predictor:
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities ``(B, len(model_classes))`` for preprocessed uint8 slices."""
+        """(Calibrated) probabilities ``(B, len(model_classes))`` for preprocessed uint8 slices."""
         with self.lock, torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast):
-            logits = self.model(self.to_input(batch))
-        return torch.sigmoid(logits.float()).cpu().numpy()
+            x = self.to_input(batch)
+            logits = self.model(x).float()
+            if self.tta_flip:
+                logits = (logits + self.model(x.flip(-1)).float()) / 2
+        logits = logits.cpu().numpy().astype(np.float64)
+        if self.calibration is not None:
+            return self.calibration.apply_logits(logits).astype(np.float32)
+        return (1 / (1 + np.exp(-logits))).astype(np.float32)
 
     def predict_volume(self, volume: Sequence[np.ndarray], progress: Callable[[float], None] | None = None) -> tuple[np.ndarray, dict]:
         """``(probs (N, len(CLASSES)), timings)`` for a sequence of HU slices."""
@@ -139,7 +165,7 @@ class Predictor:
 
     def summarize(self, sop_uids: list[str], probs: np.ndarray, timings: dict | None = None) -> StudyPrediction:
         any_col = probs[:, CLASSES.index("any")]
-        score = study_score(any_col)
+        score = study_score(any_col, self.top_k)
         subtypes = [c for c in self.model_classes if c != "any"]
         top = None
         if subtypes and len(probs):

@@ -1,7 +1,8 @@
 """Evaluation metrics on numpy arrays (no scikit-learn).
 
 Arrays are ``y_true`` 0/1 labels and ``y_prob`` probabilities, shaped ``(N,)`` for one class or
-``(N, C)`` with one column per class. Undefined values (an AUC when a class never or always
+``(N, C)`` with one column per class. A label below 0 means unknown (a training source that does not
+say): that cell counts in no metric. Undefined values (an AUC when a class never or always
 occurs, a sensitivity without positives) are ``nan``, never an exception.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ __all__ = [
     "error_rate",
     "sensitivity_specificity",
     "youden_thresholds",
+    "threshold_for_sensitivity",
+    "bootstrap_auc",
     "summarize",
 ]
 
@@ -57,8 +60,10 @@ def _rank(x: np.ndarray) -> np.ndarray:
 
 def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """Area under the ROC curve for one class (Mann-Whitney U; a tie counts one half)."""
-    t = np.asarray(y_true).ravel() > 0.5
+    t = np.asarray(y_true, dtype=np.float64).ravel()
     s = np.asarray(y_score, dtype=np.float64).ravel()
+    known = t >= 0
+    t, s = t[known] > 0.5, s[known]
     n_pos = int(t.sum())
     n_neg = t.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -86,8 +91,12 @@ def weighted_log_loss(y_true: np.ndarray, y_prob: np.ndarray, weights: Sequence[
     t, p = _check(y_true, y_prob)
     w = np.ones(t.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
     p = np.clip(p, LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
-    bce = -(t * np.log(p) + (1 - t) * np.log1p(-p))
-    return float((bce @ w).mean() / w.sum())
+    known = t >= 0
+    bce = np.where(known, -(t * np.log(p) + (1 - t) * np.log1p(-p)), 0.0)
+    # Each row: the weighted mean over its known classes.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_row = (bce @ w) / (known @ w)
+    return float(np.nanmean(per_row)) if np.isfinite(per_row).any() else float("nan")
 
 
 def _thresholds(thresholds: float | Sequence[float], n: int) -> np.ndarray:
@@ -101,7 +110,8 @@ def accuracy_multi(y_true: np.ndarray, y_prob: np.ndarray, thresh: float | Seque
     """
     t, p = _check(y_true, y_prob)
     pred = p > _thresholds(thresh, t.shape[1])
-    return float((pred == (t > 0.5)).mean())
+    known = t >= 0
+    return float((pred == (t > 0.5))[known].mean()) if known.any() else float("nan")
 
 
 def accuracy(y_true: np.ndarray, y_prob: np.ndarray, thresh: float = 0.5) -> float:
@@ -122,11 +132,11 @@ def sensitivity_specificity(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(sensitivity, specificity)``, each ``(C,)``; a prediction is positive when ``prob > threshold``."""
     t, p = _check(y_true, y_prob)
-    pos = t > 0.5
+    pos, neg = t > 0.5, (t >= 0) & (t <= 0.5)
     pred = p > _thresholds(thresholds, t.shape[1])
     with np.errstate(invalid="ignore", divide="ignore"):
         sens = (pred & pos).sum(0) / pos.sum(0)
-        spec = (~pred & ~pos).sum(0) / (~pos).sum(0)
+        spec = (~pred & neg).sum(0) / neg.sum(0)
     return sens.astype(np.float64), spec.astype(np.float64)
 
 
@@ -140,15 +150,50 @@ def youden_thresholds(y_true: np.ndarray, y_prob: np.ndarray, default: float = 0
     t, p = _check(y_true, y_prob)
     out = np.full(t.shape[1], default, dtype=np.float64)
     for c in range(t.shape[1]):
-        pos = t[:, c] > 0.5
-        values = np.unique(p[:, c])
+        known = t[:, c] >= 0
+        pos, prob = t[known, c] > 0.5, p[known, c]
+        values = np.unique(prob)
         if pos.all() or not pos.any() or len(values) == 1:
             continue
         cands = np.r_[values[0] - 1e-9, (values[1:] + values[:-1]) / 2]
-        pred = p[:, c][None, :] > cands[:, None]
+        pred = prob[None, :] > cands[:, None]
         j = (pred & pos).sum(1) / pos.sum() + (~pred & ~pos).sum(1) / (~pos).sum() - 1
         out[c] = float(np.clip(cands[int(np.argmax(j))], 0.0, 1.0))
     return out
+
+
+def threshold_for_sensitivity(y_true: np.ndarray, y_score: np.ndarray, sensitivity: float) -> float:
+    """The highest threshold at which at least ``sensitivity`` of the positives score above it.
+
+    A prediction is positive when ``score > threshold`` (as in :func:`sensitivity_specificity`),
+    so the threshold sits just below the positive score that must still be caught.
+    """
+    t = np.asarray(y_true, dtype=np.float64).ravel()
+    s = np.asarray(y_score, dtype=np.float64).ravel()
+    pos = np.sort(s[t > 0.5])
+    if len(pos) == 0:
+        raise ValueError("no positive example to set a sensitivity on")
+    # Positives at or above index i are caught when the threshold is just below pos[i].
+    i = int(np.floor((1 - sensitivity) * len(pos) + 1e-9))
+    return float(np.nextafter(pos[min(i, len(pos) - 1)], -np.inf))
+
+
+def bootstrap_auc(y_true: np.ndarray, y_score: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`roc_auc` (cases resampled with replacement).
+
+    ``(nan, nan)`` when the class has fewer than 2 positives or negatives, where no interval means much.
+    """
+    t = np.asarray(y_true, dtype=np.float64).ravel()
+    s = np.asarray(y_score, dtype=np.float64).ravel()
+    known = t >= 0
+    t, s = t[known], s[known]
+    if (t > 0.5).sum() < 2 or (t <= 0.5).sum() < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    draws = np.array([roc_auc(t[i], s[i]) for i in rng.integers(0, len(t), size=(n, len(t)))])
+    draws = draws[np.isfinite(draws)]
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
 
 
 def summarize(
@@ -182,7 +227,7 @@ def summarize(
                 "auc": float(auc[i]),
                 "sensitivity": float(sens[i]),
                 "specificity": float(spec[i]),
-                "prevalence": float(t[:, i].mean()) if len(t) else float("nan"),
+                "prevalence": float((t[:, i][t[:, i] >= 0] > 0.5).mean()) if (t[:, i] >= 0).any() else float("nan"),
                 "threshold": float(thr[i]),
             }
             for i, c in enumerate(classes)

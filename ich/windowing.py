@@ -19,7 +19,12 @@ __all__ = [
     "SOFT_TISSUE",
     "PRESETS",
     "MODEL_WINDOWS",
+    "InputSpec",
+    "BRAIN_INPUT",
+    "THREE_WINDOW_INPUT",
+    "INPUTS",
     "apply_window",
+    "window_to_hu",
     "stack_windows",
     "brain_fraction",
     "BRAIN_FRACTION_THRESHOLD",
@@ -59,6 +64,34 @@ PRESETS: dict[str, Window] = {w.name: w for w in (BRAIN, SUBDURAL, BONE, STROKE,
 # Channel order of the model input (R, G, B): the three windows radiologists read bleeds in.
 MODEL_WINDOWS: tuple[Window, ...] = (BRAIN, SUBDURAL, BONE)
 
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the network sees, recorded in every checkpoint so prediction rebuilds it exactly.
+
+    ``clip``: HU are clipped to the windows' span before cropping and resizing, so a DICOM slice
+    and its pre-windowed 8-bit rendering (the real training PNGs) give the same tensor: nothing
+    outside the span survives in a PNG, so nothing outside it may reach the model from HU either.
+    The head crop then finds the body just above the span's floor, the only edge a PNG keeps.
+    """
+
+    name: str
+    windows: tuple[Window, ...]
+    clip: bool
+
+    @property
+    def span(self) -> tuple[float, float]:
+        return min(w.low for w in self.windows), max(w.high for w in self.windows)
+
+
+# The real training sets are brain-window (40/80) images only: one channel, repeated so any
+# torchvision backbone takes it unchanged. RSNA files carry 30/80, 36/80 or 40/80 in their
+# headers; the fixed 40/80 in HU is used at prediction, whatever a file's header says.
+BRAIN_INPUT = InputSpec("brain", (BRAIN, BRAIN, BRAIN), clip=True)
+# Checkpoints from before the real training sets: brain, subdural and bone windows from full HU.
+THREE_WINDOW_INPUT = InputSpec("three-window", MODEL_WINDOWS, clip=False)
+INPUTS: dict[str, InputSpec] = {spec.name: spec for spec in (BRAIN_INPUT, THREE_WINDOW_INPUT)}
+
 # The paper drops slices with less than 20 % brain pixels before training.
 BRAIN_FRACTION_THRESHOLD = 0.20
 
@@ -73,6 +106,15 @@ def apply_window(hu: np.ndarray, window: Window, dtype: type = np.float32) -> np
     if np.dtype(dtype) == np.uint8:
         return (scaled * 255.0 + 0.5).astype(np.uint8)
     return scaled.astype(dtype, copy=False)
+
+
+def window_to_hu(image: np.ndarray, window: Window = BRAIN) -> np.ndarray:
+    """Invert :func:`apply_window` for a pre-windowed 8-bit image: float32 HU within ``window``.
+
+    0 and 255 stand for everything at or beyond the window's ends; with :attr:`InputSpec.clip`
+    that is exactly what the model sees from real HU too.
+    """
+    return np.asarray(image, dtype=np.float32) * np.float32(window.width / 255.0) + np.float32(window.low)
 
 
 def stack_windows(hu: np.ndarray, windows: tuple[Window, ...] = MODEL_WINDOWS) -> np.ndarray:
@@ -92,7 +134,7 @@ def brain_fraction(hu: np.ndarray, window: Window = BRAIN, sigma: float = 1.0) -
     return float(mask.mean())
 
 
-def head_bbox(hu: np.ndarray, step: int = 4) -> tuple[int, int, int, int] | None:
+def head_bbox(hu: np.ndarray, step: int = 4, body_hu: float = _BODY_HU) -> tuple[int, int, int, int] | None:
     """``(y0, y1, x0, x1)`` of the largest connected body region, or ``None`` for an empty slice.
 
     The largest component is the head: the patient table is a thin arc that an opening removes
@@ -101,7 +143,7 @@ def head_bbox(hu: np.ndarray, step: int = 4) -> tuple[int, int, int, int] | None
     crop margin absorbs.
     """
     hu = np.asarray(hu)
-    body = (hu[::step, ::step] > _BODY_HU).astype(np.uint8)
+    body = (hu[::step, ::step] > body_hu).astype(np.uint8)
     body = cv2.morphologyEx(body, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     n, labels, stats, _ = cv2.connectedComponentsWithStats(body, connectivity=8)
     if n <= 1:
@@ -113,12 +155,12 @@ def head_bbox(hu: np.ndarray, step: int = 4) -> tuple[int, int, int, int] | None
     return y, min(y + h, hu.shape[0]), x, min(x + w, hu.shape[1])
 
 
-def crop_square(hu: np.ndarray, margin: int) -> tuple[int, int, int] | None:
+def crop_square(hu: np.ndarray, margin: int, body_hu: float = _BODY_HU) -> tuple[int, int, int] | None:
     """``(top, left, side)`` of the square around the head plus ``margin``, in the slice's pixels.
 
     The square may run past the image edge; ``None`` for a slice with no head.
     """
-    box = head_bbox(hu)
+    box = head_bbox(hu, body_hu=body_hu)
     if box is None:
         return None
     y0, y1, x0, x1 = box
@@ -130,18 +172,28 @@ def crop_square(hu: np.ndarray, margin: int) -> tuple[int, int, int] | None:
 class CropHead:
     """Crop to the head's bounding box plus ``margin`` pixels, made square so resizing keeps aspect."""
 
-    def __init__(self, margin: int = 8) -> None:
-        self.margin = margin
+    def __init__(self, margin: int = 8, body_hu: float = _BODY_HU, air_hu: float = -1024.0, levels: Window | None = None) -> None:
+        self.margin, self.body_hu, self.air_hu, self.levels = margin, body_hu, air_hu, levels
+
+    def square(self, hu: np.ndarray) -> tuple[int, int, int] | None:
+        """``(top, left, side)`` this crop takes from ``hu`` (see :func:`crop_square`).
+
+        With ``levels`` the body is found on the slice rounded to that window's 8 bits, so a slice
+        and its 8-bit rendering in that window get exactly the same box.
+        """
+        if self.levels is not None:
+            hu = window_to_hu(apply_window(hu, self.levels, np.uint8), self.levels)
+        return crop_square(hu, self.margin, self.body_hu)
 
     def __call__(self, hu: np.ndarray) -> np.ndarray:
-        square = crop_square(hu, self.margin)
+        square = self.square(hu)
         if square is None:
             return hu
         top, left, side = square
         # Pad with air where the square runs past the image edge.
         pad = max(0, -top, -left, top + side - hu.shape[0], left + side - hu.shape[1])
         if pad:
-            hu = np.pad(hu, pad, mode="constant", constant_values=np.float32(-1024))
+            hu = np.pad(hu, pad, mode="constant", constant_values=np.float32(self.air_hu))
             top, left = top + pad, left + pad
         return hu[top : top + side, left : left + side]
 
@@ -171,19 +223,31 @@ class WindowStack:
 
 
 class Preprocess:
-    """The model's input pipeline for one slice: crop head -> resize -> window stack.
+    """The model's input pipeline for one slice: (clip) -> crop head -> resize -> window stack.
 
     Returns uint8 ``(C, size, size)``. Resizing happens in HU (float) before windowing so the
     narrow brain window is not quantised twice. Training and inference share this object.
+    With ``clip`` (see :class:`InputSpec`) HU are first clipped to the windows' span.
     """
 
-    def __init__(self, size: int = 256, windows: tuple[Window, ...] = MODEL_WINDOWS, crop: bool = True) -> None:
-        self.crop = CropHead() if crop else None
-        self.resize = Resize(size)
+    def __init__(self, size: int = 256, windows: tuple[Window, ...] = MODEL_WINDOWS, crop: bool = True, clip: bool = False) -> None:
         self.stack = WindowStack(windows)
+        low, high = min(w.low for w in windows), max(w.high for w in windows)
+        self.clip = (low, high) if clip else None
+        # Clipped, the body is what rises clearly above the floor: a tenth of the span keeps JPEG
+        # noise in the background of pre-windowed images (a few grey levels) out of the head box.
+        body = low + 0.1 * (high - low)
+        self.crop = (CropHead(body_hu=body, air_hu=low, levels=windows[0]) if clip else CropHead()) if crop else None
+        self.resize = Resize(size)
+
+    @classmethod
+    def from_spec(cls, spec: InputSpec, size: int, crop: bool = True) -> Preprocess:
+        return cls(size, spec.windows, crop, spec.clip)
 
     def __call__(self, hu: np.ndarray) -> np.ndarray:
         img = np.asarray(hu, dtype=np.float32)
+        if self.clip is not None:
+            img = np.clip(img, *self.clip)
         if self.crop is not None:
             img = self.crop(img)
         img = self.resize(img)

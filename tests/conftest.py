@@ -16,8 +16,11 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def make_checkpoint(stem: Path, classes: tuple[str, ...] | None = None, arch: str = "resnet18", size: int = 64) -> Path:
-    """A randomly initialised checkpoint, small enough for fast tests; returns its JSON path."""
+def make_checkpoint(stem: Path, classes: tuple[str, ...] | None = None, arch: str = "resnet18", size: int = 64, **extra) -> Path:
+    """A randomly initialised checkpoint, small enough for fast tests; returns its JSON path.
+
+    ``extra`` metadata (``calibration``, ``tta_flip``, ``study_top_k``, input ``windows``/``clip``...) overrides the defaults.
+    """
     import torch
 
     from ich import checkpoint
@@ -38,7 +41,7 @@ def make_checkpoint(stem: Path, classes: tuple[str, ...] | None = None, arch: st
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
         "thresholds": {c: 0.5 for c in classes},
-    }
+    } | extra
     return checkpoint.save(model, stem, metadata)[1]
 
 

@@ -1,51 +1,62 @@
-"""train.bundle: the real slices it trains on never include the real test series; its card matches weights/."""
+"""train.bundle: calibration and operating point from out-of-fold predictions; the card matches weights/."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 
-from ich.labels import CLASSES, read_rsna_csv
+from ich.labels import CLASSES
 from train import bundle
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
 
-def test_real_training_slices_exclude_test_series(shared_data):
-    files, labels = bundle.real_training_slices(shared_data)
-    assert list(labels.columns) == list(CLASSES) and set(labels.index) == set(files)
-    assert len(files) == 26 + 5 + len(range(0, 238, bundle.CQ500_STRIDE))
-    assert labels["epidural"].sum() >= 8  # PhysioNet's epidural slices (+1 RSNA sample)
-    assert (labels["any"] == labels[list(CLASSES[1:])].max(axis=1)).all()
-    test_sops = set(read_rsna_csv(shared_data / "rsna-sample/stage_2_train.csv").index)
-    assert not test_sops & set(files)
-    assert not any("rsna-sample" in str(p) for p in files.values())
-
-
-def test_merge_layouts_links_every_image(shared_data, tmp_path):
-    files, labels = bundle.real_training_slices(shared_data)
-    first = dict(list(files.items())[:3])
-    second = dict(list(files.items())[3:5])
-    a = bundle._link_layout(tmp_path / "a", first, labels)
-    b = bundle._link_layout(tmp_path / "b", second, labels)
-    merged = bundle.merge_layouts(tmp_path / "m", [a, b])
-    out = read_rsna_csv(merged / "stage_2_train.csv")
-    assert set(out.index) == set(first) | set(second)
-    pd.testing.assert_frame_equal(out.sort_index(), labels.loc[sorted(out.index)], check_names=False)
-    for sop in out.index:
-        link = merged / "stage_2_train" / f"{sop}.dcm"
-        assert link.is_symlink() and link.resolve() == files[sop].resolve()
-
-
 def test_card_rebuilds_the_bundled_model_card():
-    """The card's text, from the bundled checkpoint and evaluation.json, is weights/MODEL_CARD.md as committed."""
+    """The card's text, from the bundled checkpoint JSON, evaluation.json and the failure notes, is MODEL_CARD.md as committed."""
     card = (WEIGHTS / "MODEL_CARD.md").read_text()
     meta = json.loads((WEIGHTS / f"{bundle.NAME}.json").read_text())
-    reports = json.loads((WEIGHTS / "evaluation.json").read_text())
-    command = re.search(r"^python -m train\.bundle (.*)$", card, re.M).group(1).split()
-    minutes = float(re.search(r"^took (\d+) min here", card, re.M).group(1))
-    summary = dict(re.findall(r"^- ([^:\n]+\)): (.+)$", card, re.M))  # "- phantom (stage 1): ..." lines
-    assert len(summary) == 4 and len(reports) == 2
-    assert bundle._card(meta, reports, summary, True, minutes, command) == card
+    evaluation = json.loads((WEIGHTS / "evaluation.json").read_text())
+    assert bundle.model_card(meta, evaluation, bundle.FAILURE_NOTES.read_text()) == card
+    assert "Not for clinical use" in card and meta["calibration"]["method"] == "platt"
+
+
+def synthetic_oof(n=1500, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    y = np.zeros((n, len(CLASSES)), int)
+    y[:, 1:] = rng.random((n, len(CLASSES) - 1)) < 0.05
+    y[:, 0] = y[:, 1:].max(1)
+    frame = pd.DataFrame(y, columns=list(CLASSES))
+    for i, c in enumerate(CLASSES):
+        z = 4 * (y[:, i] + rng.normal(0, 0.6, n)) - 1.5  # over-confident raw model
+        frame[f"p_{c}"] = 1 / (1 + np.exp(-z))
+    frame.insert(0, "row", np.arange(n))
+    frame.insert(1, "sop_uid", [f"ID_{i:05d}" for i in range(n)])
+    frame.insert(2, "source", "rsna-png")
+    return frame
+
+
+def test_calibrate_sets_thresholds_and_lowers_log_loss(shared_data):
+    platt, thresholds, report = bundle.calibrate(synthetic_oof(), shared_data)
+    assert set(thresholds) == set(CLASSES)
+    assert report["log_loss_calibrated"] < report["log_loss_raw"]
+    rule = report["series_rule"]
+    assert rule["sensitivity"] >= rule["target_sensitivity"] and thresholds["any"] == rule["threshold"]
+    assert all(np.isfinite(report["slice"]["per_class"][c]["auc_ci"]).all() for c in CLASSES)
+
+
+def test_out_of_fold_refuses_folds_that_overlap(tmp_path):
+    oof = synthetic_oof(10)
+    for k, rows in enumerate([oof.iloc[:6], oof.iloc[4:]]):
+        rows.to_parquet(tmp_path / f"fold{k}.valid.parquet")
+    with pytest.raises(SystemExit, match="validated by two folds"):
+        bundle.out_of_fold([tmp_path / "fold0.json", tmp_path / "fold1.json"])
+    oof.iloc[6:].to_parquet(tmp_path / "fold1.valid.parquet")
+    assert len(bundle.out_of_fold([tmp_path / "fold0.json", tmp_path / "fold1.json"])) == 10
+
+
+def test_bleed_counts_come_from_phe_sich_patients(shared_data):
+    counts = bundle.bleed_counts(shared_data)
+    assert len(counts) == 119 and sum(counts) == 676 and min(counts) >= 1

@@ -85,3 +85,19 @@ def test_overlay_keeps_grey_below_floor():
     rgb = explain.overlay(grey, cam)
     assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
     assert (rgb[1:, :] == 100).all() and tuple(rgb[0, 0]) != (100, 100, 100)
+
+
+def test_grad_cam_follows_a_brain_window_checkpoint(tmp_path):
+    """A clipped brain-window checkpoint crops where its own preprocessing does, and the map stays inside that crop."""
+    from ich.windowing import BRAIN_INPUT
+
+    windows = [[w.name, w.level, w.width] for w in BRAIN_INPUT.windows]
+    pred = Predictor.from_checkpoint(make_checkpoint(tmp_path / "brain", windows=windows, clip=True), device="cpu")
+    hu = head()
+    hu[hu < -500] = -3000.0  # padding outside the scan circle, which the brain input clips away
+    cam = explain.grad_cam(pred, hu, "any")
+    top, left, side = pred.preprocess.crop.square(hu)
+    assert (top, left, side) == crop_square(np.clip(hu, 0, 80), 8, pred.preprocess.crop.body_hu)
+    outside = np.ones(hu.shape, bool)
+    outside[max(top, 0) : top + side, max(left, 0) : left + side] = False
+    assert cam.shape == hu.shape and not cam[outside].any()

@@ -82,3 +82,34 @@ def test_summarize_reports_everything():
     assert s["weighted_log_loss"] == pytest.approx(m.weighted_log_loss(y, p, [2, 1]))
     with pytest.raises(ValueError):
         m.summarize(y, p, ["any"])
+
+
+def test_unknown_labels_count_nowhere():
+    y = np.array([[1, 1], [0, -1], [1, -1], [0, 0]], dtype=float)
+    p = np.array([[0.9, 0.8], [0.2, 0.9], [0.7, 0.9], [0.1, 0.1]])
+    assert m.roc_auc(y[:, 1], p[:, 1]) == 1.0  # the two unknown rows would make it 0.5 if read as 0
+    sens, spec = m.sensitivity_specificity(y, p, 0.5)
+    assert sens.tolist() == [1.0, 1.0] and spec.tolist() == [1.0, 1.0]
+    s = m.summarize(y, p, ["any", "subdural"])
+    assert s["per_class"]["subdural"]["prevalence"] == 0.5 and s["accuracy_multi"] == 1.0
+    known_only = m.weighted_log_loss(y[[0, 3]], p[[0, 3]])
+    assert m.weighted_log_loss(y, p) != known_only  # rows 1, 2 still count for "any"
+    assert np.isfinite(m.weighted_log_loss(y, p))
+
+
+def test_bootstrap_interval_brackets_the_auc():
+    rng = np.random.default_rng(1)
+    y = rng.random(500) < 0.2
+    s = y + rng.normal(0, 1, 500)
+    lo, hi = m.bootstrap_auc(y, s, n=300)
+    assert lo < m.roc_auc(y, s) < hi and hi - lo < 0.2
+    assert all(np.isnan(m.bootstrap_auc([1, 0, 0], [0.2, 0.1, 0.3])))
+
+
+def test_threshold_for_sensitivity_catches_the_share_asked_for():
+    y = np.array([1] * 20 + [0] * 20)
+    s = np.r_[np.linspace(0.5, 1.0, 20), np.linspace(0.0, 0.6, 20)]
+    t = m.threshold_for_sensitivity(y, s, 0.95)
+    sens, _ = m.sensitivity_specificity(y, s, t)
+    assert sens[0] >= 0.95 and (s[y == 1] > t).sum() == 19  # the 19 highest of 20, not all 20
+    assert m.threshold_for_sensitivity(y, s, 1.0) < 0.5

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -112,3 +111,59 @@ def test_predict_cli_nothing_readable_exits_2(tmp_path, tiny_checkpoint):
     assert proc.returncode == 2, proc.stderr
     assert "junk.dcm: not a DICOM file" in proc.stderr and "no readable slice found" in proc.stderr
     assert not out.exists() and "Traceback" not in proc.stderr
+
+
+def test_predictor_follows_calibration_flip_and_study_rule(tmp_path):
+    from ich.windowing import BRAIN_INPUT
+
+    windows = [[x.name, x.level, x.width] for x in BRAIN_INPUT.windows]
+    plain = Predictor.from_checkpoint(make_checkpoint(tmp_path / "plain", windows=windows, clip=True), device="cpu")
+    calibration = {"method": "platt", "a": dict.fromkeys(CLASSES, 0.5), "b": dict.fromkeys(CLASSES, -1.0)}
+    tuned = Predictor.from_checkpoint(
+        make_checkpoint(tmp_path / "tuned", windows=windows, clip=True, calibration=calibration, tta_flip=True, study_top_k=1),
+        device="cpu",
+    )
+    assert plain.preprocess.clip == (0.0, 80.0) and tuned.top_k == 1 and tuned.tta_flip
+    series = synthetic_series(4)
+    raw = plain.predict_series(series).probs
+    out = tuned.predict_series(series)
+    # Same weights (seeded): flip-averaged logits, then sigmoid(0.5 z - 1).
+    import torch
+
+    x = plain.to_input(np.stack([plain.preprocess(s.hu) for s in series.slices]))
+    with torch.inference_mode():
+        z = ((plain.model(x) + plain.model(x.flip(-1))) / 2).numpy()
+    np.testing.assert_allclose(out.probs, 1 / (1 + np.exp(-(0.5 * z - 1.0))), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(out.probs, raw)
+    assert out.score == pytest.approx(out.probs[:, 0].max())  # top-1: the highest slice
+    assert "highest slice" in tuned.aggregation
+
+
+def test_evaluate_cli_on_a_png_layout(tmp_path):
+    """`ich evaluate` scores a labelled RSNA-PNG folder and reports per class, without series."""
+    import cv2
+
+    from ich.labels import to_rsna
+
+    root = tmp_path / "pngs"
+    (root / "stage_2_train_png").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = [f"ID_{i:04d}" for i in range(12)]
+    for i in ids:
+        img = np.zeros((96, 96), np.uint8)
+        img[20:76, 20:76] = rng.integers(80, 160, (56, 56))
+        cv2.imwrite(str(root / "stage_2_train_png" / f"{i}.png"), img)
+    labels = pd.DataFrame(0, index=pd.Index(ids, name="sop_uid"), columns=list(CLASSES))
+    labels.iloc[::3, [0, 5]] = 1
+    to_rsna(labels).to_csv(root / "stage_2_train.csv", index=False)
+    weights = make_checkpoint(tmp_path / "w", windows=[["brain", 40, 80]] * 3, clip=True)
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ich", "evaluate", str(root), "--weights", str(weights), "--out", str(out), "--quiet", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["slice"]["n"] == 12 and report["series"] is None
+    assert report["slice"]["per_class"]["subdural"]["positives"] == 4
+    assert "AUC (95 % CI)" in (out / "report.md").read_text() and (out / "reliability.html").is_file()

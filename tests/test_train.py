@@ -359,3 +359,75 @@ def test_bench_reports_img_per_second(capsys):
     assert [r["mode"] for r in results] == ["loader", "model", "end to end"]
     assert all(r["img/s"] > 0 for r in results)
     assert "| resnet18 | cpu | end to end |" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- real training layouts, masked labels
+
+
+def test_masked_bce_leaves_unknown_labels_out():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    target = torch.tensor([[1.0, -1.0], [0.0, 1.0]])
+    known = torch.nn.functional.binary_cross_entropy_with_logits(logits[target >= 0], target[target >= 0])
+    assert fit.MaskedBCEWithLogits()(logits, target).item() == pytest.approx(known.item())
+
+
+@pytest.fixture(scope="module")
+def png_sets(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny RSNA-PNG folder (with one unlabelled image) and a tiny PHE-SICH folder."""
+    from ich.labels import to_rsna
+    from tests.test_datasets import write_png
+
+    root = tmp_path_factory.mktemp("pngsets")
+    rsna = root / "mine-rsna"
+    ids = [f"ID_{i:03d}" for i in range(12)]
+    for i, name in enumerate(ids + ["ID_unlabelled"]):
+        write_png(rsna / "stage_2_train_png" / f"{name}.png", value=60 + 10 * i, size=48)
+    labels = pd.DataFrame(0, index=pd.Index(ids, name="sop_uid"), columns=list(CLASSES))
+    labels.iloc[::2, [0, 5]] = 1
+    to_rsna(labels).to_csv(rsna / "stage_2_train.csv", index=False)
+    phe = root / "mine-phe"
+    rows = []
+    for p in range(3):
+        for s in range(2):
+            name = f"{p:04d}_{s:02d}"
+            write_png(phe / "images" / f"{name}.png", size=40)
+            write_png(phe / "masks" / f"{name}.png", 255, size=40)
+            rows.append({"image": name, "patient": f"{p:04d}", "slice": s, "hemorrhage": s})
+    pd.DataFrame(rows).to_csv(phe / "labels.csv", index=False)
+    return rsna, phe
+
+
+def test_prepare_mixes_layouts_with_a_source_column(png_sets, tmp_path, capsys):
+    from ich.windowing import BRAIN_INPUT, THREE_WINDOW_INPUT
+
+    rsna, phe = png_sets
+    with pytest.raises(SystemExit, match="brain-window images only"):
+        prepare.prepare([rsna, phe], tmp_path / "wrong", size=32, spec=THREE_WINDOW_INPUT, workers=0, progress=False)
+    cache = prepare.prepare([rsna, phe], tmp_path / "c", size=32, spec=BRAIN_INPUT, min_brain=0.0, workers=0, progress=False)
+    frame = cache.frame
+    assert frame["source"].value_counts().to_dict() == {"rsna-png": 12, "phe-sich": 6}
+    assert cache.info["input"] == "brain" and cache.info["clip"] and cache.info["windows"][0] == ["brain", 40, 80]
+    phe_rows = frame[frame["source"] == "phe-sich"]
+    assert (phe_rows.loc[phe_rows["any"] == 1, "intraventricular"] == -1).all()
+    assert phe_rows["patient_id"].nunique() == 3 and frame["problem"].isna().all()
+    images = cache.images
+    assert (images[:, 0] == images[:, 1]).all() and images.max() > 0
+    problems = pd.read_csv(tmp_path / "c" / "problems.csv")
+    assert problems["reason"].tolist() == ["no label row in stage_2_train.csv"]
+    assert "ID_unlabelled.png: no label row" in capsys.readouterr().out
+
+
+def test_fit_validates_on_the_asked_source_only(png_sets, tmp_path):
+    from ich.windowing import BRAIN_INPUT
+
+    cache = prepare.prepare(list(png_sets), tmp_path / "c", size=32, spec=BRAIN_INPUT, min_brain=0.0, workers=0, progress=False)
+    base = ["--data", str(cache.root), "--task", "multilabel", "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path), *TINY]
+    meta = fit.main([*base, "--val-sources", "rsna-png", "--folds", "3", "--fold", "1", "--tta-flip", "--name", "f1"])
+    valid = pd.read_parquet(tmp_path / "f1.valid.parquet")
+    assert (valid["source"] == "rsna-png").all() and len(valid) == 4
+    assert meta["training"]["train_slices"] == 18 - 4 and meta["tta_flip"] and meta["clip"]
+    assert valid["p_any"].between(0, 1).all() and set(valid["any"]) <= {0, 1}
+    with pytest.raises(SystemExit, match="holds sources"):
+        fit.main([*base, "--val-sources", "cq500"])
+    everything = fit.main([*base, "--val-frac", "0", "--name", "all"])
+    assert everything["training"]["train_slices"] == 18 and everything["training"]["valid_slices"] == 0

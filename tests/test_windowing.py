@@ -69,3 +69,36 @@ def test_crop_pads_at_image_edge():
     out = w.CropHead()(hu)
     assert out.shape[0] == out.shape[1]
     assert (out > 0).sum() == (hu > 0).sum()  # nothing of the head cut off
+
+
+def test_brain_input_is_the_same_from_hu_and_from_its_brain_window_png(shared_data):
+    """The model sees one thing whether a slice comes as DICOM HU or as the 8-bit brain-window PNG of it."""
+    from ich import dicom
+
+    spec = w.BRAIN_INPUT
+    preprocess = w.Preprocess.from_spec(spec, 128)
+    files = sorted((shared_data / "rsna-sample" / "stage_2_train").glob("*.dcm"))[::40]
+    for path in files:
+        hu = dicom.read_slice(path).hu
+        png = w.apply_window(hu, w.BRAIN, np.uint8)  # what rsna-png holds (at full size)
+        from_hu, from_png = preprocess(hu), preprocess(w.window_to_hu(png))
+        assert from_hu.shape == (3, 128, 128) and (from_hu[0] == from_hu[1]).all()
+        diff = np.abs(from_hu.astype(int) - from_png.astype(int))
+        assert diff.max() <= 1, path.name  # rounding of the 8-bit PNG, nothing more
+
+
+def test_brain_input_ignores_what_lies_outside_the_window():
+    hu = disc(size=256, radius=60, inside=30.0)
+    bone = hu.copy()
+    bone[bone < -500] = -3000.0  # another scanner's padding value
+    bone[100:110, 100:110] = 1500.0
+    clipped = hu.copy()
+    clipped[100:110, 100:110] = 80.0  # the same pixels, as a brain-window image saturates them
+    preprocess = w.Preprocess.from_spec(w.BRAIN_INPUT, 64)
+    np.testing.assert_array_equal(preprocess(bone), preprocess(clipped))
+    assert w.INPUTS["three-window"].windows == w.MODEL_WINDOWS and not w.INPUTS["three-window"].clip
+
+
+def test_window_to_hu_inverts_apply_window():
+    levels = np.arange(256, dtype=np.uint8)
+    assert (w.apply_window(w.window_to_hu(levels), w.BRAIN, np.uint8) == levels).all()

@@ -37,7 +37,16 @@ def _label_balance(frame: pd.DataFrame) -> go.Figure:
 
 def _prevalence(frame: pd.DataFrame, classes: Sequence[str]) -> go.Figure:
     kept = frame.loc[frame["kept"], list(classes)]
-    return _bar(kept.sum().astype(int), f"Subtype prevalence ({len(kept)} kept slices)", "class")
+    # Unknown labels (-1: a source that does not say) are not positives.
+    return _bar(kept.clip(lower=0).sum().astype(int), f"Subtype prevalence ({len(kept)} kept slices)", "class")
+
+
+def _sources(frame: pd.DataFrame) -> go.Figure:
+    """Slices and bleeds per training source (one bar pair per ``source`` of a multi-source cache)."""
+    counts = frame.groupby("source", sort=False)["any"].agg(slices="size", bleeds=lambda s: int((s == 1).sum()))
+    fig = go.Figure([go.Bar(name=col, x=list(counts.index), y=counts[col].to_numpy(), text=counts[col].to_numpy()) for col in counts])
+    fig.update_layout(title="Slices and bleeds per source", barmode="group", xaxis_title="source", yaxis_title="slices", height=380)
+    return fig
 
 
 def _bits_stored(frame: pd.DataFrame) -> go.Figure:
@@ -117,6 +126,7 @@ def build_report(cache: Cache, per_class: int = 2, seed: int = 0) -> str:
     figures = [
         _label_balance(frame),
         _prevalence(frame, cache.classes),
+        *([_sources(frame)] if "source" in frame else []),
         _bits_stored(frame),
         _brain_fraction(frame, cache.info.get("min_brain")),
     ]

@@ -1,12 +1,15 @@
-"""Turn an RSNA-layout folder into a training cache (see :mod:`train.data` for the layout).
+"""Turn labelled training folders into one training cache (see :mod:`train.data` for the layout).
 
-    python -m train.prepare DATA --out CACHE [--workers N] [--min-brain 0.2] [--size 256]
+    python -m train.prepare DATA [DATA ...] --out CACHE [--input brain] [--size 256] [--workers N]
 
-``DATA`` holds ``stage_2_train.csv`` and ``stage_2_train/*.dcm``. Every file is read once with
-:func:`ich.dicom.read_slice`, preprocessed with :class:`ich.windowing.Preprocess` straight into the
-shared ``images.npy`` memory map by a pool of processes, and described by one metadata row.
-Finished chunks are recorded in ``CACHE/parts/`` as they complete, so an interrupted run resumes
-where it stopped. Unreadable files are listed in ``CACHE/problems.csv`` and printed.
+Each ``DATA`` is one of the layouts :mod:`ich.datasets` reads (RSNA DICOM, RSNA PNG, PHE-SICH,
+Roboflow boxes); the cache's ``source`` column says where each row came from. Every image is read
+once (DICOM through :func:`ich.dicom.read_slice`, pre-windowed images through
+:func:`ich.datasets.load_image` and :func:`ich.windowing.window_to_hu`), preprocessed with the
+``--input`` definition straight into the shared ``images.npy`` memory map by a pool of processes,
+and described by one metadata row. Finished chunks are recorded in ``CACHE/parts/`` as they
+complete, so an interrupted run resumes where it stopped. Unreadable files and label mismatches are
+listed in ``CACHE/problems.csv`` and printed.
 """
 from __future__ import annotations
 
@@ -25,27 +28,24 @@ import pandas as pd
 from tqdm import tqdm
 
 from ich import dicom
-from ich.labels import CLASSES, read_rsna_csv
-from ich.windowing import BRAIN_FRACTION_THRESHOLD, MODEL_WINDOWS, Preprocess, brain_fraction
+from ich.labels import CLASSES
+from ich.windowing import BRAIN, BRAIN_FRACTION_THRESHOLD, INPUTS, THREE_WINDOW_INPUT, InputSpec, Preprocess, brain_fraction, window_to_hu
 from train.data import CACHE_FORMAT, IMAGES, INFO, METADATA, PROBLEMS, Cache, is_cache, kept_mask, write_info
+from ich.datasets import Source, load_image, read_source
 
-__all__ = ["prepare", "find_layout", "get_args_parser", "main"]
+__all__ = ["prepare", "read_sources", "get_args_parser", "main"]
 
 PARTS = "parts"
 SHOWN_PROBLEMS = 20
 
 
-def find_layout(data: str | os.PathLike) -> tuple[Path, list[str]]:
-    """``(labels csv, image paths relative to data)`` of an RSNA-layout folder."""
-    data = Path(data)
-    csv = data / "stage_2_train.csv"
-    images = data / "stage_2_train"
-    if not csv.is_file() or not images.is_dir():
-        raise FileNotFoundError(f"{data} is not an RSNA-layout folder: expected stage_2_train.csv and stage_2_train/*.dcm")
-    files = sorted(p.relative_to(data).as_posix() for p in images.glob("*.dcm"))
-    if not files:
-        raise FileNotFoundError(f"no .dcm files in {images}")
-    return csv, files
+def read_sources(folders: Sequence[str | os.PathLike], spec: InputSpec) -> tuple[pd.DataFrame, list[Source]]:
+    """One manifest over ``folders`` (row order = cache row order) and the sources it came from."""
+    read = [read_source(f) for f in folders]
+    for source in read:
+        if source.manifest["kind"].eq("image").any() and spec.windows != (BRAIN,) * len(spec.windows):
+            raise SystemExit(f"{source.root} holds brain-window images only: prepare it with --input brain, not {spec.name}")
+    return pd.concat([s.manifest for s in read], ignore_index=True), read
 
 
 # --------------------------------------------------------------------------- worker side
@@ -53,34 +53,43 @@ def find_layout(data: str | os.PathLike) -> tuple[Path, list[str]]:
 _worker: dict = {}
 
 
-def _init_worker(images_path: str, data: str, size: int) -> None:
-    _worker.update(images=np.load(images_path, mmap_mode="r+"), data=Path(data), preprocess=Preprocess(size))
+def _init_worker(images_path: str, size: int, spec_name: str) -> None:
+    _worker.update(images=np.load(images_path, mmap_mode="r+"), preprocess=Preprocess.from_spec(INPUTS[spec_name], size))
 
 
 def _header(s: dicom.Slice) -> dict:
     # Training needs the patient id for the patient-level split; the cache stays on the trainer's disk.
-    return s.header_row() | {"patient_id": s.patient_id, "notes": "; ".join(s.notes), "brain_fraction": brain_fraction(s.hu)}
+    return s.header_row() | {"patient_id": s.patient_id, "notes": "; ".join(s.notes)}
 
 
 # Problem rows carry the columns that finishing reads (as nulls), even in an all-problem run.
 _EMPTY = dict.fromkeys(("sop_uid", "patient_id", "study_uid", "series_uid", "instance_number", "bits_stored")) | {
     "location": np.nan,
+    "thickness": np.nan,
     "brain_fraction": np.nan,
 }
 
 
-def _process(items: Sequence[tuple[int, str]]) -> list[dict]:
-    """Read, preprocess and store each ``(row, relative path)``; one metadata dict per item."""
-    images, data, preprocess = _worker["images"], _worker["data"], _worker["preprocess"]
+def _read_hu(path: str, kind: str, rotate: int) -> tuple[np.ndarray, dict]:
+    """``(HU slice, header fields)`` of one manifest row."""
+    if kind == "dicom":
+        s = dicom.read_slice(path)
+        return s.hu, _header(s)
+    return window_to_hu(load_image(path, rotate), BRAIN), {}
+
+
+def _process(items: Sequence[tuple[int, str, str, int]]) -> list[dict]:
+    """Read, preprocess and store each ``(row, path, kind, rotate)``; one metadata dict per item."""
+    images, preprocess = _worker["images"], _worker["preprocess"]
     out = []
-    for row, rel in items:
-        record: dict = {"row": row, "path": rel, **_EMPTY, "problem": None}
+    for row, path, kind, rotate in items:
+        record: dict = {"row": row, **_EMPTY, "problem": None}
         try:
-            s = dicom.read_slice(data / rel)
-            images[row] = preprocess(s.hu)
-            record.update(_header(s))
-        except dicom.DicomError as exc:
-            record["problem"] = exc.reason
+            hu, header = _read_hu(path, kind, rotate)
+            images[row] = preprocess(hu)
+            record.update(header, brain_fraction=brain_fraction(hu))
+        except (dicom.DicomError, ValueError) as exc:
+            record["problem"] = getattr(exc, "reason", str(exc))
         except Exception as exc:  # one odd file must not end a many-hour run; it is reported instead
             record["problem"] = f"unexpected {type(exc).__name__}: {exc}"
         out.append(record)
@@ -112,54 +121,63 @@ def _done_rows(parts: Path) -> set[int]:
     return done
 
 
-def _finish(out: Path, data: Path, csv: Path, min_brain: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Merge parts, join labels, mark ``kept``, number slices within series; ``(frame, problems)``."""
+def _finish(out: Path, manifest: pd.DataFrame, source_problems: list, min_brain: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Merge parts with the manifest, mark ``kept``, number slices within series; ``(frame, problems)``."""
     frame = pd.concat([pd.read_parquet(p) for p in sorted((out / PARTS).glob("*.parquet"))], ignore_index=True)
     frame = frame.sort_values("row").reset_index(drop=True)
     for col in ("instance_number", "thickness", "bits_stored"):  # None in problem rows made them objects
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
-    labels = read_rsna_csv(csv)
-    key = frame["path"].map(lambda p: Path(p).stem)  # RSNA: file ID_xxx.dcm <-> CSV ID_xxx_<class>
-    unlabelled = frame["problem"].isna() & ~key.isin(labels.index)
-    frame.loc[unlabelled, "problem"] = f"no labels in {csv.name}"
+    frame["path"] = manifest["path"].to_numpy()
+    frame["source"] = manifest["source"].to_numpy()
+    frame["image_id"] = manifest["image_id"].to_numpy()
+    frame["mask"] = manifest["mask"].to_numpy()
+    # DICOM rows have their patient (and SOP UID) from the header; image rows from the manifest.
+    frame["patient_id"] = frame["patient_id"].fillna(manifest["patient_id"])
+    frame["sop_uid"] = frame["sop_uid"].fillna(manifest["image_id"])
     for c in CLASSES:
-        frame[c] = key.map(labels[c]).fillna(0).astype(np.int8)
+        frame[c] = manifest[c].to_numpy(np.int8)
     frame["brain_fraction"] = frame["brain_fraction"].astype(np.float32)
     frame["kept"] = kept_mask(frame, min_brain)
     order_key = frame["location"].fillna(frame["instance_number"].astype(float))
     frame["slice_index"] = order_key.groupby(frame["series_uid"]).rank(method="first").fillna(0).astype(np.int32) - 1
     problems = frame.loc[frame["problem"].notna(), ["path", "problem"]].rename(columns={"problem": "reason"})
-    problems = problems.assign(path=[str(data / p) for p in problems["path"]])
-    return frame, problems
+    problems = pd.concat([problems, pd.DataFrame([(p.path, p.reason) for p in source_problems], columns=["path", "reason"])])
+    return frame, problems.reset_index(drop=True)
 
 
 def prepare(
-    data: str | os.PathLike,
+    data: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
     size: int = 256,
+    spec: InputSpec = THREE_WINDOW_INPUT,
     min_brain: float = BRAIN_FRACTION_THRESHOLD,
     workers: int | None = None,
     progress: bool = True,
 ) -> Cache:
-    """Build (or resume, or just reopen) the cache of ``data`` in ``out``; returns it opened.
+    """Build (or resume, or just reopen) the cache of the folder(s) ``data`` in ``out``; returns it opened.
 
-    ``workers`` defaults to every core; 0 or 1 works in this process.
+    ``spec`` is the model input (:data:`ich.windowing.INPUTS`). ``workers`` defaults to every
+    core; 0 or 1 works in this process.
     """
-    data, out = Path(data), Path(out)
+    folders = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    out = Path(out)
     if is_cache(out):
         return _refilter(Cache.open(out), min_brain)
-    csv, files = find_layout(data)
-    files_sha = hashlib.sha256("\n".join(files).encode()).hexdigest()
-    _open_images(out, len(files), size, files_sha)
+    manifest, sources = read_sources(folders, spec)
+    files_sha = hashlib.sha256("\n".join([spec.name, *manifest["path"]]).encode()).hexdigest()
+    _open_images(out, len(manifest), size, files_sha)
     info = {
         "format": CACHE_FORMAT,
         "size": size,
-        "windows": [[w.name, w.level, w.width] for w in MODEL_WINDOWS],
-        "crop": True,  # Preprocess(size) crops to the head
+        "input": spec.name,
+        "windows": [[w.name, w.level, w.width] for w in spec.windows],
+        "clip": spec.clip,
+        "crop": True,  # Preprocess crops to the head
         "classes": list(CLASSES),
-        "source": str(data.resolve()),
-        "n": len(files),
+        "source": ", ".join(str(Path(f).resolve()) for f in folders),
+        "sources": {s.layout: {"root": str(s.root.resolve()), "images": len(s.manifest), "with_hemorrhage": s.positives} for s in sources},
+        "n": len(manifest),
         "files_sha256": files_sha,
         "min_brain": min_brain,
         "complete": False,
@@ -168,13 +186,13 @@ def prepare(
     parts = out / PARTS
     parts.mkdir(exist_ok=True)
     done = _done_rows(parts)
-    todo = [(i, f) for i, f in enumerate(files) if i not in done]
+    todo = [(i, path, kind, int(rot)) for i, (path, kind, rot) in enumerate(manifest[["path", "kind", "rotate"]].itertuples(index=False)) if i not in done]
     workers = (os.cpu_count() or 1) if workers is None else workers
-    init_args = (str(out / IMAGES), str(data), size)
+    init_args = (str(out / IMAGES), size, spec.name)
     # Chunks big enough to amortise task overhead, small enough that progress and resume are fine-grained.
     chunk = max(16, min(512, len(todo) // (max(workers, 1) * 8)))
     chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
-    bar = tqdm(total=len(files), initial=len(done), unit="slice", desc="prepare", disable=not progress)
+    bar = tqdm(total=len(manifest), initial=len(done), unit="slice", desc="prepare", disable=not progress)
 
     def record(records: list[dict]) -> None:
         # Written then renamed: a crash mid-write leaves no half part for the resume to trip on.
@@ -194,7 +212,7 @@ def prepare(
                 record(future.result())
     bar.close()
 
-    frame, problems = _finish(out, data, csv, min_brain)
+    frame, problems = _finish(out, manifest, [p for s in sources for p in s.problems], min_brain)
     frame.to_parquet(out / METADATA)
     problems.to_csv(out / PROBLEMS, index=False)
     write_info(out, {**info, "complete": True, "kept": int(frame["kept"].sum()), "problems": len(problems)})
@@ -221,6 +239,8 @@ def _report(out: Path, frame: pd.DataFrame, problems: pd.DataFrame, min_brain: f
         f"{out}: {len(frame)} files, {int(frame['kept'].sum())} kept, {dropped} below {min_brain:.0%} brain pixels, "
         f"{len(problems)} problem(s)"
     )
+    for source, group in frame.groupby("source", sort=False):
+        print(f"  {source}: {len(group)} images, {int((group['any'] == 1).sum())} with hemorrhage, {int(group['kept'].sum())} kept")
     for path, reason in problems.head(SHOWN_PROBLEMS).itertuples(index=False):
         print(f"  problem: {path}: {reason}")
     if len(problems) > SHOWN_PROBLEMS:
@@ -228,8 +248,9 @@ def _report(out: Path, frame: pd.DataFrame, problems: pd.DataFrame, min_brain: f
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Prepare an RSNA-layout folder into a training cache", add_help=add_help)
-    parser.add_argument("data", help="folder with stage_2_train.csv and stage_2_train/*.dcm")
+    parser = argparse.ArgumentParser(description="Prepare labelled training folders into one training cache", add_help=add_help)
+    parser.add_argument("data", nargs="+", help="training folders: RSNA DICOM or PNG layout, PHE-SICH, Roboflow boxes (ich.datasets)")
+    parser.add_argument("--input", default=THREE_WINDOW_INPUT.name, choices=sorted(INPUTS), help="model input definition (brain: the brain window only, needed for PNG sets)")
     parser.add_argument("--out", required=True, help="cache folder to create (or resume)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores; 0 = in this process)")
     parser.add_argument("--min-brain", type=float, default=BRAIN_FRACTION_THRESHOLD, help="drop slices with a smaller brain-pixel fraction")
@@ -239,7 +260,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    cache = prepare(args.data, args.out, size=args.size, min_brain=args.min_brain, workers=args.workers)
+    cache = prepare(args.data, args.out, size=args.size, spec=INPUTS[args.input], min_brain=args.min_brain, workers=args.workers)
     return 0 if cache.frame["kept"].any() else 2
 
 
