@@ -417,6 +417,7 @@ def seed_demo_ui(wl: Worklist, pred: Predictor | None) -> None:
 
 
 def main() -> None:
+    dicom.quiet_invalid_values()  # this server is an entry point: uploads of RSNA files must not warn per file
     st.set_page_config(page_title="ich · hemorrhage triage", page_icon=":material/neurology:", layout="wide")
     page = st.navigation(list(PAGES.values()))
     st.warning(NOTICE, icon=":material/warning:")

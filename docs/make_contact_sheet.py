@@ -69,6 +69,7 @@ def tile(hu: np.ndarray, caption: str) -> np.ndarray:
 
 
 def main() -> None:
+    dicom.quiet_invalid_values()  # an entry point: RSNA's invalid UIDs are expected
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "contact_sheet.png")
     args = parser.parse_args()

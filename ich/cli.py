@@ -180,4 +180,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
+    from ich import dicom
+
+    dicom.quiet_invalid_values()  # an entry point: RSNA's invalid UIDs are expected, not news
     return args.func(args)

@@ -12,7 +12,7 @@ import io
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
@@ -31,8 +31,11 @@ __all__ = [
     "LoadResult",
     "read_slice",
     "read_file",
+    "quiet_invalid_values",
     "iter_sources",
     "load",
+    "iter_series",
+    "read_member",
     "metadata_frame",
 ]
 
@@ -80,15 +83,14 @@ _IDENTIFYING = {
 }
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
 
-_quiet = False
+def quiet_invalid_values() -> None:
+    """Let pydicom read invalid values (RSNA's UIDs like ``ID_30ea2b02d4``) without a warning each.
 
-
-def _quiet_pydicom() -> None:
-    """RSNA files use UIDs like ``ID_30ea2b02d4``; pydicom would warn once per file for each."""
-    global _quiet
-    if not _quiet:
-        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-        _quiet = True
+    This changes pydicom's reading validation for the whole process, so the library never calls
+    it: the product's entry points do, once (``python -m ich``, the dashboard, ``train.prepare``
+    and ``train.bundle``). Code that imports :mod:`ich` keeps pydicom's own validation.
+    """
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,6 @@ Source = Union[str, os.PathLike, Upload]
 
 
 def _parse(fp: Any, name: str, pixels: bool) -> Dataset:
-    _quiet_pydicom()
     try:
         return pydicom.dcmread(fp, stop_before_pixels=not pixels)
     except InvalidDicomError:
@@ -691,6 +692,69 @@ def load(
     series = [_sort_series(study, ser, slices) for (study, ser), slices in groups.items()]
     series.sort(key=lambda s: (s.study_uid, s.series_uid))
     return LoadResult(series, problems)
+
+
+def read_member(path: str) -> bytes:
+    """The bytes of a zip member named as :func:`iter_sources` names it (``archive.zip/inner/file``).
+
+    Nested archives (``outer.zip/inner.zip/file``) are opened in turn. Raises :class:`DicomError`
+    when the archive or the member is gone. The archive was checked for bombs and unsafe paths when
+    its headers were read.
+    """
+    parts = PurePosixPath(path).parts
+    for i in range(1, len(parts)):
+        archive = Path(*parts[:i])
+        if archive.is_file():
+            break
+    else:
+        raise DicomError(path, "not a file or a member of a zip archive")
+    rest = parts[i:]
+    source: Any = archive
+    while True:
+        try:
+            with zipfile.ZipFile(source) as zf:
+                names = set(zf.namelist())
+                j = next((j for j in range(1, len(rest) + 1) if "/".join(rest[:j]) in names), None)
+                if j is None:
+                    raise DicomError(path, "member no longer in its zip archive")
+                data = zf.read("/".join(rest[:j]))
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DicomError(path, f"cannot read its zip archive ({exc})") from None
+        if j == len(rest):
+            return data
+        source, rest = io.BytesIO(data), rest[j:]
+
+
+def iter_series(sources: Iterable[Source] | Source, problems: list[Problem]) -> Iterator[Series]:
+    """Series with pixels, one at a time: headers of everything first, then each series' pixels.
+
+    Files in folders and zip archives on disk (also zips inside folders, and zips inside zips) are
+    read again per series, zip members from their archive (:func:`read_member`), so only one
+    series' pixels are in memory at a time. Uploads are bytes already and are read whole. Every
+    unreadable file is appended to ``problems``; a series none of whose pixels read is skipped.
+    """
+    if isinstance(sources, (str, os.PathLike, Upload)):
+        sources = [sources]
+    sources = list(sources)
+    uploads = [s for s in sources if isinstance(s, Upload)]
+    if uploads:
+        loaded = load(uploads)
+        problems += loaded.problems
+        yield from loaded.series
+    headers = load([s for s in sources if not isinstance(s, Upload)], pixels=False)
+    problems += headers.problems
+    for series in headers.series:
+        read: dict[str, list[Slice]] = {}  # a multi-frame file is read once for all its frames
+        kept: list[Slice] = []
+        for s in series.slices:
+            try:
+                if s.path not in read:
+                    read[s.path] = read_file(s.path if Path(s.path).is_file() else Upload(s.path, read_member(s.path)))
+                kept.append(next(f for f in read[s.path] if f.sop_uid == s.sop_uid))
+            except DicomError as exc:
+                problems.append(Problem(exc.path, exc.reason))
+        if kept:
+            yield replace(series, slices=kept)
 
 
 # --------------------------------------------------------------------------- metadata

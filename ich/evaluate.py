@@ -1,7 +1,8 @@
 """``ich predict`` and ``ich evaluate``: score every readable slice, then compare with labels.
 
-Folders are read in two passes — headers first (grouping and order), then pixels one series at a
-time — so a large folder never has to fit in memory; zip archives and uploads are read whole.
+Folders and zip archives (also zips inside folders) are read by :func:`ich.dicom.iter_series` in two
+passes — headers first (grouping and order), then pixels one series at a time — so a large folder
+or zip never has to fit in memory; uploads are read whole.
 Labelled image folders (:mod:`ich.datasets`: the RSNA PNG, PHE-SICH and box layouts) are scored
 through the same input definition via :func:`predict_images`; their "series" are the patients
 (partial series), and a folder of single slices (``rsna-png``) has none.
@@ -45,34 +46,6 @@ class Predictions:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _series_with_pixels(sources: list, problems: list[dicom.Problem]) -> Iterable[dicom.Series]:
-    """Yield series with pixels, holding one series' pixels in memory at a time for plain files."""
-    archives = [s for s in sources if isinstance(s, dicom.Upload) or str(s).lower().endswith(".zip")]
-    files = [s for s in sources if s not in archives]
-    if archives:
-        loaded = dicom.load(archives)
-        problems += loaded.problems
-        yield from loaded.series
-    headers = dicom.load(files, pixels=False)
-    problems += headers.problems
-    for series in headers.series:
-        cache: dict[str, list[dicom.Slice]] = {}
-        kept = []
-        for s in series.slices:
-            try:
-                if s.path not in cache:
-                    cache[s.path] = dicom.read_file(s.path)
-                s.hu = next(f.hu for f in cache[s.path] if f.sop_uid == s.sop_uid)
-                kept.append(s)
-            except dicom.DicomError as exc:
-                problems.append(dicom.Problem(exc.path, exc.reason))
-        if kept:
-            series.slices = kept
-            yield series
-        for s in kept:  # release this series' pixels before reading the next
-            s.hu = None
-
-
 def predict(predictor: Predictor, sources: Iterable, progress: bool = True) -> Predictions:
     """Probabilities for every readable slice (blank ones included) of every series in ``sources``."""
     from tqdm.auto import tqdm
@@ -82,7 +55,7 @@ def predict(predictor: Predictor, sources: Iterable, progress: bool = True) -> P
     rows: list[pd.DataFrame] = []
     totals = {"read_s": 0.0, "preprocess_s": 0.0, "infer_s": 0.0}
     start = time.perf_counter()
-    series_iter = _series_with_pixels(sources, problems)
+    series_iter = dicom.iter_series(sources, problems)
     with tqdm(desc="scoring", unit="slice", disable=not progress) as bar:
         while True:
             t0 = time.perf_counter()

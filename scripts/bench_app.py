@@ -52,6 +52,7 @@ def median_ms(fn, repeat: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    dicom.quiet_invalid_values()  # an entry point: RSNA's invalid UIDs are expected
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default=None, help="checkpoint (default: $ICH_WEIGHTS or weights/)")
     parser.add_argument("--repeat", type=int, default=5)

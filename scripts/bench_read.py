@@ -35,6 +35,7 @@ def chunk(paths: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    dicom.quiet_invalid_values()  # an entry point: RSNA's invalid UIDs are expected
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?", default=str(root.parent / "shared/data/rsna-sample"))

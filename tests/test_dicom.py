@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 import zipfile
 
 import numpy as np
@@ -114,11 +115,23 @@ def test_multivalued_window_and_slope():
     assert (s.window_center, s.window_width) == (40.0, 80.0)
 
 
-def test_invalid_uids_accepted_without_warnings(recwarn):
-    ds = make_ct(SOPInstanceUID="ID_30ea2b02d4", SeriesInstanceUID="ID_0ab5820b2a", StudyInstanceUID="ID_aa")
-    s = dicom.read_slice(dicom.Upload("rsna.dcm", to_bytes(ds)))
+def test_invalid_uids_read_and_pydicom_left_as_it_was(monkeypatch):
+    """Reading RSNA's invalid UIDs works, and does not switch off validation for the rest of the process."""
+    import pydicom
+
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.WARN)
+    data = to_bytes(make_ct(SOPInstanceUID="ID_30ea2b02d4", SeriesInstanceUID="ID_0ab5820b2a", StudyInstanceUID="ID_aa"))
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+        s = dicom.read_slice(dicom.Upload("rsna.dcm", data))
     assert s.sop_uid == "ID_30ea2b02d4" and s.series_uid == "ID_0ab5820b2a"
-    assert not [w for w in recwarn if "Invalid value for VR UI" in str(w.message)]
+    assert pydicom.config.settings.reading_validation_mode == pydicom.config.WARN
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):  # a plain read elsewhere still validates
+        pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID
+    # The product's entry points opt in once; then the same read is quiet.
+    dicom.quiet_invalid_values()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dicom.read_slice(dicom.Upload("rsna.dcm", data)).sop_uid == "ID_30ea2b02d4"
 
 
 def test_multiframe_enhanced_ct_split():

@@ -167,3 +167,45 @@ def test_evaluate_cli_on_a_png_layout(tmp_path):
     assert report["slice"]["n"] == 12 and report["series"] is None
     assert report["slice"]["per_class"]["subdural"]["positives"] == 4
     assert "AUC (95 % CI)" in (out / "report.md").read_text() and (out / "reliability.html").is_file()
+
+
+def test_predict_reads_zips_inside_folders_and_zips(predictor, tmp_path):
+    """Every slice `ich info` finds is scored: a zipped series in a folder, a zip holding a folder, a zip in a zip."""
+    import io
+    import zipfile
+
+    from ich import evaluate
+
+    series, study = generate_uid(), generate_uid()
+    files = {f"s{i}.dcm": to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study)) for i in range(3)}
+
+    def zipped(members: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+        return buf.getvalue()
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "series.zip").write_bytes(zipped(files))
+    (tmp_path / "holds_folder.zip").write_bytes(zipped({f"study/dicom/{k}": v for k, v in files.items()}))
+    (tmp_path / "nested.zip").write_bytes(zipped({"inner.zip": zipped(files), "readme.txt": b"not dicom"}))
+    for source in (folder, tmp_path / "holds_folder.zip", tmp_path / "nested.zip"):
+        info = dicom.load([source], pixels=False)
+        result = evaluate.predict(predictor, [source], progress=False)
+        assert len(result.frame) == sum(len(s) for s in info.series) == 3, source
+        assert [str(p) for p in result.problems] == [str(p) for p in info.problems], source
+        assert result.frame[list(CLASSES)].notna().all().all()
+
+
+def test_read_member_names_what_is_gone(tmp_path):
+    with pytest.raises(dicom.DicomError, match="not a file or a member"):
+        dicom.read_member(str(tmp_path / "nothing.zip" / "a.dcm"))
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as zf:
+        zf.writestr("x.dcm", b"data")
+    assert dicom.read_member(str(tmp_path / "a.zip" / "x.dcm")) == b"data"
+    with pytest.raises(dicom.DicomError, match="no longer in its zip"):
+        dicom.read_member(str(tmp_path / "a.zip" / "y.dcm"))

@@ -369,6 +369,7 @@ def write_checkpoint(final: Path, out: Path, platt: Platt, thresholds: dict[str,
 def main(argv: Sequence[str] | None = None) -> int:
     command = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(command)
+    dicom.quiet_invalid_values()
     final, folds = train_models(args)
     oof = out_of_fold(folds)
     platt, thresholds, cv = calibrate(oof, args.shared)

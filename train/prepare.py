@@ -54,6 +54,7 @@ _worker: dict = {}
 
 
 def _init_worker(images_path: str, size: int, spec_name: str) -> None:
+    dicom.quiet_invalid_values()  # this process exists only to read training files
     _worker.update(images=np.load(images_path, mmap_mode="r+"), preprocess=Preprocess.from_spec(INPUTS[spec_name], size))
 
 
@@ -260,6 +261,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    dicom.quiet_invalid_values()
     cache = prepare(args.data, args.out, size=args.size, spec=INPUTS[args.input], min_brain=args.min_brain, workers=args.workers)
     return 0 if cache.frame["kept"].any() else 2
 
