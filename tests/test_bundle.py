@@ -38,8 +38,8 @@ def synthetic_oof(n=1500, seed=0) -> pd.DataFrame:
     return frame
 
 
-def test_calibrate_sets_thresholds_and_lowers_log_loss(shared_data):
-    platt, thresholds, report = bundle.calibrate(synthetic_oof(), shared_data)
+def test_calibrate_sets_thresholds_and_lowers_log_loss():
+    platt, thresholds, report = bundle.calibrate(synthetic_oof(), [1, 3, 5, 8])
     assert set(thresholds) == set(CLASSES)
     assert report["log_loss_calibrated"] < report["log_loss_raw"]
     rule = report["series_rule"]
@@ -58,5 +58,19 @@ def test_out_of_fold_refuses_folds_that_overlap(tmp_path):
 
 
 def test_bleed_counts_come_from_phe_sich_patients(shared_data):
-    counts = bundle.bleed_counts(shared_data)
+    from ich import datasets
+
+    counts = bundle.bleed_counts(datasets.read_source(shared_data / "phe-sich").manifest)
     assert len(counts) == 119 and sum(counts) == 676 and min(counts) >= 1
+    with pytest.raises(SystemExit, match="no phe-sich rows"):
+        bundle.bleed_counts(datasets.read_source(shared_data / "roboflow-ich").manifest)
+
+
+def test_a_run_made_elsewhere_is_reused_but_not_another_recipe(tmp_path):
+    args = bundle.get_args_parser().parse_args(["--work", str(tmp_path)])
+    here = bundle._fit_args(args, tmp_path / "cache", "fold0", ["--fold", "0"])
+    args_gpu = bundle.get_args_parser().parse_args(["--work", "/elsewhere", "--device", "cuda"])
+    there = bundle._fit_args(args_gpu, Path("/elsewhere/cache"), "fold0", ["--fold", "0"])
+    assert bundle._recipe(here) == bundle._recipe(there)
+    args_long = bundle.get_args_parser().parse_args(["--work", str(tmp_path), "--epochs", "40"])
+    assert bundle._recipe(bundle._fit_args(args_long, tmp_path / "cache", "fold0", ["--fold", "0"])) != bundle._recipe(here)

@@ -431,3 +431,17 @@ def test_fit_validates_on_the_asked_source_only(png_sets, tmp_path):
         fit.main([*base, "--val-sources", "cq500"])
     everything = fit.main([*base, "--val-frac", "0", "--name", "all"])
     assert everything["training"]["train_slices"] == 18 and everything["training"]["valid_slices"] == 0
+
+
+def test_pack_round_trip_is_byte_for_byte(png_sets, tmp_path):
+    from ich.windowing import BRAIN_INPUT
+    from train import pack
+
+    cache = prepare.prepare(list(png_sets), tmp_path / "c", size=32, spec=BRAIN_INPUT, min_brain=0.0, workers=0, progress=False)
+    packed = pack.pack(cache.root, tmp_path / "p")
+    again = pack.unpack(packed, tmp_path / "u")
+    np.testing.assert_array_equal(np.asarray(again.images), np.asarray(cache.images))
+    pd.testing.assert_frame_equal(again.frame, cache.frame)
+    assert again.info == cache.info
+    with pytest.raises(SystemExit, match="channels differ"):
+        pack.pack(synthetic_cache(tmp_path / "three", n=8, size=16).root, tmp_path / "p3")

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ich import checkpoint, datasets, dicom, evaluate
+from ich import checkpoint, dicom, evaluate
 from ich.calibration import Platt, fit_platt, reliability
 from ich.checkpoint import json_ready
 from ich.inference import Predictor, aggregation_text
@@ -39,6 +39,7 @@ from ich.metrics import bootstrap_auc, summarize, weighted_log_loss, rsna_weight
 from ich.models import build_model
 from ich.windowing import BRAIN_INPUT
 from train import fit, prepare
+from train.data import Cache
 from train.operating_point import TARGET_SENSITIVITY, choose_series_rule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +202,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=ROOT / ".ich-data" / "bundle", help="scratch folder (git-ignored)")
     p.add_argument("--out", type=Path, default=ROOT / "weights")
     p.add_argument("--shared", type=Path, default=SHARED, help="folder holding the training sets and the DICOM checks")
+    p.add_argument("--cache", type=Path, default=None, help="a finished training cache to use instead of preparing --shared (see train.pack)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--size", type=int, default=128)
@@ -224,11 +226,20 @@ def _fit_args(args: argparse.Namespace, cache: Path, name: str, split: Sequence[
     ]  # fmt: skip
 
 
+# Where and on what a run happened, not what it learned: a run made elsewhere (a GPU machine) is reused.
+_PLACE_OPTIONS = ("--data", "--out", "--device", "--workers")
+
+
+def _recipe(fit_args: Sequence[str]) -> list[str]:
+    """``fit_args`` without the values of :data:`_PLACE_OPTIONS`."""
+    return [a for i, a in enumerate(fit_args) if not (i and fit_args[i - 1] in _PLACE_OPTIONS)]
+
+
 def _fit(fit_args: list[str], run: Path, name: str) -> Path:
-    """Train unless ``run/<name>`` already holds a checkpoint made with exactly ``fit_args``."""
+    """Train unless ``run/<name>`` already holds a checkpoint made with the same recipe (:func:`_recipe`)."""
     record = run / f"{name}.args.json"
     done = run / f"{name}.json"
-    if done.is_file() and record.is_file() and json.loads(record.read_text()) == fit_args:
+    if done.is_file() and record.is_file() and _recipe(json.loads(record.read_text())) == _recipe(fit_args):
         print(f"{name}: reusing {done}")
         return done
     record.unlink(missing_ok=True)
@@ -237,21 +248,31 @@ def _fit(fit_args: list[str], run: Path, name: str) -> Path:
     return done
 
 
-def train_models(args: argparse.Namespace) -> tuple[Path, list[Path]]:
-    """``(final checkpoint, fold checkpoints)``: the cache, the CV folds and the model on all data."""
-    missing = [s for s in TRAINING_SETS if not (args.shared / s).is_dir()]
-    if missing:
-        raise SystemExit(f"training sets not found in {args.shared}: {', '.join(missing)} (see ../shared/data/README.md)")
-    cache = args.work / f"cache-{BRAIN_INPUT.name}-{args.size}"
-    prepare.prepare([args.shared / s for s in TRAINING_SETS], cache, size=args.size, spec=BRAIN_INPUT, min_brain=0.0, workers=args.workers)
+def train_models(args: argparse.Namespace) -> tuple[Cache, Path, list[Path]]:
+    """``(cache, final checkpoint, fold checkpoints)``: the cache, the CV folds and the model on all data.
+
+    ``--cache`` names a finished cache (e.g. unpacked by :mod:`train.pack` on a GPU machine that
+    has no ``../shared``); otherwise the training sets are prepared from ``--shared``.
+    """
+    if args.cache is not None:
+        cache = Cache.open(args.cache)
+        if cache.size != args.size or cache.info.get("input") != BRAIN_INPUT.name:
+            raise SystemExit(f"--cache {args.cache} holds {cache.info.get('input')} at {cache.size} px; this recipe needs {BRAIN_INPUT.name} at {args.size}")
+    else:
+        missing = [s for s in TRAINING_SETS if not (args.shared / s).is_dir()]
+        if missing:
+            raise SystemExit(f"training sets not found in {args.shared}: {', '.join(missing)} (see ../shared/data/README.md)")
+        folders = [args.shared / s for s in TRAINING_SETS]
+        path = args.work / f"cache-{BRAIN_INPUT.name}-{args.size}"
+        cache = prepare.prepare(folders, path, size=args.size, spec=BRAIN_INPUT, min_brain=0.0, workers=args.workers)
     run = args.work / "run"
     run.mkdir(parents=True, exist_ok=True)
-    final = _fit(_fit_args(args, cache, "final", ["--val-frac", "0"]), run, "final")
+    final = _fit(_fit_args(args, cache.root, "final", ["--val-frac", "0"]), run, "final")
     folds = [
-        _fit(_fit_args(args, cache, f"fold{k}", ["--val-sources", VALIDATION_SET, "--folds", str(FOLDS), "--fold", str(k)]), run, f"fold{k}")
+        _fit(_fit_args(args, cache.root, f"fold{k}", ["--val-sources", VALIDATION_SET, "--folds", str(FOLDS), "--fold", str(k)]), run, f"fold{k}")
         for k in range(FOLDS)
     ]
-    return final, folds
+    return cache, final, folds
 
 
 def out_of_fold(folds: Sequence[Path]) -> pd.DataFrame:
@@ -262,20 +283,22 @@ def out_of_fold(folds: Sequence[Path]) -> pd.DataFrame:
     return frame
 
 
-def bleed_counts(shared: Path) -> list[int]:
-    """Hematoma slices per PHE-SICH patient: how many slices of a bleeding series show the bleed."""
-    manifest = datasets.read_source(shared / "phe-sich").manifest
-    counts = manifest.groupby("patient_id")["any"].sum()
+def bleed_counts(frame: pd.DataFrame) -> list[int]:
+    """Hematoma slices per PHE-SICH patient (cache or manifest rows): how many slices of a bleeding series show the bleed."""
+    phe = frame[frame["source"] == "phe-sich"]
+    if phe.empty:
+        raise SystemExit("no phe-sich rows: the series simulation takes its bleed-slice counts from PHE-SICH patients")
+    counts = phe.groupby("patient_id")["any"].sum()
     return sorted(int(c) for c in counts if c > 0)
 
 
-def calibrate(oof: pd.DataFrame, shared: Path) -> tuple[Platt, dict[str, float], dict]:
+def calibrate(oof: pd.DataFrame, counts: Sequence[int]) -> tuple[Platt, dict[str, float], dict]:
     """Platt scaling, thresholds and the study rule from the out-of-fold predictions; plus their report."""
     y = oof[list(CLASSES)].to_numpy(np.float64)
     raw = oof[[f"p_{c}" for c in CLASSES]].to_numpy(np.float64)
     platt = fit_platt(y, raw)
     cal = platt(raw)
-    rule = choose_series_rule(y[:, 0], cal[:, 0], bleed_counts(shared))
+    rule = choose_series_rule(y[:, 0], cal[:, 0], counts)
     subtype_thresholds = youden_thresholds(y[:, 1:], cal[:, 1:])
     thresholds = {"any": rule.threshold} | dict(zip(SUBTYPES, subtype_thresholds.tolist()))
     weights = rsna_weights(CLASSES)
@@ -370,9 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(command)
     dicom.quiet_invalid_values()
-    final, folds = train_models(args)
+    cache, final, folds = train_models(args)
     oof = out_of_fold(folds)
-    platt, thresholds, cv = calibrate(oof, args.shared)
+    platt, thresholds, cv = calibrate(oof, bleed_counts(cache.frame))
     calibrated = cv.pop("calibrated").set_index("sop_uid")
     cv["failures"] = _failures(calibrated[["source", *SUBTYPES]], calibrated["any"], calibrated["p_any"])
     args.out.mkdir(parents=True, exist_ok=True)
