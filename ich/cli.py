@@ -122,6 +122,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = evaluate.evaluate(result.frame, labels, predictor.thresholds, predictor.top_k)
     report["weights"] = predictor.name
     report["data"] = str(args.data)
+    report["trained_on_this_data"] = evaluate.trained_on(predictor.metadata, args.data)
+    if report["trained_on_this_data"]:
+        print(f"warning: {predictor.name} was trained on {args.data}: these numbers are not a test", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from ich.checkpoint import json_ready

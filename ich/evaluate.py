@@ -32,6 +32,7 @@ __all__ = [
     "evaluate",
     "report_markdown",
     "reliability_figure",
+    "trained_on",
     "find_labels",
     "load_labels",
 ]
@@ -199,6 +200,13 @@ def reliability_figure(curves: dict[str, list[dict]], title: str = "Reliability"
     return fig
 
 
+def trained_on(metadata: dict, data: str | os.PathLike) -> bool:
+    """True when the checkpoint's training sources (``training.sources`` roots) include the folder ``data``."""
+    sources = (metadata.get("training") or {}).get("sources") or {}
+    here = Path(data).resolve()
+    return any(Path(src.get("root", "")).resolve() == here for src in sources.values() if isinstance(src, dict))
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
@@ -210,6 +218,7 @@ def report_markdown(report: dict, title: str = "Evaluation") -> str:
         "",
         "Not a medical device: research metrics only.",
         "",
+        *(["**The model was trained on this data: these numbers are not a test of it.**", ""] if report.get("trained_on_this_data") else []),
         f"Slices: {s['n']} labelled ({report['unlabelled_slices']} without labels). "
         f"accuracy (any) {_fmt(s['accuracy'])}, accuracy_multi {_fmt(s['accuracy_multi'])}, "
         f"RSNA weighted log loss {_fmt(s['weighted_log_loss'])}",

@@ -209,3 +209,14 @@ def test_read_member_names_what_is_gone(tmp_path):
     assert dicom.read_member(str(tmp_path / "a.zip" / "x.dcm")) == b"data"
     with pytest.raises(dicom.DicomError, match="no longer in its zip"):
         dicom.read_member(str(tmp_path / "a.zip" / "y.dcm"))
+
+
+def test_evaluate_says_when_the_model_trained_on_the_data(tmp_path):
+    from ich import evaluate
+
+    meta = {"training": {"sources": {"rsna-png": {"root": str(tmp_path / "rsna-png"), "images": 1, "with_hemorrhage": 0}}}}
+    assert evaluate.trained_on(meta, tmp_path / "rsna-png")
+    assert not evaluate.trained_on(meta, tmp_path / "rsna-sample") and not evaluate.trained_on({}, tmp_path)
+    report = {"slice": {"n": 0, "accuracy": 0, "accuracy_multi": 0, "weighted_log_loss": 0, "per_class": {}},
+              "unlabelled_slices": 0, "series": None, "trained_on_this_data": True}  # fmt: skip
+    assert "trained on this data" in evaluate.report_markdown(report)
