@@ -14,7 +14,7 @@ int8 column per class: 1, 0, or :data:`UNKNOWN` where the source does not say (P
 bleeds, not which subtypes besides the intraparenchymal one). The loss and the metrics skip
 unknown cells.
 
-Every mismatch between images and label files is reported as a :class:`SourceProblem` rather than
+Every mismatch between images and label files is reported as an :class:`ich.dicom.Problem` rather than
 skipped silently: an image without a label row, a label row without an image, flags that disagree
 with the boxes, counts that differ from the data's README.
 """
@@ -28,17 +28,19 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from ich.dicom import Problem
 from ich.labels import CLASSES, SUBTYPES, read_rsna_csv
+from ich.windowing import BRAIN, window_to_hu
 
 __all__ = [
     "UNKNOWN",
     "LAYOUTS",
     "EXPECTED",
-    "SourceProblem",
     "Source",
     "detect_layout",
     "read_source",
     "load_image",
+    "load_hu",
 ]
 
 UNKNOWN = -1
@@ -50,25 +52,16 @@ PHE_ROTATE = -1  # np.rot90 k: a quarter turn clockwise brings the face to the t
 MANIFEST_COLUMNS = ("path", "source", "kind", "image_id", "patient_id", "rotate", "mask", *CLASSES)
 
 
-@dataclass(frozen=True)
-class SourceProblem:
-    path: str
-    reason: str
-
-
 @dataclass
 class Source:
     layout: str
     root: Path
     manifest: pd.DataFrame
-    problems: list[SourceProblem] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
 
     @property
     def positives(self) -> int:
         return int((self.manifest["any"] == 1).sum())
-
-    def summary(self) -> str:
-        return f"{self.layout} ({self.root}): {len(self.manifest)} images, {self.positives} with hemorrhage"
 
 
 def detect_layout(root: str | os.PathLike) -> str:
@@ -99,10 +92,10 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     return frame
 
 
-def _match(root: Path, images: dict[str, Path], labelled: set[str], label_file: str) -> tuple[list[str], list[SourceProblem]]:
+def _match(root: Path, images: dict[str, Path], labelled: set[str], label_file: str) -> tuple[list[str], list[Problem]]:
     """Image ids present on both sides; a problem for each id on one side only."""
-    problems = [SourceProblem(str(images[i]), f"no label row in {label_file}") for i in sorted(set(images) - labelled)]
-    problems += [SourceProblem(str(root / label_file), f"label row for {i} but no image file") for i in sorted(labelled - set(images))]
+    problems = [Problem(str(images[i]), f"no label row in {label_file}") for i in sorted(set(images) - labelled)]
+    problems += [Problem(str(root / label_file), f"label row for {i} but no image file") for i in sorted(labelled - set(images))]
     return sorted(set(images) & labelled), problems
 
 
@@ -132,7 +125,7 @@ def _phe(root: Path) -> Source:
     images = {p.stem: p for p in (root / "images").glob("*.png")}
     ids, problems = _match(root, images, set(table["image"]), "labels.csv")
     masks = {p.stem for p in (root / "masks").glob("*.png")}
-    problems += [SourceProblem(str(images[i]), "no mask in masks/") for i in ids if i not in masks]
+    problems += [Problem(str(images[i]), "no mask in masks/") for i in ids if i not in masks]
     by_id = table.set_index("image")
     rows = []
     for i in ids:
@@ -168,12 +161,12 @@ def _roboflow(root: Path) -> Source:
         if box_file.is_file():
             boxed = _boxes(box_file)
             if boxed != {c for c, v in flags.items() if v}:
-                problems.append(SourceProblem(str(box_file), f"boxes show {sorted(boxed) or 'none'}, labels.csv says {sorted(c for c, v in flags.items() if v) or 'none'}"))
+                problems.append(Problem(str(box_file), f"boxes show {sorted(boxed) or 'none'}, labels.csv says {sorted(c for c, v in flags.items() if v) or 'none'}"))
         elif any(flags.values()):
-            problems.append(SourceProblem(str(box_file), "labels.csv flags a bleed but there is no box file"))
+            problems.append(Problem(str(box_file), "labels.csv flags a bleed but there is no box file"))
         any_ = int(by_id.at[i, "any"])
         if any_ != max(flags.values()):
-            problems.append(SourceProblem(str(root / "labels.csv"), f"{i}: any={any_} disagrees with its subtype flags"))
+            problems.append(Problem(str(root / "labels.csv"), f"{i}: any={any_} disagrees with its subtype flags"))
         rows.append(
             {"path": str(images[i]), "source": "roboflow-ich", "kind": "image", "image_id": i,
              "patient_id": f"roboflow-ich:{by_id.at[i, 'patient']}", "rotate": 0, "mask": None, "any": max(flags.values()), **flags}
@@ -189,7 +182,7 @@ def read_source(root: str | os.PathLike) -> Source:
     expected = EXPECTED.get(layout)
     if expected and root.name == layout and (len(source.manifest), source.positives) != expected:
         source.problems.append(
-            SourceProblem(str(root), f"{len(source.manifest)} images / {source.positives} bleeds, the data README says {expected[0]} / {expected[1]}")
+            Problem(str(root), f"{len(source.manifest)} images / {source.positives} bleeds, the data README says {expected[0]} / {expected[1]}")
         )
     return source
 
@@ -203,3 +196,8 @@ def load_image(path: str | os.PathLike, rotate: int = 0) -> np.ndarray:
     if image is None:
         raise ValueError("cannot decode the image (not a PNG/JPEG, or truncated)")
     return np.ascontiguousarray(np.rot90(image, rotate)) if rotate else image
+
+
+def load_hu(path: str | os.PathLike, rotate: int = 0) -> np.ndarray:
+    """A pre-windowed (brain-window) training image back in HU within that window: float32 ``(H, W)``."""
+    return window_to_hu(load_image(path, rotate), BRAIN)

@@ -21,7 +21,6 @@ import pandas as pd
 from ich import calibration, datasets, dicom, metrics
 from ich.inference import TOP_K, Predictor, aggregation_text, study_score
 from ich.labels import CLASSES, INDEX_NAME, read_rsna_csv
-from ich.windowing import BRAIN, window_to_hu
 
 __all__ = [
     "Predictions",
@@ -31,6 +30,7 @@ __all__ = [
     "submission",
     "evaluate",
     "report_markdown",
+    "slice_table",
     "reliability_figure",
     "trained_on",
     "find_labels",
@@ -90,7 +90,7 @@ def image_layout(data: str | os.PathLike) -> bool:
 def predict_images(predictor: Predictor, manifest: pd.DataFrame, progress: bool = True) -> Predictions:
     """Probabilities for each image of a :mod:`ich.datasets` manifest (brain-window images only).
 
-    Each image goes back to HU inside the brain window (:func:`ich.windowing.window_to_hu`), then
+    Each image goes back to HU inside the brain window (:func:`ich.datasets.load_hu`), then
     through the checkpoint's own preprocessing, as a DICOM slice would. An image that does not
     decode becomes a problem, not an end.
     """
@@ -107,7 +107,7 @@ def predict_images(predictor: Predictor, manifest: pd.DataFrame, progress: bool 
             hus, kept = [], []
             for rec in chunk.itertuples(index=False):
                 try:
-                    hus.append(window_to_hu(datasets.load_image(rec.path, int(rec.rotate)), BRAIN))
+                    hus.append(datasets.load_hu(rec.path, int(rec.rotate)))
                     kept.append(rec)
                 except ValueError as exc:
                     problems.append(dicom.Problem(rec.path, str(exc)))
@@ -211,6 +211,19 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
 
+def slice_table(block: dict) -> list[str]:
+    """Markdown rows of a slice block: positives, AUC with its interval, sensitivity/specificity at the threshold."""
+    lines = ["| class | positives | AUC (95 % CI) | sensitivity | specificity | threshold |", "| --- | --- | --- | --- | --- | --- |"]
+    for c, m in block["per_class"].items():
+        lo, hi = m.get("auc_ci") or (None, None)
+        ci = f" ({_fmt(lo)}–{_fmt(hi)})" if lo is not None and np.isfinite(lo) else ""
+        lines.append(
+            f"| {c} | {m.get('positives', '?')} | {_fmt(m['auc'])}{ci} | {_fmt(m['sensitivity'])} | "
+            f"{_fmt(m['specificity'])} | {m['threshold']:.3f} |"
+        )
+    return lines
+
+
 def report_markdown(report: dict, title: str = "Evaluation") -> str:
     s = report["slice"]
     lines = [
@@ -223,16 +236,8 @@ def report_markdown(report: dict, title: str = "Evaluation") -> str:
         f"accuracy (any) {_fmt(s['accuracy'])}, accuracy_multi {_fmt(s['accuracy_multi'])}, "
         f"RSNA weighted log loss {_fmt(s['weighted_log_loss'])}",
         "",
-        "| class | positives | AUC (95 % CI) | sensitivity | specificity | threshold |",
-        "| --- | --- | --- | --- | --- | --- |",
+        *slice_table(s),
     ]
-    for c, m in s["per_class"].items():
-        lo, hi = m.get("auc_ci") or (None, None)
-        ci = f" ({_fmt(lo)}–{_fmt(hi)})" if lo is not None and np.isfinite(lo) else ""
-        lines.append(
-            f"| {c} | {m.get('positives', '?')} | {_fmt(m['auc'])}{ci} | {_fmt(m['sensitivity'])} | "
-            f"{_fmt(m['specificity'])} | {m['threshold']:.3f} |"
-        )
     se = report.get("series")
     if se is None:
         lines += ["", "Series: none (single slices).", ""]

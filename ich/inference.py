@@ -26,6 +26,7 @@ import torch
 from ich import checkpoint
 from ich.calibration import Platt
 from ich.dicom import Series
+from ich.models import flip_averaged_logits
 from ich.labels import CLASSES
 from ich.windowing import Preprocess, Window
 
@@ -141,10 +142,7 @@ class Predictor:
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """(Calibrated) probabilities ``(B, len(model_classes))`` for preprocessed uint8 slices."""
         with self.lock, torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast):
-            x = self.to_input(batch)
-            logits = self.model(x).float()
-            if self.tta_flip:
-                logits = (logits + self.model(x.flip(-1)).float()) / 2
+            logits = flip_averaged_logits(self.model, self.to_input(batch), self.tta_flip)
         logits = logits.cpu().numpy().astype(np.float64)
         if self.calibration is not None:
             return self.calibration.apply_logits(logits).astype(np.float32)

@@ -17,6 +17,7 @@ __all__ = [
     "MIN_INPUT_SIZE",
     "PretrainedUnavailable",
     "build_model",
+    "flip_averaged_logits",
     "head_module",
     "head_parameters",
     "freeze_backbone",
@@ -57,6 +58,12 @@ def _head_slot(model: nn.Module) -> tuple[nn.Module, str]:
     if isinstance(model, (torchvision.models.AlexNet, torchvision.models.EfficientNet)):
         return model.classifier, str(len(model.classifier) - 1)  # Sequential(dropout..., Linear)
     raise TypeError(f"unsupported model type {type(model).__name__}: build it with ich.models.build_model")
+
+
+def flip_averaged_logits(model: nn.Module, x: torch.Tensor, flip: bool = True) -> torch.Tensor:
+    """float32 logits of ``x``; with ``flip`` the mean of the image's and its left-right mirror's (test-time flip)."""
+    logits = model(x).float()
+    return (logits + model(x.flip(-1)).float()) / 2 if flip else logits
 
 
 def build_model(arch: str, num_classes: int, pretrained: bool = False) -> nn.Module:

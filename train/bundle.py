@@ -59,18 +59,6 @@ def _f(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _ci(m: dict) -> str:
-    lo, hi = m.get("auc_ci") or (None, None)
-    return f"{_f(m['auc'])} ({_f(lo)}–{_f(hi)})" if lo is not None else _f(m["auc"])
-
-
-def _slice_table(block: dict) -> list[str]:
-    lines = ["| class | positives | AUC (95 % CI) | sensitivity | specificity | threshold |", "| --- | --- | --- | --- | --- | --- |"]
-    for c, m in block["per_class"].items():
-        lines.append(f"| {c} | {m['positives']} | {_ci(m)} | {_f(m['sensitivity'])} | {_f(m['specificity'])} | {_f(m['threshold'])} |")
-    return lines
-
-
 def _failure_lines(failures: dict) -> list[str]:
     lines = []
     for kind, rows in failures.items():
@@ -128,7 +116,7 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         "`roboflow-ich`. The slices are a random draw from about 20,000 RSNA series, so the folds are nearly, not "
         "strictly, patient-disjoint. Calibrated probabilities, bootstrap 95 % intervals (1,000 resamples):",
         "",
-        *_slice_table(cv["slice"]),
+        *evaluate.slice_table(cv["slice"]),
         "",
         f"Epidural has {cv['slice']['per_class']['epidural']['positives']} positives here: its interval is wide and its "
         "sensitivity rests on a handful of slices.",
@@ -154,7 +142,7 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
     ]
     if "rsna-sample" in ext:
         r = ext["rsna-sample"]
-        lines += [f"### rsna-sample: 7 RSNA 2019 series ({r['slice']['n']} slices), through `ich evaluate`", "", *_slice_table(r["slice"]), ""]
+        lines += [f"### rsna-sample: 7 RSNA 2019 series ({r['slice']['n']} slices), through `ich evaluate`", "", *evaluate.slice_table(r["slice"]), ""]
         se = r["series"]
         lines.append(
             f"Series: AUC {_f(se['per_class']['any']['auc'])}, sensitivity {_f(se['per_class']['any']['sensitivity'])}, "

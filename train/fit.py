@@ -43,7 +43,7 @@ from torch.optim.lr_scheduler import OneCycleLR
 
 from ich import checkpoint, inference
 from ich.metrics import summarize, youden_thresholds
-from ich.models import ARCHITECTURES, build_model, freeze_backbone, unwrap
+from ich.models import ARCHITECTURES, build_model, flip_averaged_logits, freeze_backbone, unwrap
 from train import lr_finder
 from train.data import (
     IMAGENET_MEAN,
@@ -235,10 +235,7 @@ def use_bf16(device: torch.device, mode: str) -> bool:
 def forward_logits(model: nn.Module, inputs: torch.Tensor, amp: bool, flip: bool = False) -> torch.Tensor:
     """float32 logits; with ``flip`` the mean of the image's and its left-right mirror's (test-time flip)."""
     with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(inputs).float()
-        if flip:
-            logits = (logits + model(inputs.flip(-1)).float()) / 2
-    return logits
+        return flip_averaged_logits(model, inputs, flip)
 
 
 def train_step(

@@ -5,7 +5,7 @@
 Each ``DATA`` is one of the layouts :mod:`ich.datasets` reads (RSNA DICOM, RSNA PNG, PHE-SICH,
 Roboflow boxes); the cache's ``source`` column says where each row came from. Every image is read
 once (DICOM through :func:`ich.dicom.read_slice`, pre-windowed images through
-:func:`ich.datasets.load_image` and :func:`ich.windowing.window_to_hu`), preprocessed with the
+:func:`ich.datasets.load_hu`), preprocessed with the
 ``--input`` definition straight into the shared ``images.npy`` memory map by a pool of processes,
 and described by one metadata row. Finished chunks are recorded in ``CACHE/parts/`` as they
 complete, so an interrupted run resumes where it stopped. Unreadable files and label mismatches are
@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from ich import dicom
 from ich.labels import CLASSES
-from ich.windowing import BRAIN, BRAIN_FRACTION_THRESHOLD, INPUTS, THREE_WINDOW_INPUT, InputSpec, Preprocess, brain_fraction, window_to_hu
+from ich.windowing import BRAIN, BRAIN_FRACTION_THRESHOLD, INPUTS, THREE_WINDOW_INPUT, InputSpec, Preprocess, brain_fraction
 from train.data import CACHE_FORMAT, IMAGES, INFO, METADATA, PROBLEMS, Cache, is_cache, kept_mask, write_info
-from ich.datasets import Source, load_image, read_source
+from ich.datasets import Source, load_hu, read_source
 
 __all__ = ["prepare", "read_sources", "get_args_parser", "main"]
 
@@ -76,7 +76,7 @@ def _read_hu(path: str, kind: str, rotate: int) -> tuple[np.ndarray, dict]:
     if kind == "dicom":
         s = dicom.read_slice(path)
         return s.hu, _header(s)
-    return window_to_hu(load_image(path, rotate), BRAIN), {}
+    return load_hu(path, rotate), {}
 
 
 def _process(items: Sequence[tuple[int, str, str, int]]) -> list[dict]:
