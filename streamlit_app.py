@@ -5,10 +5,12 @@ UI only: reading, scoring, storage, findings and heatmaps live in the ``ich`` pa
 ending in ``_ui`` draw widgets and return their values; the page functions wire them to the store.
 Not a medical device.
 """
+
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -19,13 +21,14 @@ from ich import dicom, explain, review
 from ich.inference import STUDY_AGGREGATION, Predictor, default_weights
 from ich.labels import CLASSES, SUBTYPES, read_rsna_csv
 from ich.windowing import PRESETS, Window, apply_window
-from ich.worklist import STATUS_NEW, STATUSES, Worklist, data_dir, ingest, seed_demo
+from ich.worklist import STATUS_NEW, STATUSES, IngestReport, Worklist, data_dir, ingest, seed_demo
 
 NOTICE = "**Not a medical device — research use only.** The model's scores are not diagnoses."
 VIEW_WINDOWS = ("brain", "subdural", "bone", "stroke")
 TRUTH_NAMES = {"csv": "label CSV", "phantom": "phantom labels", "review": "radiologist's read"}
 CLASS_COLOURS = dict(zip(CLASSES, ("#f2c12e", "#e377c2", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e")))
 GALLERY = 6
+log = logging.getLogger(__name__)
 PERCENT_BAR = st.column_config.ProgressColumn(format="%.0f%%", min_value=0, max_value=100)
 STUDY_COLUMNS = {"Received": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"), "Likelihood": PERCENT_BAR}
 
@@ -66,6 +69,7 @@ def load_model() -> tuple[Predictor | None, str | None]:
     try:
         return predictor(str(default_weights())), None
     except Exception as exc:  # a missing or corrupt checkpoint must not hide the worklist
+        log.exception("the model could not be loaded")
         return None, f"{type(exc).__name__}: {exc}"
 
 
@@ -86,7 +90,7 @@ def findings_markdown(pred: frozenset[str], truth: frozenset[str] | None, source
     return f":{colour}[pred: {review.describe(pred)}]  \n:{colour}[actual: {review.describe(truth)} {mark}]{origin}"
 
 
-def slice_findings(row: pd.Series, thresholds: dict[str, float]) -> tuple[frozenset[str], frozenset[str] | None]:
+def slice_findings(row: pd.Series, thresholds: Mapping[str, float]) -> tuple[frozenset[str], frozenset[str] | None]:
     return (
         review.predicted(row[[f"p_{c}" for c in CLASSES]].to_numpy(float), thresholds),
         review.actual(row[[f"y_{c}" for c in CLASSES]].to_numpy(float)),
@@ -99,44 +103,67 @@ def render_slice(hu: np.ndarray, window: Window, cam: np.ndarray | None = None) 
     return grey if cam is None else explain.overlay(grey, cam)
 
 
-def probability_figure(slices: pd.DataFrame, index: int, thresholds: dict[str, float]) -> go.Figure:
+def probability_figure(slices: pd.DataFrame, index: int, thresholds: Mapping[str, float]) -> go.Figure:
     """Per-slice probabilities along the series, the current slice, the "any" threshold and the actual."""
     x = slices["index"].to_numpy() + 1
     fig = go.Figure()
     for c in CLASSES:
-        fig.add_trace(go.Scatter(
-            x=x, y=slices[f"p_{c}"], name=c, mode="lines+markers", marker=dict(size=5),
-            line=dict(color=CLASS_COLOURS[c], width=3 if c == "any" else 1.5),
-            hovertemplate=f"slice %{{x}}<br>{c}: %{{y:.0%}}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=slices[f"p_{c}"],
+                name=c,
+                mode="lines+markers",
+                marker=dict(size=5),
+                line=dict(color=CLASS_COLOURS[c], width=3 if c == "any" else 1.5),
+                hovertemplate=f"slice %{{x}}<br>{c}: %{{y:.0%}}<extra></extra>",
+            )
+        )
     positive = slices.loc[slices["y_any"] >= 0.5, "index"].to_numpy() + 1
     if len(positive):
-        fig.add_trace(go.Scatter(
-            x=positive, y=np.full(len(positive), 1.06), name="actual: hemorrhage", mode="markers",
-            marker=dict(symbol="square", size=8, color="#7f0000"), hovertemplate="slice %{x}: actual hemorrhage<extra></extra>",
-        ))
-    fig.add_hline(y=thresholds.get("any", review.DEFAULT_THRESHOLD), line_dash="dash", line_color="#888",
-                  annotation_text="flag threshold", annotation_position="bottom right")
+        fig.add_trace(
+            go.Scatter(
+                x=positive,
+                y=np.full(len(positive), 1.06),
+                name="actual: hemorrhage",
+                mode="markers",
+                marker=dict(symbol="square", size=8, color="#7f0000"),
+                hovertemplate="slice %{x}: actual hemorrhage<extra></extra>",
+            )
+        )
+    fig.add_hline(
+        y=thresholds.get("any", review.DEFAULT_THRESHOLD),
+        line_dash="dash",
+        line_color="#888",
+        annotation_text="flag threshold",
+        annotation_position="bottom right",
+    )
     fig.add_vline(x=index + 1, line_color="#444", line_width=1)
     fig.update_layout(
-        height=320, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="slice (click a point to jump)",
-        yaxis=dict(range=[0, 1.1], tickformat=".0%", title=None), legend=dict(orientation="h", y=-0.3),
-        clickmode="event+select", dragmode=False,
+        height=320,
+        margin=dict(l=10, r=10, t=30, b=10),
+        xaxis_title="slice (click a point to jump)",
+        yaxis=dict(range=[0, 1.1], tickformat=".0%", title=None),
+        legend=dict(orientation="h", y=-0.3),
+        clickmode="event+select",
+        dragmode=False,
     )
     return fig
 
 
 def studies_table(studies: pd.DataFrame) -> pd.DataFrame:
     """The worklist columns a reader sees (no UIDs); the subtype only where the study is flagged."""
-    return pd.DataFrame({
-        "Study": studies["label"],
-        "Received": studies["received"],
-        "Slices": studies["n_slices"],
-        "Likelihood": studies["score"] * 100,
-        "Most likely subtype": studies["top_subtype"].where(studies["flagged"]).fillna("—"),
-        "Flag": np.where(studies["flagged"], "⚠ above threshold", ""),
-        "Status": studies["status"],
-    })
+    return pd.DataFrame(
+        {
+            "Study": studies["label"],
+            "Received": studies["received"],
+            "Slices": studies["n_slices"],
+            "Likelihood": studies["score"] * 100,
+            "Most likely subtype": studies["top_subtype"].where(studies["flagged"]).fillna("—"),
+            "Flag": np.where(studies["flagged"], "⚠ above threshold", ""),
+            "Status": studies["status"],
+        }
+    )
 
 
 def pct(value: float | None) -> str:
@@ -150,14 +177,16 @@ def pct(value: float | None) -> str:
 
 
 def filter_ui() -> str | None:
-    choice = st.segmented_control("Show", ("all", *STATUSES), default="all", required=True, key="status_filter",
-                                  persist_state="session")
+    choice = st.segmented_control(
+        "Show", ("all", *STATUSES), default="all", required=True, key="status_filter", persist_state="session"
+    )
     return None if choice == "all" else choice
 
 
 def window_ui() -> Window:
-    name = st.segmented_control("Window", (*VIEW_WINDOWS, "custom"), default="brain", required=True, key="window",
-                                persist_state="session")
+    name = st.segmented_control(
+        "Window", (*VIEW_WINDOWS, "custom"), default="brain", required=True, key="window", persist_state="session"
+    )
     if name != "custom":
         return PRESETS[name]
     level_col, width_col = st.columns(2)
@@ -169,14 +198,22 @@ def window_ui() -> Window:
 def heatmap_ui(classes: tuple[str, ...], enabled: bool) -> str | None:
     """The class to explain, or ``None`` when the overlay is off."""
     on_col, target_col = st.columns([1, 1])
-    on = on_col.toggle("Heatmap (Grad-CAM)", key="heatmap", disabled=not enabled, persist_state="session",
-                       help="Where the model looked for the chosen class; it is not a segmentation of the bleed.")
-    target = target_col.selectbox("for", classes, key="heatmap_target", disabled=not on, label_visibility="collapsed",
-                                  persist_state="session")
+    on = on_col.toggle(
+        "Heatmap (Grad-CAM)",
+        key="heatmap",
+        disabled=not enabled,
+        persist_state="session",
+        help="Where the model looked for the chosen class; it is not a segmentation of the bleed.",
+    )
+    target = target_col.selectbox(
+        "for", classes, key="heatmap_target", disabled=not on, label_visibility="collapsed", persist_state="session"
+    )
     return target if on else None
 
 
-def read_ui(study_id: int, n_slices: int, previous: review.Read | None, current: int) -> tuple[bool, list[str], list[int]] | None:
+def read_ui(
+    study_id: int, n_slices: int, previous: review.Read | None, current: int
+) -> tuple[bool, list[str], list[int]] | None:
     """The radiologist's read form; ``(hemorrhage, subtypes, 0-based marks)`` when saved, else ``None``."""
     marks_key = f"marks-{study_id}"
     if marks_key not in st.session_state:
@@ -187,12 +224,21 @@ def read_ui(study_id: int, n_slices: int, previous: review.Read | None, current:
 
     st.button(f"Mark slice {current + 1} as showing hemorrhage", on_click=mark_current, key=f"mark-{study_id}")
     with st.form(f"read-{study_id}", border=True):
-        answer = st.radio("Hemorrhage", ("yes", "no"), horizontal=True, key=f"hem-{study_id}",
-                          index=None if previous is None else (0 if previous.hemorrhage else 1))
-        subtypes = st.multiselect("Subtypes", SUBTYPES, default=list(previous.subtypes) if previous else [],
-                                  key=f"sub-{study_id}")
-        marks = st.multiselect("Slices showing hemorrhage (optional; if given, the others count as clear)",
-                               range(1, n_slices + 1), key=marks_key)
+        answer = st.radio(
+            "Hemorrhage",
+            ("yes", "no"),
+            horizontal=True,
+            key=f"hem-{study_id}",
+            index=None if previous is None else (0 if previous.hemorrhage else 1),
+        )
+        subtypes = st.multiselect(
+            "Subtypes", SUBTYPES, default=list(previous.subtypes) if previous else [], key=f"sub-{study_id}"
+        )
+        marks = st.multiselect(
+            "Slices showing hemorrhage (optional; if given, the others count as clear)",
+            range(1, n_slices + 1),
+            key=marks_key,
+        )
         saved = st.form_submit_button("Save read", type="primary")
     if not saved:
         return None
@@ -217,21 +263,28 @@ def study_picker_ui(studies: pd.DataFrame) -> int:
         st.session_state["study"] = (later or unread)[0]
 
     pick_col, next_col = st.columns([4, 1], vertical_alignment="bottom")
-    labels = dict(zip(ids, studies["label"]))
-    study_id = pick_col.selectbox("Study (worklist order)", ids, format_func=labels.get, key="study", persist_state="session")
-    next_col.button("Next unread", icon=":material/skip_next:", on_click=next_unread, disabled=not unread,
-                    width="stretch")
+    labels: dict[int, str] = dict(zip(ids, studies["label"]))
+    study_id = pick_col.selectbox(
+        "Study (worklist order)", ids, format_func=labels.__getitem__, key="study", persist_state="session"
+    )
+    next_col.button(
+        "Next unread", icon=":material/skip_next:", on_click=next_unread, disabled=not unread, width="stretch"
+    )
     return study_id
 
 
-def gallery_ui(slices: pd.DataFrame, vol: np.ndarray, window: Window, thresholds: dict[str, float],
-               jump: Callable[[int], None]) -> None:
+def gallery_ui(
+    slices: pd.DataFrame, vol: np.ndarray, window: Window, thresholds: Mapping[str, float], jump: Callable[[int], None]
+) -> None:
     """The most suspicious slices with predicted/actual lines; "Show" calls ``jump(1-based slice)``."""
     probs = slices["p_any"].to_numpy(float)
     for col, i in zip(st.columns(GALLERY), np.argsort(-np.nan_to_num(probs, nan=-1.0), kind="stable")[:GALLERY]):
         with col:
             st.image(render_slice(vol[i], window)[::2, ::2], output_format="PNG", width="stretch")
-            st.markdown(f"**Slice {i + 1}** · any {pct(probs[i])}  \n" + findings_markdown(*slice_findings(slices.iloc[i], thresholds)))
+            st.markdown(
+                f"**Slice {i + 1}** · any {pct(probs[i])}  \n"
+                + findings_markdown(*slice_findings(slices.iloc[i], thresholds))
+            )
             st.button("Show", key=f"go-{i}", icon=":material/visibility:", on_click=jump, args=(int(i) + 1,))
 
 
@@ -240,15 +293,22 @@ def gallery_ui(slices: pd.DataFrame, vol: np.ndarray, window: Window, thresholds
 
 def upload_page() -> None:
     st.header("Upload")
-    st.write("Drop a head-CT series: its DICOM files, or one or more `.zip` archives. Each series is scored "
-             "and lands on the worklist; files that cannot be read are listed with the reason.")
+    st.write(
+        "Drop a head-CT series: its DICOM files, or one or more `.zip` archives. Each series is scored "
+        "and lands on the worklist; files that cannot be read are listed with the reason."
+    )
     run = st.session_state.setdefault("upload_run", 0)
-    files = st.file_uploader("DICOM files (.dcm or no extension) or .zip archives", accept_multiple_files=True,
-                             key=f"files-{run}")
-    csv = st.file_uploader("Labels (optional): RSNA-format CSV, `ID,Label` with ID = `<SOPInstanceUID>_<class>`",
-                           type=["csv"], key=f"labels-{run}")
+    files = st.file_uploader(
+        "DICOM files (.dcm or no extension) or .zip archives", accept_multiple_files=True, key=f"files-{run}"
+    )
+    csv = st.file_uploader(
+        "Labels (optional): RSNA-format CSV, `ID,Label` with ID = `<SOPInstanceUID>_<class>`",
+        type=["csv"],
+        key=f"labels-{run}",
+    )
     pred = model()
-    if st.button("Score and add to worklist", type="primary", disabled=not files or pred is None):
+    clicked = st.button("Score and add to worklist", type="primary", disabled=not files or pred is None)
+    if clicked and pred is not None:  # a disabled button is never clicked
         labels, csv_problem = None, None
         if csv is not None:
             try:
@@ -264,19 +324,22 @@ def upload_page() -> None:
         st.session_state["upload_report"] = report
         st.session_state["upload_run"] = run + 1  # fresh, empty uploaders: the files are on the worklist now
         st.rerun()
-    report = st.session_state.get("upload_report")
-    if report is not None:
-        if report.added:
-            st.success(f"{len(report.added)} series added to the worklist in {report.seconds:.1f} s.")
+    shown: IngestReport | None = st.session_state.get("upload_report")
+    if shown is not None:
+        if shown.added:
+            st.success(f"{len(shown.added)} series added to the worklist in {shown.seconds:.1f} s.")
             studies = store().studies()
-            st.dataframe(studies_table(studies[studies["id"].isin(report.added)]), hide_index=True, column_config=STUDY_COLUMNS)
+            st.dataframe(
+                studies_table(studies[studies["id"].isin(shown.added)]), hide_index=True, column_config=STUDY_COLUMNS
+            )
             st.page_link(PAGES["worklist"], label="Open the worklist", icon=":material/list_alt:")
         else:
             st.warning("No usable CT series was found in the upload.")
-        if report.problems:
-            st.warning(f"{len(report.problems)} file(s) or series could not be used; the rest were added.")
-            st.dataframe(pd.DataFrame([(p.path, p.reason) for p in report.problems], columns=["file", "reason"]),
-                         hide_index=True)
+        if shown.problems:
+            st.warning(f"{len(shown.problems)} file(s) or series could not be used; the rest were added.")
+            st.dataframe(
+                pd.DataFrame([(p.path, p.reason) for p in shown.problems], columns=["file", "reason"]), hide_index=True
+            )
 
 
 def worklist_page() -> None:
@@ -290,8 +353,7 @@ def worklist_page() -> None:
     if studies.empty:
         st.info("No studies yet: upload a series." if status is None else "No studies with this status.")
         return
-    first = studies.iloc[0]
-    thresholds = wl.study(int(first["id"]))["thresholds"]
+    thresholds = wl.study(int(studies["id"].iloc[0])).thresholds
     st.caption(
         f"Sorted by likelihood of hemorrhage, highest first. Likelihood = {pred.aggregation if (pred := model()) else STUDY_AGGREGATION}; "
         f"flagged at ≥ {thresholds.get('any', review.DEFAULT_THRESHOLD):.0%}. "
@@ -299,18 +361,26 @@ def worklist_page() -> None:
         + (" Demo studies are synthetic phantoms with known labels." if studies["demo"].any() else "")
     )
     event = st.dataframe(
-        studies_table(studies), hide_index=True, on_select="rerun", selection_mode="single-row", key=f"table-{status}",
-        selection_default={"selection": {"rows": [0]}}, column_config=STUDY_COLUMNS,
+        studies_table(studies),
+        hide_index=True,
+        on_select="rerun",
+        selection_mode="single-row",
+        key=f"table-{status}",
+        selection_default={"selection": {"rows": [0]}},
+        column_config=STUDY_COLUMNS,
     )
     rows = event.selection.rows or [0]
-    chosen = studies.iloc[rows[0]]
+    chosen = wl.study(int(studies["id"].iloc[rows[0]]))
     open_col, export_col, uid_col = st.columns([2, 1, 1], vertical_alignment="center")
-    if open_col.button(f"Open {chosen['label']} in the viewer", type="primary", icon=":material/radiology:"):
-        st.session_state["study"] = int(chosen["id"])
+    if open_col.button(f"Open {chosen.label} in the viewer", type="primary", icon=":material/radiology:"):
+        st.session_state["study"] = chosen.id
         st.switch_page(PAGES["viewer"])
-    uids = uid_col.checkbox("Include DICOM UIDs", key="export_uids", help="Off by default: UIDs can identify a patient's exam.")
-    export_col.download_button("Download worklist (CSV)", wl.export_csv(uids=uids), "ich-worklist.csv", "text/csv",
-                               on_click="ignore")
+    uids = uid_col.checkbox(
+        "Include DICOM UIDs", key="export_uids", help="Off by default: UIDs can identify a patient's exam."
+    )
+    export_col.download_button(
+        "Download worklist (CSV)", wl.export_csv(uids=uids), "ich-worklist.csv", "text/csv", on_click="ignore"
+    )
 
 
 def viewer_page() -> None:
@@ -323,23 +393,32 @@ def viewer_page() -> None:
     if "flash" in st.session_state:
         st.success(st.session_state.pop("flash"), icon=":material/check_circle:")
     info, slices = wl.study(study_id), wl.slices(study_id)
-    directory, version, n, thresholds = str(data_dir()), info["received"], info["n_slices"], info["thresholds"]
+    directory, version, n, thresholds = str(data_dir()), info.received, info.n_slices, info.thresholds
     try:
         vol = volume(directory, study_id, version)
     except (OSError, ValueError, KeyError) as exc:  # a damaged volume file spoils this study only
-        st.error(f"The images of {info['label']} cannot be read ({type(exc).__name__}: {exc}). Upload the series again.")
+        st.error(f"The images of {info.label} cannot be read ({type(exc).__name__}: {exc}). Upload the series again.")
         return
-    probs, truth = slices[[f"p_{c}" for c in CLASSES]].to_numpy(float), slices[[f"y_{c}" for c in CLASSES]].to_numpy(float)
-
-    flag = f":red[**flagged**] · most likely subtype **{info['top_subtype'] or '—'}**" if info["flagged"] else "not flagged"
-    st.markdown(
-        f"Likelihood **{pct(info['score'])}** · {flag} · status **{info['status']}** · "
-        f"{'synthetic demo study' if info['demo'] else 'uploaded'} · scored by {info['model'] or 'an unnamed model'}"
+    probs, truth = (
+        slices[[f"p_{c}" for c in CLASSES]].to_numpy(float),
+        slices[[f"y_{c}" for c in CLASSES]].to_numpy(float),
     )
-    study_source = "review" if info["read"] else next(iter(slices["truth"].dropna()), None)
-    st.markdown("**Study** — " + findings_markdown(
-        review.study_predicted(probs, info["flagged"], thresholds), review.study_actual(truth, info["read"]), study_source))
-    for note in info["notes"]:
+
+    flag = f":red[**flagged**] · most likely subtype **{info.top_subtype or '—'}**" if info.flagged else "not flagged"
+    st.markdown(
+        f"Likelihood **{pct(info.score)}** · {flag} · status **{info.status}** · "
+        f"{'synthetic demo study' if info.demo else 'uploaded'} · scored by {info.model or 'an unnamed model'}"
+    )
+    study_source = "review" if info.read else next(iter(slices["truth"].dropna()), None)
+    st.markdown(
+        "**Study** — "
+        + findings_markdown(
+            review.study_predicted(probs, info.flagged, thresholds),
+            review.study_actual(truth, info.read),
+            study_source,
+        )
+    )
+    for note in info.notes:
         st.caption(f":material/warning: Series note: {note}")
 
     slice_key = f"slice-{study_id}"
@@ -353,7 +432,7 @@ def viewer_page() -> None:
     def jump_to_clicked() -> None:
         points = st.session_state[f"curve-{study_id}"].selection.points
         if points:
-            jump(int(round(points[0]["x"])))
+            jump(round(points[0]["x"]))
 
     pred = model()
     image_col, side_col = st.columns([3, 2], gap="large")
@@ -363,36 +442,59 @@ def viewer_page() -> None:
         index = st.slider("Slice", 1, n, key=slice_key) - 1
         row = slices.iloc[index]
         cam = heatmap(directory, study_id, version, index, target, str(default_weights())) if target else None
-        st.markdown(f"**Slice {index + 1} / {n}** — " + findings_markdown(*slice_findings(row, thresholds), row["truth"]))
-        st.image(render_slice(vol[index], window, cam), output_format="PNG", width="stretch",
-                 caption=f"{window.name} window L {window.level:g} / W {window.width:g}"
-                 + (f" · heatmap for {target}" if target else ""))
+        st.markdown(
+            f"**Slice {index + 1} / {n}** — " + findings_markdown(*slice_findings(row, thresholds), row["truth"])
+        )
+        st.image(
+            render_slice(vol[index], window, cam),
+            output_format="PNG",
+            width="stretch",
+            caption=f"{window.name} window L {window.level:g} / W {window.width:g}"
+            + (f" · heatmap for {target}" if target else ""),
+        )
     with side_col:
         st.markdown("**This slice**")
         st.dataframe(
-            pd.DataFrame({"class": CLASSES, "probability": probs[index] * 100,
-                          "threshold": [thresholds.get(c, review.DEFAULT_THRESHOLD) * 100 for c in CLASSES]}),
+            pd.DataFrame(
+                {
+                    "class": CLASSES,
+                    "probability": probs[index] * 100,
+                    "threshold": [thresholds.get(c, review.DEFAULT_THRESHOLD) * 100 for c in CLASSES],
+                }
+            ),
             hide_index=True,
             column_config={"probability": PERCENT_BAR, "threshold": st.column_config.NumberColumn(format="%.0f%%")},
         )
         st.markdown("**Along the series**")
-        st.plotly_chart(probability_figure(slices, index, thresholds), key=f"curve-{study_id}", on_select=jump_to_clicked,
-                        selection_mode="points", config={"displayModeBar": False})
+        st.plotly_chart(
+            probability_figure(slices, index, thresholds),
+            key=f"curve-{study_id}",
+            on_select=jump_to_clicked,
+            selection_mode="points",
+            config={"displayModeBar": False},
+        )
 
     st.subheader("Most suspicious slices")
     gallery_ui(slices, vol, window, thresholds, jump)
 
     st.subheader("Your read")
-    if info["read"]:
-        st.caption(f"Last read {info['read'].created}: {review.describe(info['read'].findings)}")
-    saved = read_ui(study_id, n, info["read"], index)
+    if info.read:
+        st.caption(f"Last read {info.read.created}: {review.describe(info.read.findings)}")
+    saved = read_ui(study_id, n, info.read, index)
     if saved is not None:
         read = wl.save_review(study_id, *saved)
-        st.session_state["flash"] = f"Read saved for {info['label']}: {review.describe(read.findings)}"
+        st.session_state["flash"] = f"Read saved for {info.label}: {review.describe(read.findings)}"
         st.rerun()  # redraw the header and lines with the read as the actual
-    uids = st.checkbox("Include SOPInstanceUIDs", key="slice_uids", help="Off by default: UIDs can identify a patient's exam.")
-    st.download_button("Download slice scores (CSV)", wl.slices_csv(study_id, uids=uids),
-                       f"ich-study-{study_id}-slices.csv", "text/csv", on_click="ignore")
+    uids = st.checkbox(
+        "Include SOPInstanceUIDs", key="slice_uids", help="Off by default: UIDs can identify a patient's exam."
+    )
+    st.download_button(
+        "Download slice scores (CSV)",
+        wl.slices_csv(study_id, uids=uids),
+        f"ich-study-{study_id}-slices.csv",
+        "text/csv",
+        on_click="ignore",
+    )
 
 
 # --------------------------------------------------------------------------- app
@@ -410,7 +512,9 @@ def seed_demo_ui(wl: Worklist, pred: Predictor | None) -> None:
     if pred is None or wl.get_meta("demo_seeded") is not None:
         return
     bar = st.progress(0.0, "First start: preparing demo studies…")
-    report = seed_demo(wl, pred, progress=lambda f, text: bar.progress(f, f"First start: preparing demo studies — {text}"))
+    report = seed_demo(
+        wl, pred, progress=lambda f, text: bar.progress(f, f"First start: preparing demo studies — {text}")
+    )
     bar.empty()
     if report is not None and report.problems:
         st.warning("Some demo studies could not be prepared: " + "; ".join(map(str, report.problems)))
@@ -422,7 +526,7 @@ def main() -> None:
     page = st.navigation(list(PAGES.values()))
     st.warning(NOTICE, icon=":material/warning:")
     pred, why = load_model()
-    if why:
+    if pred is None:
         st.error(f"The model could not be loaded, so uploads and heatmaps are off. {why}")
     else:
         st.sidebar.caption(f"Model: {pred.name}. Worklist and reads are stored on this server only.")

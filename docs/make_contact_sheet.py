@@ -9,6 +9,7 @@ comes from ``rsna-5-samples``; the RSNA sample has none). Every tile is cropped 
 
 Needs the real data beside the project (``../shared/data``); only this small figure is committed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,7 +92,7 @@ def main() -> None:
         area = ((st.masks >> SUBTYPES.index(subtype)) & 1).reshape(len(st), -1).sum(axis=1)
         fake.append(tile(st.hu[int(area.argmax())], f"phantom: {subtype}"))
         if subtype == "epidural":
-            hu = dicom.read_slice(REAL_EPIDURAL).hu
+            hu = dicom.read_slice(REAL_EPIDURAL).pixels
         else:  # the series with most slices of this subtype: its slice with the fewest other subtypes
             volume, sops = max(real.values(), key=lambda v: labels.loc[v[1], subtype].sum())
             hu = volume[middle_positive(_pure_rows(labels.loc[sops], subtype))]

@@ -7,6 +7,7 @@ moves the base rate. Both are fitted by maximum likelihood on predictions the mo
 slices it never trained on, so the shipped probabilities mean what they say on such data. The
 map is monotone: it changes no AUC and no ranking, only the numbers shown and thresholded.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -45,7 +46,7 @@ class Platt:
         return {"method": "platt", "a": dict(zip(classes, self.a)), "b": dict(zip(classes, self.b))}
 
     @classmethod
-    def from_json(cls, data: dict, classes: Sequence[str]) -> "Platt":
+    def from_json(cls, data: dict, classes: Sequence[str]) -> Platt:
         if data.get("method") != "platt":
             raise ValueError(f"unknown calibration method {data.get('method')!r}")
         return cls(tuple(float(data["a"][c]) for c in classes), tuple(float(data["b"][c]) for c in classes))

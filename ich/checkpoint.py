@@ -5,6 +5,7 @@ normalisation, thresholds) and how the model was made (data, metrics, version, t
 sha256 of the weight file. Loading checks that hash and reads weights with safetensors only:
 a checkpoint can never run code, unlike a pickled ``torch.load`` file.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -21,9 +22,20 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ich import __version__
+from ich.files import atomic_write
 from ich.models import build_model, unwrap
 
-__all__ = ["CheckpointError", "REQUIRED_KEYS", "FORMAT_VERSION", "save", "load", "load_model", "paths", "ich_version", "json_ready"]
+__all__ = [
+    "CheckpointError",
+    "REQUIRED_KEYS",
+    "FORMAT_VERSION",
+    "save",
+    "load",
+    "load_model",
+    "paths",
+    "ich_version",
+    "json_ready",
+]
 
 FORMAT_VERSION = 1
 # What inference needs to rebuild the network and its input exactly.
@@ -73,13 +85,6 @@ def _validate(metadata: dict) -> None:
         raise CheckpointError(f"{len(metadata['classes'])} classes listed for num_classes={metadata['num_classes']}")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write beside ``path`` then rename, so a crash never leaves a half-written checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save(model: nn.Module, path_stem: str | os.PathLike, metadata: dict) -> tuple[Path, Path]:
     """Write the weights and metadata; returns ``(weights_path, json_path)``.
 
@@ -100,8 +105,10 @@ def save(model: nn.Module, path_stem: str | os.PathLike, metadata: dict) -> tupl
         ich_version=ich_version(),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
-    _atomic_write(weights_path, blob)
-    _atomic_write(json_path, (json.dumps(json_ready(meta), indent=2, allow_nan=False) + "\n").encode())
+    # Renamed into place: a crash never leaves a half-written checkpoint.
+    atomic_write(weights_path, lambda tmp: tmp.write_bytes(blob))
+    text = json.dumps(json_ready(meta), indent=2, allow_nan=False) + "\n"
+    atomic_write(json_path, lambda tmp: tmp.write_text(text))
     return weights_path, json_path
 
 

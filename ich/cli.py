@@ -2,10 +2,12 @@
 
 Each command imports what it needs when it runs, so ``ich info`` stays free of torch.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +46,9 @@ def _info(args: argparse.Namespace) -> int:
             print(f"{len(result.problems)} problem(s):", file=sys.stderr)
             for p in result.problems:
                 print(f"  {p}", file=sys.stderr)
-        print(f"{len(result.series)} series, {sum(len(s) for s in result.series)} slices, {len(result.problems)} problem(s)")
+        print(
+            f"{len(result.series)} series, {sum(len(s) for s in result.series)} slices, {len(result.problems)} problem(s)"
+        )
     return EXIT_OK if result.series else EXIT_NOTHING_USABLE
 
 
@@ -61,7 +65,9 @@ def _phantom(args: argparse.Namespace) -> int:
         masks=args.masks,
     )
     positives = int(frame.groupby("study_uid")["any"].max().sum())
-    print(f"wrote {frame['study_uid'].nunique()} studies ({positives} with hemorrhage), {len(frame)} slices to {args.out}")
+    print(
+        f"wrote {frame['study_uid'].nunique()} studies ({positives} with hemorrhage), {len(frame)} slices to {args.out}"
+    )
     return EXIT_OK
 
 
@@ -97,7 +103,10 @@ def _predict(args: argparse.Namespace) -> int:
         return EXIT_NOTHING_USABLE
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     evaluate.submission(result.frame).to_csv(args.out, index=False)
-    print(f"wrote {len(result.frame)} slices x 6 classes to {args.out} ({predictor.name} on {predictor.device})", file=sys.stderr)
+    print(
+        f"wrote {len(result.frame)} slices x 6 classes to {args.out} ({predictor.name} on {predictor.device})",
+        file=sys.stderr,
+    )
     if args.timings:
         timings = {"load_s": load_s, **result.timings}
         print(json.dumps({k: round(v, 4) for k, v in timings.items()}))
@@ -136,18 +145,28 @@ def _evaluate(args: argparse.Namespace) -> int:
     figure = evaluate.reliability_figure(report["reliability"], f"Reliability of {predictor.name} on {args.data}")
     figure.write_html(out / "reliability.html", include_plotlyjs=True)  # embedded: opens offline
     print(markdown)
-    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'predictions.csv'}, {out / 'reliability.html'}", file=sys.stderr)
+    print(
+        f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'predictions.csv'}, {out / 'reliability.html'}",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", help="checkpoint (.json or .safetensors); default: $ICH_WEIGHTS or the bundled weights/")
+    parser.add_argument(
+        "--weights", help="checkpoint (.json or .safetensors); default: $ICH_WEIGHTS or the bundled weights/"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ich", description="Intracranial hemorrhage triage on head CT (not a medical device).")
+    parser = argparse.ArgumentParser(
+        prog="python -m ich", description="Intracranial hemorrhage triage on head CT (not a medical device)."
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log progress (-v) or details (-vv) to stderr"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="list the series found in files, folders or zips, and every problem")
@@ -168,12 +187,17 @@ def get_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="score every slice and write an RSNA submission CSV")
     pr.add_argument("paths", nargs="+", help="DICOM files, folders or .zip archives")
     pr.add_argument("--out", required=True, help="submission CSV (ID,Label; six rows per slice)")
-    pr.add_argument("--timings", action="store_true", help="print load/read/preprocess/infer/total seconds as JSON last")
+    pr.add_argument(
+        "--timings", action="store_true", help="print load/read/preprocess/infer/total seconds as JSON last"
+    )
     _model_options(pr)
     pr.set_defaults(func=_predict)
 
     ev = sub.add_parser("evaluate", help="predict a labelled dataset and report per-class and series metrics")
-    ev.add_argument("data", help="labelled folder: RSNA layout (stage_2_train.csv + DICOM), or an image layout (RSNA PNG, PHE-SICH, boxes)")
+    ev.add_argument(
+        "data",
+        help="labelled folder: RSNA layout (stage_2_train.csv + DICOM), or an image layout (RSNA PNG, PHE-SICH, boxes)",
+    )
     ev.add_argument("--labels", help="RSNA-format label CSV, if not in DATA")
     ev.add_argument("--out", default="evaluation", help="folder for report.json, report.md, predictions.csv")
     _model_options(ev)
@@ -183,6 +207,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from ich import dicom
 
     dicom.quiet_invalid_values()  # an entry point: RSNA's invalid UIDs are expected, not news

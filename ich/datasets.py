@@ -18,6 +18,7 @@ Every mismatch between images and label files is reported as an :class:`ich.dico
 skipped silently: an image without a label row, a label row without an image, flags that disagree
 with the boxes, counts that differ from the data's README.
 """
+
 from __future__ import annotations
 
 import os
@@ -95,7 +96,9 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 def _match(root: Path, images: dict[str, Path], labelled: set[str], label_file: str) -> tuple[list[str], list[Problem]]:
     """Image ids present on both sides; a problem for each id on one side only."""
     problems = [Problem(str(images[i]), f"no label row in {label_file}") for i in sorted(set(images) - labelled)]
-    problems += [Problem(str(root / label_file), f"label row for {i} but no image file") for i in sorted(labelled - set(images))]
+    problems += [
+        Problem(str(root / label_file), f"label row for {i} but no image file") for i in sorted(labelled - set(images))
+    ]
     return sorted(set(images) & labelled), problems
 
 
@@ -161,7 +164,12 @@ def _roboflow(root: Path) -> Source:
         if box_file.is_file():
             boxed = _boxes(box_file)
             if boxed != {c for c, v in flags.items() if v}:
-                problems.append(Problem(str(box_file), f"boxes show {sorted(boxed) or 'none'}, labels.csv says {sorted(c for c, v in flags.items() if v) or 'none'}"))
+                problems.append(
+                    Problem(
+                        str(box_file),
+                        f"boxes show {sorted(boxed) or 'none'}, labels.csv says {sorted(c for c, v in flags.items() if v) or 'none'}",
+                    )
+                )
         elif any(flags.values()):
             problems.append(Problem(str(box_file), "labels.csv flags a bleed but there is no box file"))
         any_ = int(by_id.at[i, "any"])
@@ -178,11 +186,16 @@ def read_source(root: str | os.PathLike) -> Source:
     """The manifest of one training folder (absolute paths), with every mismatch found in its label files."""
     root = Path(root).resolve()
     layout = detect_layout(root)
-    source = _rsna(root, layout) if layout.startswith("rsna") else _phe(root) if layout == "phe-sich" else _roboflow(root)
+    source = (
+        _rsna(root, layout) if layout.startswith("rsna") else _phe(root) if layout == "phe-sich" else _roboflow(root)
+    )
     expected = EXPECTED.get(layout)
     if expected and root.name == layout and (len(source.manifest), source.positives) != expected:
         source.problems.append(
-            Problem(str(root), f"{len(source.manifest)} images / {source.positives} bleeds, the data README says {expected[0]} / {expected[1]}")
+            Problem(
+                str(root),
+                f"{len(source.manifest)} images / {source.positives} bleeds, the data README says {expected[0]} / {expected[1]}",
+            )
         )
     return source
 

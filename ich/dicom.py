@@ -6,15 +6,17 @@ that cannot be used becomes a :class:`Problem` naming the file and the reason; t
 
 Only :mod:`numpy` and :mod:`pydicom` are needed here, so ``python -m ich info`` starts quickly.
 """
+
 from __future__ import annotations
 
 import io
+import logging
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -38,6 +40,8 @@ __all__ = [
     "read_member",
     "metadata_frame",
 ]
+
+log = logging.getLogger(__name__)
 
 # A lying header must not make us allocate gigabytes: no CT slice is larger than this.
 MAX_DIM = 4096
@@ -82,6 +86,7 @@ _IDENTIFYING = {
     "institution_name": "InstitutionName",
 }
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+
 
 def quiet_invalid_values() -> None:
     """Let pydicom read invalid values (RSNA's UIDs like ``ID_30ea2b02d4``) without a warning each.
@@ -149,6 +154,13 @@ class Slice:
     hu: np.ndarray | None = None  # float32 (rows, columns); None when read without pixels
     # Patient name, birth date, accession, institution: kept off every default output and log.
     identifiers: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The HU array; ``ValueError`` when the slice was read headers-only."""
+        if self.hu is None:
+            raise ValueError(f"{self.path}: read without pixel data")
+        return self.hu
 
     def header_row(self) -> dict[str, Any]:
         """The header fields as one flat, identifier-free record (a DataFrame row)."""
@@ -224,12 +236,11 @@ class Series:
 
     def volume(self) -> np.ndarray:
         """float32 ``(N, H, W)`` HU. Raises ``ValueError`` if slices differ in size or lack pixels."""
-        if any(s.hu is None for s in self.slices):
-            raise ValueError(f"series {self.series_uid} was read without pixel data")
-        shapes = {s.hu.shape for s in self.slices}
+        pixels = [s.pixels for s in self.slices]
+        shapes = {p.shape for p in pixels}
         if len(shapes) != 1:
             raise ValueError(f"series {self.series_uid} mixes image sizes {sorted(shapes)}")
-        return np.stack([s.hu for s in self.slices])
+        return np.stack(pixels)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description without patient identifiers."""
@@ -259,7 +270,7 @@ class LoadResult:
     problems: list[Problem]
 
 
-Source = Union[str, os.PathLike, Upload]
+Source = str | os.PathLike | Upload
 
 
 # --------------------------------------------------------------------------- parsing one file
@@ -270,7 +281,7 @@ def _parse(fp: Any, name: str, pixels: bool) -> Dataset:
         return pydicom.dcmread(fp, stop_before_pixels=not pixels)
     except InvalidDicomError:
         pass
-    except Exception as exc:  # pydicom raises many types on corrupt headers
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers; all become DicomError
         raise DicomError(name, f"truncated or corrupt DICOM header ({type(exc).__name__}: {exc})") from None
     # No DICM preamble: some exporters write a bare dataset. Accept only if it parses to an image.
     if hasattr(fp, "seek"):
@@ -279,7 +290,7 @@ def _parse(fp: Any, name: str, pixels: bool) -> Dataset:
         ds = pydicom.dcmread(fp, force=True, stop_before_pixels=not pixels)
         if "Rows" in ds and "SOPInstanceUID" in ds:
             return ds
-    except Exception:
+    except Exception:  # noqa: BLE001 - forced parsing of a non-DICOM file fails in arbitrary ways
         pass
     raise DicomError(name, "not a DICOM file (no 'DICM' marker and no readable DICOM dataset)")
 
@@ -320,7 +331,9 @@ def _check_kind(ds: Dataset, name: str, notes: list[str]) -> str:
     if "PixelData" not in ds and "Rows" not in ds:
         if "Image Storage" in class_name:
             # pydicom stops quietly at end of file: an image object without its image header was cut short.
-            raise DicomError(name, f"truncated file: {class_name} header ends before the image (no Rows/Columns/PixelData)")
+            raise DicomError(
+                name, f"truncated file: {class_name} header ends before the image (no Rows/Columns/PixelData)"
+            )
         raise DicomError(name, f"no pixel data: {class_name} is not an image")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric in _COLOUR or int(ds.get("SamplesPerPixel", 1)) != 1:
@@ -337,7 +350,8 @@ def _check_dimensions(ds: Dataset, name: str, pixels: bool) -> tuple[int, int, i
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if not (0 < rows <= MAX_DIM and 0 < cols <= MAX_DIM) or not 0 < frames <= MAX_FRAMES:
         raise DicomError(
-            name, f"impossible image dimensions (Rows={rows}, Columns={cols}, frames={frames}; limit {MAX_DIM}x{MAX_DIM})"
+            name,
+            f"impossible image dimensions (Rows={rows}, Columns={cols}, frames={frames}; limit {MAX_DIM}x{MAX_DIM})",
         )
     bits = int(ds.get("BitsAllocated", 16) or 16)
     if bits not in (8, 16, 32):
@@ -351,7 +365,8 @@ def _check_dimensions(ds: Dataset, name: str, pixels: bool) -> tuple[int, int, i
             found = len(ds.PixelData)
             if found < expected:
                 raise DicomError(
-                    name, f"pixel data too short: {found} bytes for {rows}x{cols}x{frames} at {bits} bits ({expected} needed)"
+                    name,
+                    f"pixel data too short: {found} bytes for {rows}x{cols}x{frames} at {bits} bits ({expected} needed)",
                 )
     return rows, cols, frames
 
@@ -386,7 +401,7 @@ def _to_hu(raw: np.ndarray, slope: float, intercept: float, bits_stored: int, pi
 def _decode(ds: Dataset, name: str) -> np.ndarray:
     try:
         return ds.pixel_array
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - each pixel handler raises its own types; all become DicomError
         syntax = _transfer_syntax(ds)
         raise DicomError(name, f"cannot decode pixel data ({syntax.name if syntax else '?'}): {exc}") from None
 
@@ -424,7 +439,7 @@ def read_file(source: Source, pixels: bool = True) -> list[Slice]:
 
     syntax = _transfer_syntax(ds)
     spacing = _vector(ds.get("PixelSpacing", ()), 2)
-    base = dict(
+    base: dict[str, Any] = dict(
         path=name,
         study_uid=str(ds.get("StudyInstanceUID", "") or ""),
         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
@@ -472,7 +487,9 @@ def read_file(source: Source, pixels: bool = True) -> list[Slice]:
     return _split_frames(ds, name, raw, base, sop, notes)
 
 
-def _split_frames(ds: Dataset, name: str, raw: np.ndarray | None, base: dict, sop: str, notes: list[str]) -> list[Slice]:
+def _split_frames(
+    ds: Dataset, name: str, raw: np.ndarray | None, base: dict[str, Any], sop: str, notes: list[str]
+) -> list[Slice]:
     """Enhanced (multi-frame) CT: one slice per frame, geometry from the functional groups."""
     frames = int(ds.NumberOfFrames)
     if raw is not None and raw.shape[0] != frames:
@@ -483,7 +500,9 @@ def _split_frames(ds: Dataset, name: str, raw: np.ndarray | None, base: dict, so
         orient = _frame_items(ds, i, "PlaneOrientationSequence")
         transform = _frame_items(ds, i, "PixelValueTransformationSequence")
         slope, intercept = _rescale(transform if transform is not None else ds, name)
-        hu = None if raw is None else _to_hu(raw[i], slope, intercept, base["bits_stored"], base["pixel_representation"])
+        hu = (
+            None if raw is None else _to_hu(raw[i], slope, intercept, base["bits_stored"], base["pixel_representation"])
+        )
         out.append(
             Slice(
                 sop_uid=f"{sop}[{i + 1}]",
@@ -492,7 +511,7 @@ def _split_frames(ds: Dataset, name: str, raw: np.ndarray | None, base: dict, so
                 orientation=_vector(orient.get("ImageOrientationPatient", ()), 6) if orient is not None else None,
                 slope=slope,
                 intercept=intercept,
-                notes=notes + [f"multi-frame object split into {frames} frames"],
+                notes=[*notes, f"multi-frame object split into {frames} frames"],
                 hu=hu,
                 **base,
             )
@@ -553,7 +572,10 @@ def _zip_members(name: str, fp: Any, depth: int) -> Iterator[Upload | Problem]:
         infos = [i for i in archive.infolist() if not i.is_dir()]
         total = sum(i.file_size for i in infos)
         if total > MAX_ARCHIVE_BYTES:
-            yield Problem(name, f"zip bomb suspected: archive would inflate to {total / 2**30:.1f} GiB (limit {MAX_ARCHIVE_BYTES >> 30} GiB)")
+            yield Problem(
+                name,
+                f"zip bomb suspected: archive would inflate to {total / 2**30:.1f} GiB (limit {MAX_ARCHIVE_BYTES >> 30} GiB)",
+            )
             return
         found = 0
         for info in infos:
@@ -566,7 +588,9 @@ def _zip_members(name: str, fp: Any, depth: int) -> Iterator[Upload | Problem]:
                 continue
             ratio = info.file_size / max(info.compress_size, 1)
             if ratio > MAX_COMPRESSION_RATIO and info.file_size > 1 << 20:
-                yield Problem(member, f"zip bomb suspected: compression ratio {ratio:.0f}:1 (limit {MAX_COMPRESSION_RATIO}:1)")
+                yield Problem(
+                    member, f"zip bomb suspected: compression ratio {ratio:.0f}:1 (limit {MAX_COMPRESSION_RATIO}:1)"
+                )
                 continue
             try:
                 with archive.open(info) as fh:
@@ -620,23 +644,25 @@ def _sort_series(study_uid: str, series_uid: str, slices: list[Slice]) -> Series
     for s in slices:
         for note in s.notes:
             slice_notes[note] = slice_notes.get(note, 0) + 1
-    normals = [s.normal for s in slices]
+    normals = [s.normal for s in slices if s.normal is not None]
+    positions = [s.position for s in slices if s.position is not None]
+    keys: list[float]
     if len(slices) == 1:
         keys = [0.0]
-    elif all(n is not None for n in normals) and all(s.position is not None for s in slices):
+    elif len(normals) == len(positions) == len(slices):
         reference = normals[0]
         if any(abs(float(n @ reference)) < 0.99 for n in normals):
             notes.append("slices have different orientations")
-        keys = [float(s.position @ reference) for s in slices]
+        keys = [float(np.dot(p, reference)) for p in positions]
     else:
         notes.append("no usable ImagePositionPatient/ImageOrientationPatient: sorted by InstanceNumber")
         keys = [float(s.instance_number) if s.instance_number is not None else float(i) for i, s in enumerate(slices)]
     order = np.argsort(np.asarray(keys), kind="stable")
     slices = [slices[i] for i in order]
-    keys = np.asarray(keys)[order]
+    sorted_keys = np.asarray(keys)[order]
     spacing, duplicates, gap_count = None, 0, 0
     if len(slices) > 1 and not notes:
-        steps = np.diff(keys)
+        steps = np.diff(sorted_keys)
         spacing = float(np.median(steps))
         dup = np.flatnonzero(steps < 1e-3)
         duplicates = int(dup.size)
@@ -725,36 +751,67 @@ def read_member(path: str) -> bytes:
         source, rest = io.BytesIO(data), rest[j:]
 
 
-def iter_series(sources: Iterable[Source] | Source, problems: list[Problem]) -> Iterator[Series]:
+def iter_series(
+    sources: Iterable[Source] | Source,
+    problems: list[Problem],
+    progress: Callable[[int, str], None] | None = None,
+) -> Iterator[Series]:
     """Series with pixels, one at a time: headers of everything first, then each series' pixels.
 
     Files in folders and zip archives on disk (also zips inside folders, and zips inside zips) are
-    read again per series, zip members from their archive (:func:`read_member`), so only one
-    series' pixels are in memory at a time. Uploads are bytes already and are read whole. Every
+    read again per series, zip members from their archive (:func:`read_member`). Uploads (and the
+    members of uploaded zips) are bytes already: they are kept as bytes, decoded one series at a
+    time and let go once their series is read. So only one series' HU are in memory at a time. Every
     unreadable file is appended to ``problems``; a series none of whose pixels read is skipped.
+    ``progress(count, name)`` is called after each file of the header pass.
     """
     if isinstance(sources, (str, os.PathLike, Upload)):
         sources = [sources]
-    sources = list(sources)
-    uploads = [s for s in sources if isinstance(s, Upload)]
-    if uploads:
-        loaded = load(uploads)
-        problems += loaded.problems
-        yield from loaded.series
-    headers = load([s for s in sources if not isinstance(s, Upload)], pixels=False)
+    # Uploaded bytes by the name their slices carry. A browser sends bare file names and two folders
+    # may both hold "1.dcm": a repeated name becomes "1.dcm (2)", so each name means one upload.
+    held: dict[str, Upload] = {}
+
+    def expanded() -> Iterator[Source]:
+        for item in iter_sources(sources):
+            if isinstance(item, Problem):
+                problems.append(item)
+                continue
+            if isinstance(item, Upload):
+                name, k = item.name, 1
+                while name in held:
+                    k += 1
+                    name = f"{item.name} ({k})"
+                item = held[name] = Upload(name, item.data)
+            yield item
+
+    headers = load(expanded(), pixels=False, progress=progress)
     problems += headers.problems
-    for series in headers.series:
+    log.info("headers read: %d series, %d problems", len(headers.series), len(headers.problems))
+    for number, series in enumerate(headers.series, 1):
         read: dict[str, list[Slice]] = {}  # a multi-frame file is read once for all its frames
         kept: list[Slice] = []
         for s in series.slices:
             try:
                 if s.path not in read:
-                    read[s.path] = read_file(s.path if Path(s.path).is_file() else Upload(s.path, read_member(s.path)))
-                kept.append(next(f for f in read[s.path] if f.sop_uid == s.sop_uid))
+                    read[s.path] = _read_again(s.path, held)
+                found = next((f for f in read[s.path] if f.sop_uid == s.sop_uid), None)
+                if found is None:
+                    raise DicomError(s.path, "changed since its header was read")
+                kept.append(found)
             except DicomError as exc:
                 problems.append(Problem(exc.path, exc.reason))
+        for path in read:
+            held.pop(path, None)
+        log.debug("series %d of %d: %d of %d slices read", number, len(headers.series), len(kept), len(series))
         if kept:
             yield replace(series, slices=kept)
+
+
+def _read_again(path: str, held: dict[str, Upload]) -> list[Slice]:
+    """Every slice, with pixels, of the file a header-only slice came from."""
+    if path in held:
+        return read_file(held[path])
+    return read_file(path if Path(path).is_file() else Upload(path, read_member(path)))
 
 
 # --------------------------------------------------------------------------- metadata

@@ -7,6 +7,7 @@ Labelled image folders (:mod:`ich.datasets`: the RSNA PNG, PHE-SICH and box layo
 through the same input definition via :func:`predict_images`; their "series" are the patients
 (partial series), and a folder of single slices (``rsna-png``) has none.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ import pandas as pd
 
 from ich import calibration, datasets, dicom, metrics
 from ich.inference import TOP_K, Predictor, aggregation_text, study_score
-from ich.labels import CLASSES, INDEX_NAME, read_rsna_csv
+from ich.labels import CLASSES, DEFAULT_THRESHOLD, INDEX_NAME, read_rsna_csv
 
 __all__ = [
     "Predictions",
@@ -115,14 +116,20 @@ def predict_images(predictor: Predictor, manifest: pd.DataFrame, progress: bool 
             probs, timings = predictor.predict_volume(hus)
             for key in ("preprocess_s", "infer_s"):
                 totals[key] += timings[key]
-            frame = pd.DataFrame(probs, columns=list(CLASSES), index=pd.Index([r.image_id for r in kept], name=INDEX_NAME))
+            frame = pd.DataFrame(
+                probs, columns=list(CLASSES), index=pd.Index([r.image_id for r in kept], name=INDEX_NAME)
+            )
             frame.insert(0, "slice_index", 0)
             frame.insert(0, "series_uid", [r.patient_id for r in kept])
             frame.insert(0, "study_uid", [r.patient_id for r in kept])
             rows.append(frame)
             bar.update(len(chunk))
     totals["total_s"] = time.perf_counter() - start
-    return Predictions(pd.concat(rows) if rows else pd.DataFrame(columns=["study_uid", "series_uid", "slice_index", *CLASSES]), problems, totals)
+    return Predictions(
+        pd.concat(rows) if rows else pd.DataFrame(columns=["study_uid", "series_uid", "slice_index", *CLASSES]),
+        problems,
+        totals,
+    )
 
 
 def submission(frame: pd.DataFrame) -> pd.DataFrame:
@@ -144,7 +151,11 @@ def find_labels(data: Path) -> Path | None:
 
 
 def evaluate(
-    predictions: pd.DataFrame, labels: pd.DataFrame, thresholds: dict[str, float], top_k: int = TOP_K, bootstrap: int = 1000
+    predictions: pd.DataFrame,
+    labels: pd.DataFrame,
+    thresholds: dict[str, float],
+    top_k: int = TOP_K,
+    bootstrap: int = 1000,
 ) -> dict:
     """Slice-level metrics (AUC with a bootstrap 95 % interval per class) and series-level ones.
 
@@ -158,7 +169,7 @@ def evaluate(
         raise ValueError("no predicted slice has a label: do the label IDs match the SOPInstanceUIDs?")
     y_true = joined[[f"{c}_true" for c in classes]].to_numpy(dtype=np.float64)
     y_prob = joined[classes].to_numpy(dtype=np.float64)
-    th = [thresholds.get(c, 0.5) for c in classes]
+    th = [thresholds.get(c, DEFAULT_THRESHOLD) for c in classes]
     slice_block = metrics.summarize(y_true, y_prob, classes, th)
     for i, c in enumerate(classes):
         slice_block["per_class"][c]["auc_ci"] = list(metrics.bootstrap_auc(y_true[:, i], y_prob[:, i], n=bootstrap))
@@ -173,13 +184,17 @@ def evaluate(
         "reliability": {c: calibration.reliability(y_true[:, i], y_prob[:, i]) for i, c in enumerate(classes)},
     }
     per_series = joined.groupby("series_uid").apply(
-        lambda g: pd.Series({"score": study_score(g["any"].to_numpy(), top_k), "truth": float(g["any_true"].max()), "slices": len(g)}),
+        lambda g: pd.Series(
+            {"score": study_score(g["any"].to_numpy(), top_k), "truth": float(g["any_true"].max()), "slices": len(g)}
+        ),
         include_groups=False,
     )
     if len(per_series) and per_series["slices"].max() > 1:
         # Flagged when score >= threshold, as the worklist flags; summarize counts score > threshold.
         at = np.nextafter(th[0], -np.inf)
-        series_block = metrics.summarize(per_series[["truth"]].to_numpy(), per_series[["score"]].to_numpy(), ["any"], [at])
+        series_block = metrics.summarize(
+            per_series[["truth"]].to_numpy(), per_series[["score"]].to_numpy(), ["any"], [at]
+        )
         series_block["per_class"]["any"]["threshold"] = th[0]
         report["series"] = series_block | {"aggregation": aggregation_text(top_k), "top_k": top_k}
         report["series_scores"] = per_series.reset_index().to_dict(orient="records")
@@ -190,13 +205,17 @@ def reliability_figure(curves: dict[str, list[dict]], title: str = "Reliability"
     """A plotly reliability plot: observed rate against mean predicted probability per bin, one line per curve."""
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dash", "color": "#888"}, name="perfect"))
+    fig = go.Figure(
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dash", "color": "#888"}, name="perfect")
+    )
     for name, rows in curves.items():
         fig.add_trace(
             go.Scatter(x=[r["predicted"] for r in rows], y=[r["observed"] for r in rows], mode="lines+markers", name=name,
                        text=[f"{r['n']} slices" for r in rows])
         )  # fmt: skip
-    fig.update_layout(title=title, xaxis_title="mean predicted probability", yaxis_title="observed rate", height=480, width=560)
+    fig.update_layout(
+        title=title, xaxis_title="mean predicted probability", yaxis_title="observed rate", height=480, width=560
+    )
     return fig
 
 
@@ -213,7 +232,10 @@ def _fmt(value: float | None) -> str:
 
 def slice_table(block: dict) -> list[str]:
     """Markdown rows of a slice block: positives, AUC with its interval, sensitivity/specificity at the threshold."""
-    lines = ["| class | positives | AUC (95 % CI) | sensitivity | specificity | threshold |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| class | positives | AUC (95 % CI) | sensitivity | specificity | threshold |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for c, m in block["per_class"].items():
         lo, hi = m.get("auc_ci") or (None, None)
         ci = f" ({_fmt(lo)}–{_fmt(hi)})" if lo is not None and np.isfinite(lo) else ""
@@ -231,7 +253,11 @@ def report_markdown(report: dict, title: str = "Evaluation") -> str:
         "",
         "Not a medical device: research metrics only.",
         "",
-        *(["**The model was trained on this data: these numbers are not a test of it.**", ""] if report.get("trained_on_this_data") else []),
+        *(
+            ["**The model was trained on this data: these numbers are not a test of it.**", ""]
+            if report.get("trained_on_this_data")
+            else []
+        ),
         f"Slices: {s['n']} labelled ({report['unlabelled_slices']} without labels). "
         f"accuracy (any) {_fmt(s['accuracy'])}, accuracy_multi {_fmt(s['accuracy_multi'])}, "
         f"RSNA weighted log loss {_fmt(s['weighted_log_loss'])}",

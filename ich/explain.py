@@ -5,6 +5,7 @@ original slice, so it lies over the image the radiologist scrolls through. Hooks
 call and the model's parameters are never touched; the forward pass runs under the predictor's
 lock, like every other use of the shared model.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -78,7 +79,9 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.5, floor: float 
 
     Below the floor the slice stays plain grey, so weak, diffuse attention does not hide anatomy.
     """
-    colour = cv2.cvtColor(cv2.applyColorMap(np.uint8(np.clip(cam, 0, 1) * 255), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    colour = cv2.cvtColor(
+        cv2.applyColorMap((np.clip(cam, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB
+    )
     weight = np.where(cam > floor, alpha * cam, 0.0).astype(np.float32)[..., None]
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
     return (rgb * (1 - weight) + colour * weight + 0.5).astype(np.uint8)

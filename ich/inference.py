@@ -11,6 +11,7 @@ does not say); :mod:`train.bundle` chooses it on out-of-fold predictions. Probab
 checkpoint's calibrated ones (``calibration``: :class:`ich.calibration.Platt`), averaged over the
 slice and its mirror image when the checkpoint was validated that way (``tta_flip``).
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,13 +26,22 @@ import torch
 from ich import checkpoint
 from ich.calibration import Platt
 from ich.dicom import Series
-from ich.models import flip_averaged_logits
-from ich.labels import CLASSES
+from ich.files import default_weights
+from ich.labels import CLASSES, DEFAULT_THRESHOLD
+from ich.models import ModelInput, flip_averaged_logits
 from ich.windowing import Preprocess, Window
 
-__all__ = ["Predictor", "StudyPrediction", "default_weights", "resolve_device", "study_score", "aggregation_text", "TOP_K", "STUDY_AGGREGATION"]
+__all__ = [
+    "Predictor",
+    "StudyPrediction",
+    "default_weights",
+    "resolve_device",
+    "study_score",
+    "aggregation_text",
+    "TOP_K",
+    "STUDY_AGGREGATION",
+]
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 TOP_K = 2
 
 
@@ -42,18 +51,6 @@ def aggregation_text(k: int) -> str:
 
 
 STUDY_AGGREGATION = aggregation_text(TOP_K)
-
-
-def default_weights() -> Path:
-    """``$ICH_WEIGHTS`` if set, else the checkpoint bundled in ``weights/``."""
-    env = os.environ.get("ICH_WEIGHTS")
-    if env:
-        return Path(env)
-    # A checkpoint is a .json beside its .safetensors (weights/ also holds evaluation.json).
-    found = sorted(p for p in WEIGHTS_DIR.glob("*.json") if p.with_suffix(".safetensors").is_file())
-    if not found:
-        raise checkpoint.CheckpointError(f"no checkpoint in {WEIGHTS_DIR}; pass --weights or set ICH_WEIGHTS")
-    return found[0]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -98,7 +95,8 @@ class Predictor:
         self._columns = [CLASSES.index(c) for c in self.model_classes]
         thresholds = metadata["thresholds"]
         self.thresholds: dict[str, float] = (
-            {c: float(thresholds[c]) for c in self.model_classes} if isinstance(thresholds, dict)
+            {c: float(thresholds[c]) for c in self.model_classes}
+            if isinstance(thresholds, dict)
             else dict(zip(self.model_classes, map(float, thresholds)))
         )
         self.top_k = int(metadata.get("study_top_k", TOP_K))
@@ -107,16 +105,20 @@ class Predictor:
         self.calibration = Platt.from_json(calibration, self.model_classes) if calibration else None
         windows = tuple(Window(str(n), float(lv), float(w)) for n, lv, w in metadata["windows"])
         self.preprocess = Preprocess(
-            size=int(metadata["input_size"]), windows=windows, crop=metadata.get("crop", True), clip=metadata.get("clip", False)
+            size=int(metadata["input_size"]),
+            windows=windows,
+            crop=metadata.get("crop", True),
+            clip=metadata.get("clip", False),
         )
-        self._mean = torch.tensor(metadata["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
-        self._std = torch.tensor(metadata["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
+        self.to_input = ModelInput(device, metadata["mean"], metadata["std"], channels_last=device.type == "cuda")
         # bf16 on GPU: the H100/H200 tensor cores; fp32 on CPU, where bf16 is slower and less exact.
         self._autocast = device.type == "cuda"
         self.lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto", batch_size: int = 32) -> "Predictor":
+    def from_checkpoint(
+        cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto", batch_size: int = 32
+    ) -> Predictor:
         dev = resolve_device(device)
         model, metadata = checkpoint.load_model(path or default_weights(), dev)
         if dev.type == "cuda":
@@ -133,22 +135,22 @@ class Predictor:
     def aggregation(self) -> str:
         return aggregation_text(self.top_k)
 
-    def to_input(self, batch: np.ndarray) -> torch.Tensor:
-        """uint8 ``(B, 3, S, S)`` -> normalised float tensor on the device."""
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True).float()
-        x = (x - self._mean) / self._std
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
-
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """(Calibrated) probabilities ``(B, len(model_classes))`` for preprocessed uint8 slices."""
-        with self.lock, torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast):
+        with (
+            self.lock,
+            torch.inference_mode(),
+            torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast),
+        ):
             logits = flip_averaged_logits(self.model, self.to_input(batch), self.tta_flip)
-        logits = logits.cpu().numpy().astype(np.float64)
+        raw = logits.cpu().numpy().astype(np.float64)
         if self.calibration is not None:
-            return self.calibration.apply_logits(logits).astype(np.float32)
-        return (1 / (1 + np.exp(-logits))).astype(np.float32)
+            return self.calibration.apply_logits(raw).astype(np.float32)
+        return (1 / (1 + np.exp(-raw))).astype(np.float32)
 
-    def predict_volume(self, volume: Sequence[np.ndarray], progress: Callable[[float], None] | None = None) -> tuple[np.ndarray, dict]:
+    def predict_volume(
+        self, volume: Sequence[np.ndarray], progress: Callable[[float], None] | None = None
+    ) -> tuple[np.ndarray, dict]:
         """``(probs (N, len(CLASSES)), timings)`` for a sequence of HU slices."""
         start = time.perf_counter()
         inputs = np.stack([self.preprocess(hu) for hu in volume]) if len(volume) else np.zeros((0, 3, 1, 1), np.uint8)
@@ -168,10 +170,10 @@ class Predictor:
         top = None
         if subtypes and len(probs):
             peaks = {c: float(np.nanmax(probs[:, CLASSES.index(c)])) for c in subtypes}
-            top = max(peaks, key=peaks.get)
-        flagged = bool(score >= self.thresholds.get("any", 0.5))
+            top = max(peaks, key=lambda c: peaks[c])
+        flagged = bool(score >= self.thresholds.get("any", DEFAULT_THRESHOLD))
         return StudyPrediction(sop_uids, probs, score, top, flagged, dict(timings or {}))
 
     def predict_series(self, series: Series, progress: Callable[[float], None] | None = None) -> StudyPrediction:
-        probs, timings = self.predict_volume([s.hu for s in series.slices], progress)
+        probs, timings = self.predict_volume([s.pixels for s in series.slices], progress)
         return self.summarize(series.sop_uids, probs, timings)

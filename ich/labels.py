@@ -5,6 +5,7 @@ per image, e.g. ``ID_000012eaf_subdural,0``. Everywhere else in ``ich`` labels a
 DataFrame indexed by SOPInstanceUID (index name ``sop_uid``) with one int 0/1 column per class in
 :data:`CLASSES` order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -13,14 +14,26 @@ from typing import IO
 
 import pandas as pd
 
-__all__ = ["CLASSES", "SUBTYPES", "INDEX_NAME", "from_rsna", "to_rsna", "read_rsna_csv", "write_rsna_csv"]
+__all__ = [
+    "CLASSES",
+    "SUBTYPES",
+    "INDEX_NAME",
+    "DEFAULT_THRESHOLD",
+    "from_rsna",
+    "to_rsna",
+    "read_rsna_csv",
+    "write_rsna_csv",
+]
 
 CLASSES: tuple[str, ...] = ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 SUBTYPES: tuple[str, ...] = CLASSES[1:]
 INDEX_NAME = "sop_uid"
+# A class is called present at probability >= this when a checkpoint names no threshold of its own
+# (the paper's fixed cut-off; the bundled model ships thresholds chosen for triage).
+DEFAULT_THRESHOLD = 0.5
 
 # Row order of the competition's own file within each image: the subtypes, then "any".
-_RSNA_ROW_ORDER: tuple[str, ...] = SUBTYPES + ("any",)
+_RSNA_ROW_ORDER: tuple[str, ...] = (*SUBTYPES, "any")
 
 
 def from_rsna(long: pd.DataFrame) -> pd.DataFrame:

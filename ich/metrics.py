@@ -5,11 +5,14 @@ Arrays are ``y_true`` 0/1 labels and ``y_prob`` probabilities, shaped ``(N,)`` f
 say): that cell counts in no metric. Undefined values (an AUC when a class never or always
 occurs, a sensitivity without positives) are ``nan``, never an exception.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+
+from ich.labels import DEFAULT_THRESHOLD
 
 __all__ = [
     "RSNA_WEIGHTS",
@@ -29,6 +32,8 @@ __all__ = [
 
 # Kaggle RSNA 2019 scoring: the "any" column counts twice, each subtype once.
 RSNA_WEIGHTS: dict[str, float] = {"any": 2.0}
+# One threshold for every class, or one per class.
+Thresholds = float | Sequence[float] | np.ndarray
 # Clipping as in scikit-learn's log_loss, which the competition used.
 LOG_LOSS_EPS = 1e-15
 
@@ -63,12 +68,12 @@ def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     t = np.asarray(y_true, dtype=np.float64).ravel()
     s = np.asarray(y_score, dtype=np.float64).ravel()
     known = t >= 0
-    t, s = t[known] > 0.5, s[known]
-    n_pos = int(t.sum())
-    n_neg = t.size - n_pos
+    positive, s = t[known] > 0.5, s[known]
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    u = _rank(s)[t].sum() - n_pos * (n_pos + 1) / 2.0
+    u = _rank(s)[positive].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 
 
@@ -83,7 +88,9 @@ def rsna_weights(classes: Sequence[str]) -> np.ndarray:
     return np.array([RSNA_WEIGHTS.get(c, 1.0) for c in classes])
 
 
-def weighted_log_loss(y_true: np.ndarray, y_prob: np.ndarray, weights: Sequence[float] | None = None) -> float:
+def weighted_log_loss(
+    y_true: np.ndarray, y_prob: np.ndarray, weights: Sequence[float] | np.ndarray | None = None
+) -> float:
     """Mean over rows of the weighted mean of per-class binary cross-entropy (the RSNA score).
 
     ``weights`` defaults to 1 per class; pass ``rsna_weights(classes)`` for the competition score.
@@ -99,11 +106,11 @@ def weighted_log_loss(y_true: np.ndarray, y_prob: np.ndarray, weights: Sequence[
     return float(np.nanmean(per_row)) if np.isfinite(per_row).any() else float("nan")
 
 
-def _thresholds(thresholds: float | Sequence[float], n: int) -> np.ndarray:
+def _thresholds(thresholds: Thresholds, n: int) -> np.ndarray:
     return np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (n,))
 
 
-def accuracy_multi(y_true: np.ndarray, y_prob: np.ndarray, thresh: float | Sequence[float] = 0.5) -> float:
+def accuracy_multi(y_true: np.ndarray, y_prob: np.ndarray, thresh: Thresholds = DEFAULT_THRESHOLD) -> float:
     """fastai's ``accuracy_multi``: the fraction of all (row, class) cells predicted right.
 
     fastai applies a sigmoid to logits first; here ``y_prob`` is already a probability.
@@ -114,7 +121,7 @@ def accuracy_multi(y_true: np.ndarray, y_prob: np.ndarray, thresh: float | Seque
     return float((pred == (t > 0.5))[known].mean()) if known.any() else float("nan")
 
 
-def accuracy(y_true: np.ndarray, y_prob: np.ndarray, thresh: float = 0.5) -> float:
+def accuracy(y_true: np.ndarray, y_prob: np.ndarray, thresh: float = DEFAULT_THRESHOLD) -> float:
     """Binary accuracy of one class (``(N,)`` or ``(N, 1)``)."""
     t, p = _check(y_true, y_prob)
     if t.shape[1] != 1:
@@ -122,13 +129,13 @@ def accuracy(y_true: np.ndarray, y_prob: np.ndarray, thresh: float = 0.5) -> flo
     return accuracy_multi(t, p, thresh)
 
 
-def error_rate(y_true: np.ndarray, y_prob: np.ndarray, thresh: float = 0.5) -> float:
+def error_rate(y_true: np.ndarray, y_prob: np.ndarray, thresh: float = DEFAULT_THRESHOLD) -> float:
     """``1 - accuracy`` (fastai's ``error_rate``)."""
     return 1.0 - accuracy(y_true, y_prob, thresh)
 
 
 def sensitivity_specificity(
-    y_true: np.ndarray, y_prob: np.ndarray, thresholds: float | Sequence[float] = 0.5
+    y_true: np.ndarray, y_prob: np.ndarray, thresholds: Thresholds = DEFAULT_THRESHOLD
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(sensitivity, specificity)``, each ``(C,)``; a prediction is positive when ``prob > threshold``."""
     t, p = _check(y_true, y_prob)
@@ -140,7 +147,7 @@ def sensitivity_specificity(
     return sens.astype(np.float64), spec.astype(np.float64)
 
 
-def youden_thresholds(y_true: np.ndarray, y_prob: np.ndarray, default: float = 0.5) -> np.ndarray:
+def youden_thresholds(y_true: np.ndarray, y_prob: np.ndarray, default: float = DEFAULT_THRESHOLD) -> np.ndarray:
     """Per class, the threshold maximising sensitivity + specificity - 1 (Youden's J).
 
     Candidate thresholds sit halfway between consecutive distinct probabilities, so the choice
@@ -178,7 +185,9 @@ def threshold_for_sensitivity(y_true: np.ndarray, y_score: np.ndarray, sensitivi
     return float(np.nextafter(pos[min(i, len(pos) - 1)], -np.inf))
 
 
-def bootstrap_auc(y_true: np.ndarray, y_score: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_auc(
+    y_true: np.ndarray, y_score: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of :func:`roc_auc` (cases resampled with replacement).
 
     ``(nan, nan)`` when the class has fewer than 2 positives or negatives, where no interval means much.
@@ -200,7 +209,7 @@ def summarize(
     y_true: np.ndarray,
     y_prob: np.ndarray,
     classes: Sequence[str],
-    thresholds: float | Sequence[float] = 0.5,
+    thresholds: Thresholds = DEFAULT_THRESHOLD,
 ) -> dict:
     """Every metric the training table and checkpoint report, as a JSON-ready dict of floats.
 

@@ -3,18 +3,23 @@
 ``build_model`` is the only way the product makes a network, so a checkpoint's ``arch`` string is
 all :mod:`ich.checkpoint` needs to rebuild it.
 """
+
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
 
 __all__ = [
     "ARCHITECTURES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "MIN_INPUT_SIZE",
+    "ModelInput",
     "PretrainedUnavailable",
     "build_model",
     "flip_averaged_logits",
@@ -33,6 +38,11 @@ ARCHITECTURES: tuple[str, ...] = (
     "alexnet",
     "efficientnet_b0",
 )
+
+# Every network here normalises its input with ImageNet's statistics (for [0, 1] images); each
+# checkpoint records them, so a future recipe may change them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Smallest square input each network accepts: AlexNet's three stride-2 max-pools leave no pixel
 # below 63 px; the others end in an adaptive pool and work from 32 px.
@@ -97,10 +107,11 @@ def build_model(arch: str, num_classes: int, pretrained: bool = False) -> nn.Mod
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain network inside DistributedDataParallel and/or ``torch.compile`` wrappers."""
     while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DataParallel
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
+        inner = getattr(model, "module", None)  # DDP / DataParallel
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)  # torch.compile
+        if isinstance(inner, nn.Module):
+            model = inner
         else:
             return model
 
@@ -128,3 +139,35 @@ def freeze_backbone(model: nn.Module, frozen: bool = True, train_bn: bool = True
     for p in net.parameters():
         keep = id(p) in head or (train_bn and id(p) in bn)
         p.requires_grad_(keep or not frozen)
+
+
+class ModelInput:
+    """uint8 batch -> normalised float model input, on ``device``: the one normalisation of training and prediction.
+
+    Copies (non-blocking from pinned memory), converts to float, applies ``augment`` (training
+    only; it works on the 0-255 scale, where 0 is air), normalises with ``mean``/``std`` (given
+    for [0, 1] images, folded with the 1/255 into one pass) and, on CUDA, goes channels_last.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        self.device = device
+        self.shift = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.scale = 1 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
+        self.augment = augment
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor | np.ndarray, train: bool = False) -> torch.Tensor:
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images)
+        x = images.to(self.device, non_blocking=True).float()
+        if train and self.augment is not None:
+            x = self.augment(x)
+        x = x.sub_(self.shift).mul_(self.scale)
+        return x.contiguous(memory_format=self.memory_format)

@@ -5,6 +5,7 @@ A *finding set* is what a slice (or study) is said to show: the subtypes called 
 describe the model's call (probabilities against the checkpoint's thresholds) and the truth (label
 CSV, phantom labels or a radiologist's read), so the viewer can print both and compare them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,11 +13,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ich.labels import CLASSES, SUBTYPES
+from ich.labels import CLASSES, DEFAULT_THRESHOLD, SUBTYPES
 
-__all__ = ["Read", "predicted", "actual", "study_predicted", "study_actual", "describe", "agree", "read_truth"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "Read",
+    "predicted",
+    "actual",
+    "study_predicted",
+    "study_actual",
+    "describe",
+    "agree",
+    "read_truth",
+]
 
-DEFAULT_THRESHOLD = 0.5
 _ANY = CLASSES.index("any")
 
 
@@ -79,11 +89,10 @@ def study_actual(labels: np.ndarray, read: Read | None = None) -> frozenset[str]
     """The study's truth: the latest read if there is one, else the union over labelled slices."""
     if read is not None:
         return read.findings
-    rows = [actual(row) for row in np.asarray(labels, dtype=np.float64)]
-    rows = [r for r in rows if r is not None]
+    rows = [r for r in (actual(row) for row in np.asarray(labels, dtype=np.float64)) if r is not None]
     if not rows:
         return None
-    union = frozenset().union(*rows)
+    union: frozenset[str] = frozenset().union(*rows)
     return union - {"any"} if union - {"any"} else union
 
 

@@ -3,6 +3,7 @@
 Everything here works on Hounsfield-unit arrays (``float32`` or ``int16``) as produced by
 :mod:`ich.dicom`; nothing here reads files.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -143,9 +144,8 @@ def head_bbox(hu: np.ndarray, step: int = 4, body_hu: float = _BODY_HU) -> tuple
     crop margin absorbs.
     """
     hu = np.asarray(hu)
-    body = (hu[::step, ::step] > body_hu).astype(np.uint8)
-    body = cv2.morphologyEx(body, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(body, connectivity=8)
+    body = cv2.morphologyEx((hu[::step, ::step] > body_hu).astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    n, _labels, stats, _ = cv2.connectedComponentsWithStats(body, connectivity=8)
     if n <= 1:
         return None
     biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
@@ -172,7 +172,9 @@ def crop_square(hu: np.ndarray, margin: int, body_hu: float = _BODY_HU) -> tuple
 class CropHead:
     """Crop to the head's bounding box plus ``margin`` pixels, made square so resizing keeps aspect."""
 
-    def __init__(self, margin: int = 8, body_hu: float = _BODY_HU, air_hu: float = -1024.0, levels: Window | None = None) -> None:
+    def __init__(
+        self, margin: int = 8, body_hu: float = _BODY_HU, air_hu: float = -1024.0, levels: Window | None = None
+    ) -> None:
         self.margin, self.body_hu, self.air_hu, self.levels = margin, body_hu, air_hu, levels
 
     def square(self, hu: np.ndarray) -> tuple[int, int, int] | None:
@@ -230,7 +232,9 @@ class Preprocess:
     With ``clip`` (see :class:`InputSpec`) HU are first clipped to the windows' span.
     """
 
-    def __init__(self, size: int = 256, windows: tuple[Window, ...] = MODEL_WINDOWS, crop: bool = True, clip: bool = False) -> None:
+    def __init__(
+        self, size: int = 256, windows: tuple[Window, ...] = MODEL_WINDOWS, crop: bool = True, clip: bool = False
+    ) -> None:
         self.stack = WindowStack(windows)
         low, high = min(w.low for w in windows), max(w.high for w in windows)
         self.clip = (low, high) if clip else None

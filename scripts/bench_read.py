@@ -5,6 +5,7 @@
 Prints slices/s on one core and on all cores (one process per core). Default folder:
 ../shared/data/rsna-sample (uncompressed 512x512 slices).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ich import dicom  # noqa: E402
-from ich.windowing import Preprocess  # noqa: E402
+from ich import dicom
+from ich.windowing import Preprocess
 
 PREPROCESS = Preprocess(size=256)
 
 
 def process(path: str) -> int:
-    return PREPROCESS(dicom.read_slice(path).hu).shape[0]
+    return PREPROCESS(dicom.read_slice(path).pixels).shape[0]
 
 
 def chunk(paths: list[str]) -> int:

@@ -1,4 +1,5 @@
 """Build small CT datasets in memory for tests, so no DICOM file is ever committed."""
+
 from __future__ import annotations
 
 import io

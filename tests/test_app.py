@@ -1,4 +1,5 @@
 """The Streamlit app, headless (streamlit.testing AppTest): demo worklist, viewer, reads, upload."""
+
 from __future__ import annotations
 
 import functools
@@ -13,8 +14,8 @@ from streamlit.testing.v1 import AppTest
 import ich.worklist
 from ich.labels import CLASSES, write_rsna_csv
 from ich.worklist import STATUS_HEMORRHAGE, Worklist
-from tests.conftest import ROOT
 from tests.dicom_factory import make_ct, to_bytes
+from tests.helpers import ROOT
 
 TIMEOUT = 180  # first run seeds the demo: phantoms + scoring on a shared CI core
 DEMO = len(ich.worklist.DEMO_CASES)
@@ -41,7 +42,9 @@ def texts(at: AppTest) -> str:
 
 def shown(at: AppTest) -> str:
     """Every text the page shows: messages, tables, study choices, image captions."""
-    parts = [str(e.value) for kind in (at.markdown, at.caption, at.success, at.warning, at.error, at.info) for e in kind]
+    parts = [
+        str(e.value) for kind in (at.markdown, at.caption, at.success, at.warning, at.error, at.info) for e in kind
+    ]
     parts += [d.value.to_csv() for d in at.dataframe]
     parts += [" ".join(map(str, box.options)) for box in at.selectbox]
     parts += [" ".join(image.captions) for image in at.image]
@@ -95,7 +98,9 @@ def test_viewer_slider_windows_heatmap_and_read(data_dir):
 
     with sqlite3.connect(data_dir / "worklist.sqlite3") as db:
         status = db.execute("SELECT status FROM studies WHERE id = ?", (study_id,)).fetchone()[0]
-        read = db.execute("SELECT hemorrhage, subtypes, slice_marks FROM reviews WHERE study_id = ?", (study_id,)).fetchall()
+        read = db.execute(
+            "SELECT hemorrhage, subtypes, slice_marks FROM reviews WHERE study_id = ?", (study_id,)
+        ).fetchall()
     assert status == STATUS_HEMORRHAGE
     assert read == [(1, '["subdural"]', f"[2, {n - 1}]")]
     slices = Worklist(data_dir).slices(study_id)

@@ -4,6 +4,7 @@ Needs the ``playwright`` Python package and a system Chromium at /usr/bin/chromi
 ``chromium``; Playwright's own browser download is not used). Screenshots go to ``artifacts/browser/``
 (git-ignored) and the test's tmp_path.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,13 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-gpu",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = ROOT / "artifacts" / "browser"
 SLOW_MS = 180_000  # scoring uploads on a shared CPU
 
@@ -46,13 +53,28 @@ def server(tmp_path, tiny_checkpoint):
     from ich.worklist import Worklist, seed_demo
 
     data = tmp_path / "data"
-    seed_demo(Worklist(data), Predictor.from_checkpoint(tiny_checkpoint, device="cpu"), size=96)  # fast stand-in for first start
+    seed_demo(
+        Worklist(data), Predictor.from_checkpoint(tiny_checkpoint, device="cpu"), size=96
+    )  # fast stand-in for first start
     port = free_port()
     env = dict(os.environ, ICH_DATA_DIR=str(data), ICH_WEIGHTS=str(tiny_checkpoint))
     log = (tmp_path / "streamlit.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port), "--server.address", "127.0.0.1"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "streamlit_app.py",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -82,15 +104,20 @@ def uploads(tmp_path, shared_data):
     from ich.labels import read_rsna_csv
 
     folder = tmp_path / "phantom"
-    phantom.write_study(phantom.generate_study(7, n_slices=20, subtypes=["subdural"], size=256), folder)  # RSNA series have 28-44
+    phantom.write_study(
+        phantom.generate_study(7, n_slices=20, subtypes=["subdural"], size=256), folder
+    )  # RSNA series have 28-44
     archive = tmp_path / "phantom-study.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for f in sorted(folder.rglob("*.dcm")):
             zf.write(f, f.relative_to(folder))
     rsna = shared_data / "rsna-sample"
     labels = read_rsna_csv(rsna / "stage_2_train.csv")
-    series = next(s for s in dicom.load(rsna / "stage_2_train", pixels=False).series
-                  if labels.reindex(s.sop_uids)["any"].sum() > 0)
+    series = next(
+        s
+        for s in dicom.load(rsna / "stage_2_train", pixels=False).series
+        if labels.reindex(s.sop_uids)["any"].sum() > 0
+    )
     return [str(archive), *(s.path for s in series.slices)], str(rsna / "stage_2_train.csv"), len(series)
 
 
@@ -150,7 +177,9 @@ def test_upload_triage_view(server, uploads, tmp_path):
 
             page.get_by_role("combobox", name="Study (worklist order)").click()
             page.get_by_role("option", name=re.compile(rf"^Study \d+ · {n_rsna} slices$")).click()
-            expect(page.get_by_text("(label CSV)").first).to_be_visible(timeout=60_000)  # the RSNA labels are the actual
+            expect(page.get_by_text("(label CSV)").first).to_be_visible(
+                timeout=60_000
+            )  # the RSNA labels are the actual
             shot(page, "6-viewer-rsna-series")
         finally:
             browser.close()

@@ -1,4 +1,5 @@
 """train.bundle: calibration and operating point from out-of-fold predictions; the card matches weights/."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ def synthetic_oof(n=1500, seed=0) -> pd.DataFrame:
 
 
 def test_calibrate_sets_thresholds_and_lowers_log_loss():
-    platt, thresholds, report = bundle.calibrate(synthetic_oof(), [1, 3, 5, 8])
+    _platt, thresholds, report = bundle.calibrate(synthetic_oof(), [1, 3, 5, 8])
     assert set(thresholds) == set(CLASSES)
     assert report["log_loss_calibrated"] < report["log_loss_raw"]
     rule = report["series_rule"]
@@ -73,4 +74,6 @@ def test_a_run_made_elsewhere_is_reused_but_not_another_recipe(tmp_path):
     there = bundle._fit_args(args_gpu, Path("/elsewhere/cache"), "fold0", ["--fold", "0"])
     assert bundle._recipe(here) == bundle._recipe(there)
     args_long = bundle.get_args_parser().parse_args(["--work", str(tmp_path), "--epochs", "40"])
-    assert bundle._recipe(bundle._fit_args(args_long, tmp_path / "cache", "fold0", ["--fold", "0"])) != bundle._recipe(here)
+    assert bundle._recipe(bundle._fit_args(args_long, tmp_path / "cache", "fold0", ["--fold", "0"])) != bundle._recipe(
+        here
+    )

@@ -1,4 +1,5 @@
 """ich.calibration: Platt scaling fitted on out-of-fold predictions."""
+
 from __future__ import annotations
 
 import numpy as np

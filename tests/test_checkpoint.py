@@ -1,4 +1,5 @@
 """ich.checkpoint: safetensors + JSON round trip, hash check, refusal of incomplete metadata."""
+
 from __future__ import annotations
 
 import json

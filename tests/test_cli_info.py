@@ -1,4 +1,5 @@
 """`python -m ich info` as a user runs it: a subprocess, exit codes, JSON, no torch, no traceback."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,14 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.dicom_factory import make_ct, to_bytes
+from tests.helpers import ROOT
 
 
 def run_info(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ich", "info", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "ich", "info", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.fixture
@@ -21,7 +24,9 @@ def study(tmp_path):
 
     series, study_uid = generate_uid(), generate_uid()
     for i in range(3):
-        (tmp_path / f"{i}.dcm").write_bytes(to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study_uid, instance=i + 1)))
+        (tmp_path / f"{i}.dcm").write_bytes(
+            to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study_uid, instance=i + 1))
+        )
     (tmp_path / "broken.dcm").write_bytes(b"\x00" * 10)
     return tmp_path, study_uid, series
 

@@ -1,4 +1,5 @@
 """ich.datasets: the real training layouts, and every mismatch in a label file reported."""
+
 from __future__ import annotations
 
 import cv2
@@ -12,7 +13,11 @@ from ich.labels import CLASSES, SUBTYPES, to_rsna
 
 @pytest.mark.parametrize(
     ("name", "layout", "images", "bleeds"),
-    [("rsna-png", "rsna-png", 3987, 602), ("phe-sich", "phe-sich", 1156, 676), ("roboflow-ich", "roboflow-ich", 355, 257)],
+    [
+        ("rsna-png", "rsna-png", 3987, 602),
+        ("phe-sich", "phe-sich", 1156, 676),
+        ("roboflow-ich", "roboflow-ich", 355, 257),
+    ],
 )
 def test_real_training_sets_read_as_the_readme_says(shared_data, name, layout, images, bleeds):
     source = datasets.read_source(shared_data / name)
@@ -71,7 +76,9 @@ def test_rsna_png_mismatches_are_reported(tmp_path):
 def test_roboflow_boxes_that_disagree_with_flags_are_reported(tmp_path):
     root = tmp_path / "boxes"
     rows = []
-    for i, (flags, box) in enumerate([({"epidural": 1}, "0 0.5 0.5 0.1 0.1"), ({"subdural": 1}, "0 0.5 0.5 0.1 0.1"), ({}, "")]):
+    for i, (flags, box) in enumerate(
+        [({"epidural": 1}, "0 0.5 0.5 0.1 0.1"), ({"subdural": 1}, "0 0.5 0.5 0.1 0.1"), ({}, "")]
+    ):
         name = f"1_{i}"
         write_png(root / "images" / f"{name}.jpg")
         (root / "labels").mkdir(exist_ok=True)
@@ -87,7 +94,9 @@ def test_counts_that_differ_from_the_readme_are_reported(tmp_path):
     root = tmp_path / "phe-sich"  # named like the real set, so its README counts apply
     write_png(root / "images" / "0001_01.png")
     write_png(root / "masks" / "0001_01.png", 255)
-    pd.DataFrame([{"image": "0001_01", "patient": "0001", "slice": 1, "hemorrhage": 1}]).to_csv(root / "labels.csv", index=False)
+    pd.DataFrame([{"image": "0001_01", "patient": "0001", "slice": 1, "hemorrhage": 1}]).to_csv(
+        root / "labels.csv", index=False
+    )
     reasons = [p.reason for p in datasets.read_source(root).problems]
     assert reasons == ["1 images / 1 bleeds, the data README says 1156 / 676"]
 

@@ -1,4 +1,5 @@
 """ich.dicom on synthetic files: ordering, HU, sources, and one specific error per kind of bad input."""
+
 from __future__ import annotations
 
 import io
@@ -45,8 +46,12 @@ def test_projection_on_tilted_normal(tmp_path):
     series, study = generate_uid(), generate_uid()
     normal = np.array([0.0, np.sin(0.3), np.cos(0.3)])
     for i in [3, 0, 2, 1]:
-        ds = make_ct(series_uid=series, study_uid=study, instance=10 - i,
-                     ImageOrientationPatient=[1, 0, 0, 0, float(np.cos(0.3)), float(-np.sin(0.3))])
+        ds = make_ct(
+            series_uid=series,
+            study_uid=study,
+            instance=10 - i,
+            ImageOrientationPatient=[1, 0, 0, 0, float(np.cos(0.3)), float(-np.sin(0.3))],
+        )
         ds.ImagePositionPatient = list(map(float, normal * 5.0 * i))
         ds.InstanceNumber = 10 - i  # deliberately opposite to the geometry
         (tmp_path / f"{i}.dcm").write_bytes(to_bytes(ds))
@@ -120,13 +125,15 @@ def test_invalid_uids_read_and_pydicom_left_as_it_was(monkeypatch):
     import pydicom
 
     monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.WARN)
-    data = to_bytes(make_ct(SOPInstanceUID="ID_30ea2b02d4", SeriesInstanceUID="ID_0ab5820b2a", StudyInstanceUID="ID_aa"))
+    data = to_bytes(
+        make_ct(SOPInstanceUID="ID_30ea2b02d4", SeriesInstanceUID="ID_0ab5820b2a", StudyInstanceUID="ID_aa")
+    )
     with pytest.warns(UserWarning, match="Invalid value for VR UI"):
         s = dicom.read_slice(dicom.Upload("rsna.dcm", data))
     assert s.sop_uid == "ID_30ea2b02d4" and s.series_uid == "ID_0ab5820b2a"
     assert pydicom.config.settings.reading_validation_mode == pydicom.config.WARN
     with pytest.warns(UserWarning, match="Invalid value for VR UI"):  # a plain read elsewhere still validates
-        pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID
+        _ = pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID
     # The product's entry points opt in once; then the same read is quiet.
     dicom.quiet_invalid_values()
     with warnings.catch_warnings():
@@ -325,3 +332,34 @@ def test_summary_is_json_without_identifiers(tmp_path):
     series_files(tmp_path, n=3)
     text = json.dumps(dicom.load(tmp_path).series[0].summary())
     assert "DOE" not in text and "TEST-0001" not in text
+
+
+def test_iter_series_decodes_uploads_one_series_at_a_time(monkeypatch):
+    """Uploads are parsed headers-first; pixels are decoded per series, and same-named files of two folders both count."""
+    a, b, study = generate_uid(), generate_uid(), generate_uid()
+    uploads = [
+        dicom.Upload(
+            f"{i}.dcm",
+            to_bytes(make_ct(np.full((32, 32), hu, np.float32), z=i, series_uid=uid, study_uid=study, instance=i)),
+        )
+        for uid, hu in ((a, 10.0), (b, 60.0))
+        for i in range(3)
+    ]
+    decoded: list[str] = []
+    real_read_file = dicom.read_file
+
+    def counting(source, pixels=True):
+        if pixels:
+            decoded.append(source.name)
+        return real_read_file(source, pixels)
+
+    monkeypatch.setattr(dicom, "read_file", counting)
+    problems: list[dicom.Problem] = []
+    stream = dicom.iter_series(uploads, problems)
+    first = next(stream)
+    assert len(decoded) == 3  # only the first series' pixels so far
+    second = next(stream)
+    assert next(stream, None) is None and not problems
+    by_uid = {s.series_uid: s for s in (first, second)}
+    assert np.allclose(by_uid[a].volume(), 10.0) and np.allclose(by_uid[b].volume(), 60.0)
+    assert sorted(decoded) == ["0.dcm", "0.dcm (2)", "1.dcm", "1.dcm (2)", "2.dcm", "2.dcm (2)"]

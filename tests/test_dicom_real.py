@@ -1,4 +1,5 @@
 """ich.dicom on the real scans in ../shared/data (RSNA, CQ500 JPEG Lossless, PhysioNet OT)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,7 +1,9 @@
 """ich.labels: class order and the RSNA ``ID,Label`` CSV."""
+
 from __future__ import annotations
 
 import io
+
 import pandas as pd
 import pytest
 

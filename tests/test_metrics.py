@@ -1,4 +1,5 @@
 """ich.metrics against values worked out by hand."""
+
 from __future__ import annotations
 
 import math

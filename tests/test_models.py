@@ -1,4 +1,5 @@
 """ich.models: every architecture trains a few steps on CPU for both tasks; freezing; offline weights."""
+
 from __future__ import annotations
 
 import urllib.error

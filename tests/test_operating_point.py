@@ -1,4 +1,5 @@
 """train.operating_point: the study score and flag threshold from simulated series."""
+
 from __future__ import annotations
 
 import numpy as np

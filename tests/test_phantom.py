@@ -1,5 +1,8 @@
 """ich.phantom: synthetic head CT, its labels and its DICOM files (small matrices keep this fast)."""
+
 from __future__ import annotations
+
+import itertools
 
 import cv2
 import numpy as np
@@ -23,7 +26,9 @@ def normal() -> phantom.PhantomStudy:
 @pytest.fixture(scope="module", params=SUBTYPES)
 def bleed(request) -> tuple[str, phantom.PhantomStudy]:
     """A whole series with exactly one hemorrhage of each subtype."""
-    return request.param, phantom.generate_study(100 + SUBTYPES.index(request.param), size=SIZE, subtypes=[request.param])
+    return request.param, phantom.generate_study(
+        100 + SUBTYPES.index(request.param), size=SIZE, subtypes=[request.param]
+    )
 
 
 def _bit(subtype: str) -> int:
@@ -82,7 +87,7 @@ def test_hounsfield_units(normal):
     assert abs(np.median(mid[SIZE // 2, 1:6]) - phantom.AIR_HU) < 10  # air beside the head
     y0, y1, x0, x1 = head_bbox(mid)
     h, w = y1 - y0, x1 - x0
-    roi = mid[y0 + int(0.3 * h): y1 - int(0.3 * h), x0 + int(0.3 * w): x1 - int(0.3 * w)]
+    roi = mid[y0 + int(0.3 * h) : y1 - int(0.3 * h), x0 + int(0.3 * w) : x1 - int(0.3 * w)]
     assert 20 <= np.median(roi) <= 45  # brain
     assert np.median(mid[mid > 300]) > 700  # skull
     assert normal.hu.min() >= phantom.FOV_PADDING_HU and normal.hu.max() <= phantom.HU_MAX
@@ -116,7 +121,7 @@ def test_hemorrhage_is_one_object_across_adjacent_slices(subtype):
     assert len(slices) >= 2
     assert np.array_equal(slices, np.arange(slices[0], slices[-1] + 1))  # no gaps
     gaps = []
-    for i, j in zip(slices[:-1], slices[1:]):
+    for i, j in itertools.pairwise(slices):
         distance = cv2.distanceTransform((~present[j]).astype(np.uint8), cv2.DIST_L2, 5)
         gaps.append(distance[present[i]].min() * study.spacing[0])
     # Neighbouring cross-sections overlap; only where the skull is cut tangentially (vertex) does
@@ -176,7 +181,10 @@ def test_write_dataset(tmp_path):
     frame = phantom.write_dataset(tmp_path, 3, seed=2, n_slices=2, size=32, masks=True, progress=False)
     assert list(frame.columns) == ["sop_uid", "study_uid", "series_uid", "patient_id", *CLASSES]
     assert len(frame) == 6 and frame["study_uid"].nunique() == 3
-    assert frame["patient_id"].iloc[0] == phantom.generate_study(2 * phantom.DATASET_SEED_STRIDE, n_slices=1, size=16).patient_id
+    assert (
+        frame["patient_id"].iloc[0]
+        == phantom.generate_study(2 * phantom.DATASET_SEED_STRIDE, n_slices=1, size=16).patient_id
+    )
     labels = read_rsna_csv(tmp_path / "stage_2_train.csv")
     assert labels.equals(frame.set_index("sop_uid")[list(CLASSES)].sort_index())
     assert len(list((tmp_path / "masks").glob("*.png"))) == 6

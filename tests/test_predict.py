@@ -1,4 +1,5 @@
 """ich.inference, `ich predict` and `ich evaluate`."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from pydicom.uid import generate_uid
 from ich import dicom
 from ich.inference import Predictor, study_score
 from ich.labels import CLASSES
-from tests.conftest import ROOT, make_checkpoint
 from tests.dicom_factory import make_ct, to_bytes
+from tests.helpers import ROOT, make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,9 @@ def predictor(tiny_checkpoint):
 
 def synthetic_series(n=4) -> dicom.Series:
     series, study = generate_uid(), generate_uid()
-    uploads = [dicom.Upload(f"{i}.dcm", to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study))) for i in range(n)]
+    uploads = [
+        dicom.Upload(f"{i}.dcm", to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study))) for i in range(n)
+    ]
     return dicom.load(uploads).series[0]
 
 
@@ -69,7 +72,16 @@ def run_ich(*args: str) -> subprocess.CompletedProcess:
 
 def test_predict_cli_every_slice(shared_data, tiny_checkpoint, tmp_path):
     out = tmp_path / "sub.csv"
-    proc = run_ich("predict", str(shared_data / "rsna-sample"), "--weights", str(tiny_checkpoint), "--out", str(out), "--timings", "--quiet")
+    proc = run_ich(
+        "predict",
+        str(shared_data / "rsna-sample"),
+        "--weights",
+        str(tiny_checkpoint),
+        "--out",
+        str(out),
+        "--timings",
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr
     timings = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(timings) == {"load_s", "read_s", "preprocess_s", "infer_s", "total_s"}
@@ -95,7 +107,15 @@ def test_predict_cli_keeps_going_past_bad_files(tmp_path, tiny_checkpoint):
 
 
 def test_evaluate_cli(shared_data, tiny_checkpoint, tmp_path):
-    proc = run_ich("evaluate", str(shared_data / "rsna-sample"), "--weights", str(tiny_checkpoint), "--out", str(tmp_path), "--quiet")
+    proc = run_ich(
+        "evaluate",
+        str(shared_data / "rsna-sample"),
+        "--weights",
+        str(tiny_checkpoint),
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["slice"]["n"] == 235 and report["series"]["n"] == 7
@@ -120,7 +140,9 @@ def test_predictor_follows_calibration_flip_and_study_rule(tmp_path):
     plain = Predictor.from_checkpoint(make_checkpoint(tmp_path / "plain", windows=windows, clip=True), device="cpu")
     calibration = {"method": "platt", "a": dict.fromkeys(CLASSES, 0.5), "b": dict.fromkeys(CLASSES, -1.0)}
     tuned = Predictor.from_checkpoint(
-        make_checkpoint(tmp_path / "tuned", windows=windows, clip=True, calibration=calibration, tta_flip=True, study_top_k=1),
+        make_checkpoint(
+            tmp_path / "tuned", windows=windows, clip=True, calibration=calibration, tta_flip=True, study_top_k=1
+        ),
         device="cpu",
     )
     assert plain.preprocess.clip == (0.0, 80.0) and tuned.top_k == 1 and tuned.tta_flip
@@ -214,7 +236,9 @@ def test_read_member_names_what_is_gone(tmp_path):
 def test_evaluate_says_when_the_model_trained_on_the_data(tmp_path):
     from ich import evaluate
 
-    meta = {"training": {"sources": {"rsna-png": {"root": str(tmp_path / "rsna-png"), "images": 1, "with_hemorrhage": 0}}}}
+    meta = {
+        "training": {"sources": {"rsna-png": {"root": str(tmp_path / "rsna-png"), "images": 1, "with_hemorrhage": 0}}}
+    }
     assert evaluate.trained_on(meta, tmp_path / "rsna-png")
     assert not evaluate.trained_on(meta, tmp_path / "rsna-sample") and not evaluate.trained_on({}, tmp_path)
     report = {"slice": {"n": 0, "accuracy": 0, "accuracy_multi": 0, "weighted_log_loss": 0, "per_class": {}},

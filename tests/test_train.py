@@ -1,4 +1,5 @@
 """train.*: splits, loading, augmentation, LR finder, fit end to end (also DDP), prepare, explore, compare, bench."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 from ich import checkpoint
+from ich.inference import Predictor
 from ich.labels import CLASSES, write_rsna_csv
+from ich.models import IMAGENET_MEAN, IMAGENET_STD, ModelInput
 from ich.windowing import MODEL_WINDOWS, PRESETS
 from tests.dicom_factory import make_ct, to_bytes
 from train import bench, compare, explore, fit, lr_finder, prepare
@@ -20,7 +23,6 @@ from train.data import (
     BatchLoader,
     BatchReader,
     Cache,
-    DeviceInput,
     RandomAffine,
     RandomFlip,
     RandomGaussianBlur,
@@ -74,7 +76,10 @@ def test_batch_loader_reads_every_row_once_and_shards(cache):
         assert torch.equal(target[:, 0], row.float())  # targets travel with their rows
         seen += row.tolist()
     assert sorted(seen) == rows.tolist()
-    shards = [set(r for _, _, rr in BatchLoader(reader, 8, True, rank=k, world_size=2, seed=1) for r in rr.tolist()) for k in (0, 1)]
+    shards = [
+        set(r for _, _, rr in BatchLoader(reader, 8, True, rank=k, world_size=2, seed=1) for r in rr.tolist())
+        for k in (0, 1)
+    ]
     assert shards[0] | shards[1] == set(rows.tolist())
 
 
@@ -118,8 +123,8 @@ def test_augmentations_keep_shape_and_do_what_they_say():
     assert repr(build_augment(0, 0, 1, 0)) == "Compose()"
 
 
-def test_device_input_normalises():
-    to_input = DeviceInput(torch.device("cpu"), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+def test_model_input_normalises():
+    to_input = ModelInput(torch.device("cpu"), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     x = to_input(torch.full((1, 3, 4, 4), 255, dtype=torch.uint8))
     assert x.dtype == torch.float32 and torch.allclose(x, torch.full_like(x, 2.0))
 
@@ -172,7 +177,18 @@ def test_resolve_device_puts_each_process_on_its_gpu(monkeypatch):
 
 
 def test_fit_end_to_end_writes_a_loadable_checkpoint(cache, tmp_path):
-    argv = ["--data", str(cache.root), "--task", "multilabel", "--bleed-only", "--epochs", "1", "--out", str(tmp_path), *TINY]
+    argv = [
+        "--data",
+        str(cache.root),
+        "--task",
+        "multilabel",
+        "--bleed-only",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+        *TINY,
+    ]
     meta = fit.main(argv)
     weights, meta_path = checkpoint.paths(tmp_path / "resnet18-multilabel")
     assert weights.is_file() and meta_path.is_file()
@@ -184,6 +200,13 @@ def test_fit_end_to_end_writes_a_loadable_checkpoint(cache, tmp_path):
     assert len(saved["history"]) == 1 and set(saved["metrics"]["per_class"]) == set(CLASSES)
     assert meta["metrics"]["n"] == saved["training"]["valid_slices"]
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 6)
+    # Prediction normalises a cached slice exactly as training did (augmentation off).
+    images = np.array(cache.images[:4])  # a writable copy of the memory map
+    trained_on = ModelInput(torch.device("cpu"), IMAGENET_MEAN, IMAGENET_STD)(torch.from_numpy(images))
+    predicted_on = Predictor.from_checkpoint(weights, device="cpu").to_input(images)
+    expected = (images / 255.0 - np.reshape(IMAGENET_MEAN, (1, 3, 1, 1))) / np.reshape(IMAGENET_STD, (1, 3, 1, 1))
+    assert torch.equal(trained_on, predicted_on)
+    np.testing.assert_allclose(predicted_on.numpy(), expected, atol=1e-5)
 
 
 def test_fit_init_starts_from_a_checkpoint(cache, tmp_path):
@@ -199,9 +222,40 @@ def test_fit_init_starts_from_a_checkpoint(cache, tmp_path):
         fit.main([*argv, "--task", "multilabel", "--init", str(tmp_path / "a" / first["name"])])
 
 
+def test_seeded_augmentation_repeats_whatever_else_draws():
+    x = torch.rand(6, 3, 32, 32) * 255
+    first = build_augment(zoom=1.2).set_random_state(7)(x)
+    torch.rand(100)  # someone else uses the global generator in between
+    again = build_augment(zoom=1.2).set_random_state(7)(x)
+    other = build_augment(zoom=1.2).set_random_state(8)(x)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_fit_is_reproducible_bit_for_bit_on_cpu(cache, tmp_path):
+    argv = ["--data", str(cache.root), "--epochs", "1", "--aug-zoom", "1.2", *TINY]
+    for name in ("a", "b"):
+        fit.main([*argv, "--out", str(tmp_path), "--name", name])
+    fit.main([*argv, "--out", str(tmp_path), "--name", "c", "--seed", "1"])
+    a, b, c = (checkpoint.load(tmp_path / n)[0] for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_fit_resumes_after_an_interruption(cache, tmp_path, monkeypatch):
-    argv = ["--data", str(cache.root), "--epochs", "2", "--freeze-epochs", "1", "--out", str(tmp_path), "--thresholds", "youden", *TINY]
+    argv = [
+        "--data",
+        str(cache.root),
+        "--epochs",
+        "2",
+        "--freeze-epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--thresholds",
+        "youden",
+        *TINY,
+    ]
     real_evaluate = fit.evaluate
     calls = []
 
@@ -252,7 +306,9 @@ def _rsna_folder(root: Path, n: int = 20) -> Path:
     for i in range(n):
         sop = f"ID_{i:09x}"
         hu = np.full((32, 32), -1000.0) if i == n - 1 else None
-        ds = make_ct(hu, z=5.0 * i, instance=i + 1, PatientID=f"P{i % 2}", SOPInstanceUID=sop, series_uid=f"1.2.{i % 2}")
+        ds = make_ct(
+            hu, z=5.0 * i, instance=i + 1, PatientID=f"P{i % 2}", SOPInstanceUID=sop, series_uid=f"1.2.{i % 2}"
+        )
         (images / f"{sop}.dcm").write_bytes(to_bytes(ds))
         labels[sop] = [i % 3 == 0] + [i % 3 == 0 and k == i % 5 for k in range(5)]
     (images / "ID_corrupt.dcm").write_bytes(b"this is not DICOM")
@@ -380,7 +436,7 @@ def png_sets(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("pngsets")
     rsna = root / "mine-rsna"
     ids = [f"ID_{i:03d}" for i in range(12)]
-    for i, name in enumerate(ids + ["ID_unlabelled"]):
+    for i, name in enumerate([*ids, "ID_unlabelled"]):
         write_png(rsna / "stage_2_train_png" / f"{name}.png", value=60 + 10 * i, size=48)
     labels = pd.DataFrame(0, index=pd.Index(ids, name="sop_uid"), columns=list(CLASSES))
     labels.iloc[::2, [0, 5]] = 1
@@ -403,7 +459,9 @@ def test_prepare_mixes_layouts_with_a_source_column(png_sets, tmp_path, capsys):
     rsna, phe = png_sets
     with pytest.raises(SystemExit, match="brain-window images only"):
         prepare.prepare([rsna, phe], tmp_path / "wrong", size=32, spec=THREE_WINDOW_INPUT, workers=0, progress=False)
-    cache = prepare.prepare([rsna, phe], tmp_path / "c", size=32, spec=BRAIN_INPUT, min_brain=0.0, workers=0, progress=False)
+    cache = prepare.prepare(
+        [rsna, phe], tmp_path / "c", size=32, spec=BRAIN_INPUT, min_brain=0.0, workers=0, progress=False
+    )
     frame = cache.frame
     assert frame["source"].value_counts().to_dict() == {"rsna-png": 12, "phe-sich": 6}
     assert cache.info["input"] == "brain" and cache.info["clip"] and cache.info["windows"][0] == ["brain", 40, 80]
@@ -420,8 +478,22 @@ def test_prepare_mixes_layouts_with_a_source_column(png_sets, tmp_path, capsys):
 def test_fit_validates_on_the_asked_source_only(png_sets, tmp_path):
     from ich.windowing import BRAIN_INPUT
 
-    cache = prepare.prepare(list(png_sets), tmp_path / "c", size=32, spec=BRAIN_INPUT, min_brain=0.0, workers=0, progress=False)
-    base = ["--data", str(cache.root), "--task", "multilabel", "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path), *TINY]
+    cache = prepare.prepare(
+        list(png_sets), tmp_path / "c", size=32, spec=BRAIN_INPUT, min_brain=0.0, workers=0, progress=False
+    )
+    base = [
+        "--data",
+        str(cache.root),
+        "--task",
+        "multilabel",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+        "--out",
+        str(tmp_path),
+        *TINY,
+    ]
     meta = fit.main([*base, "--val-sources", "rsna-png", "--folds", "3", "--fold", "1", "--tta-flip", "--name", "f1"])
     valid = pd.read_parquet(tmp_path / "f1.valid.parquet")
     assert (valid["source"] == "rsna-png").all() and len(valid) == 4
@@ -437,7 +509,9 @@ def test_pack_round_trip_is_byte_for_byte(png_sets, tmp_path):
     from ich.windowing import BRAIN_INPUT
     from train import pack
 
-    cache = prepare.prepare(list(png_sets), tmp_path / "c", size=32, spec=BRAIN_INPUT, min_brain=0.0, workers=0, progress=False)
+    cache = prepare.prepare(
+        list(png_sets), tmp_path / "c", size=32, spec=BRAIN_INPUT, min_brain=0.0, workers=0, progress=False
+    )
     packed = pack.pack(cache.root, tmp_path / "p")
     again = pack.unpack(packed, tmp_path / "u")
     np.testing.assert_array_equal(np.asarray(again.images), np.asarray(cache.images))

@@ -1,10 +1,13 @@
-"""ich.worklist (SQLite store, ingest, demo seed) and ich.review (predicted vs actual findings)."""
+"""ich.worklist: the SQLite store, ingest and demo seeding."""
+
 from __future__ import annotations
 
+import dataclasses
 import io
+import logging
 import sqlite3
-import threading
-import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,10 +15,12 @@ import pandas as pd
 import pytest
 from pydicom.uid import generate_uid
 
-from ich import dicom, review
+from ich import dicom
 from ich.labels import CLASSES
-from ich.worklist import STATUS_CLEAR, STATUS_HEMORRHAGE, STATUS_NEW, Worklist, ingest, seed_demo
+from ich.worklist import STATUS_CLEAR, STATUS_HEMORRHAGE, STATUS_NEW, StudyRecord, Worklist, ingest, seed_demo
 from tests.dicom_factory import make_ct, to_bytes
+
+THRESHOLDS = {c: 0.5 for c in CLASSES}
 
 
 @dataclass
@@ -30,10 +35,10 @@ class FakePrediction:
 class FakePredictor:
     """Scores every slice with the same probability row; no torch needed."""
 
-    thresholds = {c: 0.5 for c in CLASSES}
     name = "fake"
 
     def __init__(self, row: dict[str, float] | None = None, fail_on: int | None = None) -> None:
+        self.thresholds = dict(THRESHOLDS)
         self.row = np.array([(row or {}).get(c, 0.1) for c in CLASSES], np.float32)
         self.fail_on = fail_on
         self.calls = 0
@@ -50,7 +55,18 @@ class FakePredictor:
 
 def uploads(n: int = 4) -> list[dicom.Upload]:
     study, series = generate_uid(), generate_uid()
-    return [dicom.Upload(f"{i}.dcm", to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study, instance=i + 1))) for i in range(n)]
+    return [
+        dicom.Upload(f"{i}.dcm", to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study, instance=i + 1)))
+        for i in range(n)
+    ]
+
+
+def is_read_only(mapping) -> bool:
+    try:
+        mapping["any"] = 0.0
+    except TypeError:
+        return True
+    return False
 
 
 def series_of(n: int = 4) -> dicom.Series:
@@ -62,7 +78,7 @@ def add(wl: Worklist, score: float, n: int = 4, labels: pd.DataFrame | None = No
     probs = np.full((n, len(CLASSES)), 0.1, np.float32)
     probs[:, 0] = score
     pred = FakePrediction(series.sop_uids, probs, score, "subdural", score >= 0.5)
-    return wl.add_study(series, pred, labels, thresholds=FakePredictor.thresholds, model="fake"), series
+    return wl.add_study(series, pred, labels, thresholds=THRESHOLDS, model="fake"), series
 
 
 def test_worklist_sorted_by_likelihood_and_anonymous(tmp_path):
@@ -83,9 +99,20 @@ def test_study_round_trip_and_restart(tmp_path):
     series = series_of(4)
     labels = pd.DataFrame(0, index=series.sop_uids[:3], columns=list(CLASSES))
     labels.loc[series.sop_uids[1], ["any", "subdural"]] = 1
-    study_id = wl.add_study(series, FakePredictor({"any": 0.8}).predict_series(series), labels)
+    prediction = FakePredictor({"any": 0.8}).predict_series(series)
+    study_id = wl.add_study(series, prediction, labels, thresholds=THRESHOLDS, model="fake")
 
     again = Worklist(tmp_path)  # a server restart
+    info = again.study(study_id)
+    assert isinstance(info, StudyRecord) and info.id == study_id and info.label == f"Study {study_id} · 4 slices"
+    assert (info.study_uid, info.series_uid, info.n_slices) == (series.study_uid, series.series_uid, 4)
+    assert info.score == pytest.approx(0.8) and info.flagged is True and info.demo is False
+    assert info.status == STATUS_NEW and info.read is None and info.notes == () and info.model == "fake"
+    assert info.thresholds == THRESHOLDS and is_read_only(info.thresholds)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.status = STATUS_CLEAR  # type: ignore[misc]
+    with pytest.raises(KeyError):
+        again.study(study_id + 1)
     np.testing.assert_array_equal(again.volume(study_id), np.rint(series.volume()).astype(np.int16))
     slices = again.slices(study_id)
     assert slices["index"].tolist() == [0, 1, 2, 3]
@@ -98,20 +125,22 @@ def test_study_round_trip_and_restart(tmp_path):
 
 def test_review_becomes_actual_and_persists(tmp_path):
     wl = Worklist(tmp_path)
-    study_id, series = add(wl, 0.7, n=5)
+    study_id, _series = add(wl, 0.7, n=5)
     wl.save_review(study_id, True, ["subdural"], [1, 3])
     info = Worklist(tmp_path).study(study_id)
-    assert info["status"] == STATUS_HEMORRHAGE
-    assert info["read"].subtypes == ("subdural",) and info["read"].slice_marks == (1, 3)
+    assert info.status == STATUS_HEMORRHAGE and info.read is not None
+    assert info.read.subtypes == ("subdural",) and info.read.slice_marks == (1, 3)
     slices = wl.slices(study_id)
     assert (slices["truth"] == "review").all()
     assert slices["y_any"].tolist() == [0, 1, 0, 1, 0] and slices["y_subdural"].tolist() == [0, 1, 0, 1, 0]
 
     wl.save_review(study_id, False)
-    assert wl.study(study_id)["status"] == STATUS_CLEAR
+    assert wl.study(study_id).status == STATUS_CLEAR
     assert (wl.slices(study_id)["y_any"] == 0).all()
     with sqlite3.connect(tmp_path / "worklist.sqlite3") as db:
-        rows = db.execute("SELECT hemorrhage, subtypes, slice_marks FROM reviews WHERE study_id = ?", (study_id,)).fetchall()
+        rows = db.execute(
+            "SELECT hemorrhage, subtypes, slice_marks FROM reviews WHERE study_id = ?", (study_id,)
+        ).fetchall()
     assert rows == [(1, '["subdural"]', "[1, 3]"), (0, "[]", "[]")]
 
     with pytest.raises(ValueError, match="slice marks"):
@@ -131,7 +160,7 @@ def test_reupload_keeps_id_labels_and_read(tmp_path):
     new_id = wl.add_study(series, FakePredictor({"any": 0.95}).predict_series(series))
     info, slices = wl.study(new_id), wl.slices(new_id)
     assert new_id == study_id and len(wl) == 1
-    assert info["status"] == STATUS_HEMORRHAGE and info["score"] == pytest.approx(0.95)
+    assert info.status == STATUS_HEMORRHAGE and info.score == pytest.approx(0.95)
     assert slices["truth"].eq("phantom").all() and (slices["y_subdural"] == 1).all()
 
 
@@ -150,67 +179,58 @@ def test_exports_leave_uids_out_by_default(tmp_path):
 def test_concurrent_writers(tmp_path):
     wl = Worklist(tmp_path)
     ids = [add(wl, 0.5)[0] for _ in range(3)]
-    errors: list[Exception] = []
 
     def read_many(study_id: int) -> None:
-        try:
-            for _ in range(10):
-                wl.save_review(study_id, True, ["subdural"])
-                wl.studies()
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for _ in range(10):
+            wl.save_review(study_id, True, ["subdural"])
+            wl.studies()
 
-    threads = [threading.Thread(target=read_many, args=(i,)) for i in ids]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    with ThreadPoolExecutor(len(ids)) as pool:
+        for done in [pool.submit(read_many, i) for i in ids]:
+            done.result()  # raises what the thread raised
     assert all(len(wl.reviews(i)) == 10 for i in ids)
 
 
-def test_ingest_keeps_going_past_bad_files_and_series(tmp_path):
+def test_ingest_keeps_going_past_bad_files_and_series(tmp_path, caplog):
     wl = Worklist(tmp_path)
     good, failing = uploads(3), uploads(2)
     bad = dicom.Upload("notes.dcm", b"not a dicom file at all")
     steps: list[float] = []
-    report = ingest(wl, FakePredictor(fail_on=1), [*good, *failing, bad], progress=lambda f, text: steps.append(f))
+    with caplog.at_level(logging.ERROR, logger="ich.worklist"):
+        report = ingest(wl, FakePredictor(fail_on=1), [*good, *failing, bad], progress=lambda f, text: steps.append(f))
     assert len(report.added) == 1 and len(wl) == 1
     reasons = {p.path: p.reason for p in report.problems}
     assert "not a DICOM file" in reasons["notes.dcm"]
-    assert any("simulated failure" in r for r in reasons.values())
-    assert steps == sorted(steps) and steps[-1] == 1.0
+    assert [r for where, r in reasons.items() if where.startswith("series 1 of 2 (")] == [
+        "could not be added: RuntimeError: simulated failure"
+    ]
+    assert steps == sorted(steps) and steps[-1] == 1.0 and 0 < steps[-2] < 1.0
+    # The server log has the traceback, with the series' place in the upload but no identifier.
+    (record,) = caplog.records
+    assert record.exc_info is not None and record.getMessage().startswith("series 1 (")
+    loaded = dicom.load([*good, *failing]).series
+    identifiers = ["DOE", "TEST-0001", *(uid for s in loaded for uid in (s.study_uid, s.series_uid, *s.sop_uids))]
+    assert not [i for i in identifiers if i in caplog.text]
 
 
-def test_findings_and_agreement():
-    thresholds = {c: 0.5 for c in CLASSES}
-    pred = review.predicted([0.9, 0.1, 0.7, np.nan, 0.2, 0.6], thresholds)
-    assert pred == {"intraparenchymal", "subdural"}
-    assert review.describe(pred) == "intraparenchymal, subdural"
-    assert review.predicted([0.9, 0.1, 0.1, 0.1, 0.1, 0.1], thresholds) == {"any"}
-    assert review.describe(frozenset()) == "no hemorrhage" and review.describe(None) == "not labelled"
-    assert review.actual([np.nan] * 6) is None
-    assert review.actual([1, 0, 0, 0, 0, 1]) == {"subdural"}
-    assert review.agree(pred, frozenset({"subdural"})) is False
-    assert review.agree(frozenset({"subdural"}), frozenset({"subdural"})) is True
-    assert review.agree(frozenset({"subdural"}), frozenset({"any"})) is True  # truth without a type
-    assert review.agree(frozenset(), frozenset({"any"})) is False
-    assert review.agree(frozenset(), None) is None
-
-
-def test_study_level_findings():
-    probs = np.array([[0.9, 0.1, 0.1, 0.1, 0.1, 0.8], [0.6, 0.1, 0.1, 0.7, 0.1, 0.2]])
-    assert review.study_predicted(probs, True) == {"subdural", "intraventricular"}
-    assert review.study_predicted(probs, False) == frozenset()
-    binary = np.full((3, len(CLASSES)), np.nan)  # a checkpoint that predicts "any" only
-    binary[:, 0] = 0.9
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no all-NaN RuntimeWarning on every viewer rerun
-        assert review.study_predicted(binary, True) == {"any"}
-    labels = np.array([[1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]], float)
-    assert review.study_actual(labels) == {"subdural"}
-    assert review.study_actual(np.full((2, 6), np.nan)) is None
-    assert review.study_actual(labels, review.Read(False)) == frozenset()
+def test_ingest_of_a_folder_with_a_zipped_series_and_a_corrupt_file(tmp_path):
+    """Folders and zips on disk go through the streaming reader: zip members read from their archive."""
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    series = uploads(3)
+    with zipfile.ZipFile(folder / "series.zip", "w") as zf:
+        for u in series:
+            zf.writestr(f"ct/{u.name}", u.data)
+    (folder / "corrupt.dcm").write_bytes(b"\0" * 50)
+    wl = Worklist(tmp_path / "data")
+    steps: list[tuple[float, str]] = []
+    report = ingest(wl, FakePredictor(), [folder], progress=lambda f, text: steps.append((f, text)))
+    (study_id,) = report.added
+    assert wl.study(study_id).n_slices == 3 and len(wl.slices(study_id)) == 3
+    assert [(p.path, "not a DICOM file" in p.reason) for p in report.problems] == [(str(folder / "corrupt.dcm"), True)]
+    fractions = [f for f, _ in steps]
+    assert fractions == sorted(fractions) and steps[-1] == (1.0, "Done")
+    assert any(text == "Scoring series 1 (3 slices)" for _, text in steps)
 
 
 @pytest.mark.slow

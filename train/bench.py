@@ -11,6 +11,7 @@ forward, backward, AdamW step; bf16 + channels_last on CUDA) fed
 and ``loader`` alone (read, pin, copy, normalise) per device. Without ``--cache`` a synthetic
 cache is written to a temporary folder; either way it is read hot from the page cache.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,13 +19,14 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from ich.models import build_model
-from train.data import BatchLoader, BatchReader, Cache, DeviceInput, build_augment, synthetic_cache, targets
+from ich.models import ModelInput, build_model
+from train.data import BatchLoader, BatchReader, Cache, build_augment, synthetic_cache, targets
 from train.fit import resolve_device, train_one_epoch
 
 __all__ = ["bench_model", "bench_loader", "bench_end_to_end", "get_args_parser", "main"]
@@ -35,21 +37,34 @@ def _loader(cache: Cache, batch_size: int, workers: int, device: torch.device) -
     return BatchLoader(reader, batch_size, True, drop_last=True, workers=workers, pin_memory=device.type == "cuda")
 
 
-def _timed_training(arch: str, device: torch.device, batches: Iterator, steps: int, warmup: int, compile_model: bool) -> float:
+def _timed_training(
+    arch: str, device: torch.device, batches: Iterator, steps: int, warmup: int, compile_model: bool
+) -> float:
     cuda = device.type == "cuda"
     net = build_model(arch, 1).to(device)
     if cuda:
         net = net.to(memory_format=torch.channels_last)
-    model = torch.compile(net) if compile_model else net
+    model = cast(nn.Module, torch.compile(net)) if compile_model else net
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    to_input = DeviceInput(device, augment=build_augment(), channels_last=cuda)
-    kw = dict(amp=cuda, log=lambda *a: None)
-    train_one_epoch(model, nn.BCEWithLogitsLoss(), optimizer, None, batches, to_input, 0, max_steps=warmup, **kw)
-    return train_one_epoch(model, nn.BCEWithLogitsLoss(), optimizer, None, batches, to_input, 1, max_steps=steps, **kw)["images_per_second"]
+    to_input = ModelInput(device, augment=build_augment(), channels_last=cuda)
+    loss = nn.BCEWithLogitsLoss()
+
+    def quiet(*_: object) -> None:
+        pass
+
+    train_one_epoch(model, loss, optimizer, None, batches, to_input, 0, max_steps=warmup, amp=cuda, log=quiet)
+    stats = train_one_epoch(model, loss, optimizer, None, batches, to_input, 1, max_steps=steps, amp=cuda, log=quiet)
+    return stats["images_per_second"]
 
 
 def bench_model(
-    arch: str, device: torch.device, batch_size: int, size: int, steps: int, warmup: int = 2, compile_model: bool = False
+    arch: str,
+    device: torch.device,
+    batch_size: int,
+    size: int,
+    steps: int,
+    warmup: int = 2,
+    compile_model: bool = False,
 ) -> float:
     """img/s training on one resident synthetic batch (no data loading)."""
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
@@ -69,13 +84,15 @@ def bench_end_to_end(
     compile_model: bool = False,
 ) -> float:
     """img/s training on batches loaded from ``cache``."""
-    return _timed_training(arch, device, _loader(cache, batch_size, workers, device).forever(), steps, warmup, compile_model)
+    return _timed_training(
+        arch, device, _loader(cache, batch_size, workers, device).forever(), steps, warmup, compile_model
+    )
 
 
 def bench_loader(cache: Cache, device: torch.device, batch_size: int, steps: int, workers: int = 4) -> float:
     """img/s of loading alone: memmap read -> (pinned) uint8 -> device -> normalised float."""
     batches = _loader(cache, batch_size, workers, device).forever()
-    to_input = DeviceInput(device, channels_last=device.type == "cuda")
+    to_input = ModelInput(device, channels_last=device.type == "cuda")
     next(batches)  # workers started
     start = time.perf_counter()
     for _ in range(steps):
@@ -101,21 +118,34 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = get_args_parser().parse_args(argv)
-    names = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else args.devices.split(",")
+    names = (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else args.devices.split(",")
+    )
     results: list[dict] = []
 
     def report(arch: str, device: torch.device, mode: str, batch: int, size: int, rate: float) -> None:
         results.append({"arch": arch, "device": str(device), "mode": mode, "batch": batch, "size": size, "img/s": rate})
-        print(f"{arch:>16}  {str(device):>6}  {mode:>10}  batch {batch:>4}  {size}px  {rate:9.1f} img/s", flush=True)
+        print(f"{arch:>16}  {device!s:>6}  {mode:>10}  batch {batch:>4}  {size}px  {rate:9.1f} img/s", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         for device in map(resolve_device, names):
             cuda = device.type == "cuda"
             batch = args.batch_size or (256 if cuda else 16)
             steps = args.steps or (50 if cuda else 3)
-            cache = Cache.open(args.cache) if args.cache else synthetic_cache(Path(tmp) / device.type, n=batch * 8, size=args.size)
+            cache = (
+                Cache.open(args.cache)
+                if args.cache
+                else synthetic_cache(Path(tmp) / device.type, n=batch * 8, size=args.size)
+            )
             size = cache.size
-            report("(loading only)", device, "loader", batch, size, bench_loader(cache, device, batch, steps * 4, args.workers))
+            report(
+                "(loading only)",
+                device,
+                "loader",
+                batch,
+                size,
+                bench_loader(cache, device, batch, steps * 4, args.workers),
+            )
             for arch in args.archs.split(","):
                 rate = bench_model(arch, device, batch, size, steps, args.warmup, args.compile)
                 report(arch, device, "model", batch, size, rate)

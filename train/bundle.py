@@ -19,6 +19,7 @@
 Each training run is skipped when its checkpoint already exists with the same arguments, so an
 interrupted bundle resumes, and the card can be remade without retraining.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,9 +35,10 @@ import pandas as pd
 from ich import checkpoint, dicom, evaluate
 from ich.calibration import Platt, fit_platt, reliability
 from ich.checkpoint import json_ready
+from ich.files import data_dir
 from ich.inference import Predictor, aggregation_text
 from ich.labels import CLASSES, INDEX_NAME, SUBTYPES, read_rsna_csv
-from ich.metrics import bootstrap_auc, summarize, weighted_log_loss, rsna_weights, youden_thresholds
+from ich.metrics import bootstrap_auc, rsna_weights, summarize, weighted_log_loss, youden_thresholds
 from ich.models import build_model
 from ich.windowing import BRAIN_INPUT
 from train import fit, prepare
@@ -48,6 +51,7 @@ NAME = "ich-resnet18-brain"
 TRAINING_SETS = ("rsna-png", "phe-sich", "roboflow-ich")
 VALIDATION_SET = "rsna-png"
 FOLDS = 5
+BUNDLE_RECORD = "bundle.json"  # in --work: the command, so a later stage can cite the one it continued
 FAILURES_SHOWN = 5
 # What a person saw looking at the worst cases of the run in weights/ (rewritten after each rebuild).
 FAILURE_NOTES = Path(__file__).with_name("failure_notes.md")
@@ -66,6 +70,19 @@ def _failure_lines(failures: dict) -> list[str]:
             f"`{r[INDEX_NAME]}` {_f(r['score'], 2)}" + (f" ({', '.join(c for c in SUBTYPES if r.get(c) == 1)})" if r.get("any", 1) and any(r.get(c) == 1 for c in SUBTYPES) else "")
             for r in rows))  # fmt: skip
     return lines
+
+
+def _commands(ev: dict) -> list[str]:
+    """The bundle command(s) that made the model: one, or a first stage and the run that continued it."""
+    last = ("python -m train.bundle " + " ".join(ev["training"]["command"])).rstrip()
+    first = ev.get("first_stage")
+    if first is None:
+        return [last]
+    return [
+        (f"python -m train.bundle {' '.join(first['command'])}").rstrip()
+        + f"  # stage 1: {first['input_size']} px, {first['epochs']} epochs, peak lr {first['lr']}, {first['minutes']:.0f} min",
+        last + "  # stage 2: each run continued at a larger size",
+    ]
 
 
 def model_card(meta: dict, ev: dict, notes: str) -> str:
@@ -88,14 +105,19 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         "whatever a file's header says (RSNA files carry 30/80, 36/80 or 40/80; CQ500 carries 30/300).",
         f"- Test-time flip: {'yes (logits averaged with the mirror image)' if meta.get('tta_flip') else 'no'}.",
         "- Probabilities are calibrated per class (Platt scaling fitted on the out-of-fold predictions): "
-        + ", ".join(f"{c} a={meta['calibration']['a'][c]:.3f} b={meta['calibration']['b'][c]:.3f}" for c in meta["classes"]) + ".",
+        + ", ".join(
+            f"{c} a={meta['calibration']['a'][c]:.3f} b={meta['calibration']['b'][c]:.3f}" for c in meta["classes"]
+        )
+        + ".",
         f"- Study score: {aggregation_text(meta['study_top_k'])}; a study is flagged at >= {meta['thresholds']['any']:.3f}.",
-        "- Slice thresholds: " + ", ".join(f"{c} {t:.3f}" for c, t in meta["thresholds"].items()) + f" ({meta['threshold_policy']}).",
+        "- Slice thresholds: "
+        + ", ".join(f"{c} {t:.3f}" for c, t in meta["thresholds"].items())
+        + f" ({meta['threshold_policy']}).",
         f"- Weights: `weights/{NAME}.safetensors`, sha256 `{meta['sha256']}`.",
         "",
         "## How it was made",
         "```bash",
-        ("python -m train.bundle " + " ".join(tr["command"])).rstrip(),
+        *_commands(ev),
         "```",
         f"The six training runs (5 folds + the final model) took {tr['minutes']:.0f} min on {tr['device']} ({tr['amp']}); the final model trained at "
         f"{tr['final_images_per_second']:.0f} img/s. Training data (never any DICOM series below):",
@@ -124,9 +146,12 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         f"RSNA weighted log loss: {_f(cv['log_loss_raw'], 4)} raw, {_f(cv['log_loss_calibrated'], 4)} calibrated "
         "(calibration is fitted on these same predictions, so the second figure is optimistic by a little).",
         "",
-        "Reliability of 'any' (calibrated): " + "; ".join(
+        "Reliability of 'any' (calibrated): "
+        + "; ".join(
             f"{r['low']:.1f}–{r['high']:.1f}: {r['n']} slices, predicted {r['predicted']:.2f}, observed {r['observed']:.2f}"
-            for r in cv["reliability_calibrated"]) + ".",  # fmt: skip
+            for r in cv["reliability_calibrated"]
+        )
+        + ".",
         "",
         "## Operating point",
         "",
@@ -142,7 +167,12 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
     ]
     if "rsna-sample" in ext:
         r = ext["rsna-sample"]
-        lines += [f"### rsna-sample: 7 RSNA 2019 series ({r['slice']['n']} slices), through `ich evaluate`", "", *evaluate.slice_table(r["slice"]), ""]
+        lines += [
+            f"### rsna-sample: 7 RSNA 2019 series ({r['slice']['n']} slices), through `ich evaluate`",
+            "",
+            *evaluate.slice_table(r["slice"]),
+            "",
+        ]
         se = r["series"]
         lines.append(
             f"Series: AUC {_f(se['per_class']['any']['auc'])}, sensitivity {_f(se['per_class']['any']['sensitivity'])}, "
@@ -156,7 +186,9 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         lines.append("")
         for s in ext["cq500"]["scans"]:
             truth = {1: "ICH", 0: "no ICH"}.get(s["truth"], "unknown")
-            lines.append(f"- `{s['scan']}` ({s['slices']} slices, {truth}): score {s['score']:.3f}, {'flagged' if s['flagged'] else 'not flagged'}")
+            lines.append(
+                f"- `{s['scan']}` ({s['slices']} slices, {truth}): score {s['score']:.3f}, {'flagged' if s['flagged'] else 'not flagged'}"
+            )
         lines.append("")
     if "physionet-ctich" in ext:
         pc = ext["physionet-ctich"]["per_class"]
@@ -166,9 +198,16 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         for c in SUBTYPES:
             m = pc[c]
             if m["slices"]:
-                lines.append(f"- {c}: {m['slices']} slices, {m['caught_as_subtype']} called {c}, {m['caught_as_any']} called bleeding")
+                lines.append(
+                    f"- {c}: {m['slices']} slices, {m['caught_as_subtype']} called {c}, {m['caught_as_any']} called bleeding"
+                )
         lines.append("")
-    lines += ["## Known failure modes", "", "Out-of-fold (`rsna-png`), by calibrated 'any':", *_failure_lines(cv["failures"])]
+    lines += [
+        "## Known failure modes",
+        "",
+        "Out-of-fold (`rsna-png`), by calibrated 'any':",
+        *_failure_lines(cv["failures"]),
+    ]
     if "rsna-sample" in ext:
         lines += ["", "rsna-sample:", *_failure_lines(ext["rsna-sample"]["failures"])]
     lines += ["", notes.strip(), ""]
@@ -187,10 +226,17 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=ROOT / ".ich-data" / "bundle", help="scratch folder (git-ignored)")
+    p.add_argument(
+        "--work", type=Path, default=data_dir() / "bundle", help="scratch folder (default $ICH_DATA_DIR/bundle)"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "weights")
     p.add_argument("--shared", type=Path, default=SHARED, help="folder holding the training sets and the DICOM checks")
-    p.add_argument("--cache", type=Path, default=None, help="a finished training cache to use instead of preparing --shared (see train.pack)")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="a finished training cache to use instead of preparing --shared (see train.pack)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--size", type=int, default=128)
@@ -198,9 +244,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", default="2e-3")
     p.add_argument("--zoom", type=float, default=1.15, help="max zoom-in of the augmentation")
+    p.add_argument(
+        "--init-run",
+        type=Path,
+        default=None,
+        help="start each run from the same-named run of an earlier bundle (e.g. .ich-data/bundle/run): progressive "
+        "resizing; fold k continues fold k, so its validation fifth stays unseen",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None, help="stop each training run after this many steps (smoke runs)")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop each training run after this many steps (smoke runs)"
+    )
     return p
 
 
@@ -211,6 +266,7 @@ def _fit_args(args: argparse.Namespace, cache: Path, name: str, split: Sequence[
         "--device", args.device, "--workers", str(args.workers), "--seed", str(args.seed), "--tta-flip",
         "--out", str(args.work / "run"), "--name", name, "--print-freq", "0", *split,
         *(["--max-steps", str(args.max_steps)] if args.max_steps is not None else []),
+        *(["--init", str(args.init_run / f"{name}.safetensors")] if args.init_run is not None else []),
     ]  # fmt: skip
 
 
@@ -245,11 +301,15 @@ def train_models(args: argparse.Namespace) -> tuple[Cache, Path, list[Path]]:
     if args.cache is not None:
         cache = Cache.open(args.cache)
         if cache.size != args.size or cache.info.get("input") != BRAIN_INPUT.name:
-            raise SystemExit(f"--cache {args.cache} holds {cache.info.get('input')} at {cache.size} px; this recipe needs {BRAIN_INPUT.name} at {args.size}")
+            raise SystemExit(
+                f"--cache {args.cache} holds {cache.info.get('input')} at {cache.size} px; this recipe needs {BRAIN_INPUT.name} at {args.size}"
+            )
     else:
         missing = [s for s in TRAINING_SETS if not (args.shared / s).is_dir()]
         if missing:
-            raise SystemExit(f"training sets not found in {args.shared}: {', '.join(missing)} (see ../shared/data/README.md)")
+            raise SystemExit(
+                f"training sets not found in {args.shared}: {', '.join(missing)} (see ../shared/data/README.md)"
+            )
         folders = [args.shared / s for s in TRAINING_SETS]
         path = args.work / f"cache-{BRAIN_INPUT.name}-{args.size}"
         cache = prepare.prepare(folders, path, size=args.size, spec=BRAIN_INPUT, min_brain=0.0, workers=args.workers)
@@ -257,7 +317,13 @@ def train_models(args: argparse.Namespace) -> tuple[Cache, Path, list[Path]]:
     run.mkdir(parents=True, exist_ok=True)
     final = _fit(_fit_args(args, cache.root, "final", ["--val-frac", "0"]), run, "final")
     folds = [
-        _fit(_fit_args(args, cache.root, f"fold{k}", ["--val-sources", VALIDATION_SET, "--folds", str(FOLDS), "--fold", str(k)]), run, f"fold{k}")
+        _fit(
+            _fit_args(
+                args, cache.root, f"fold{k}", ["--val-sources", VALIDATION_SET, "--folds", str(FOLDS), "--fold", str(k)]
+            ),
+            run,
+            f"fold{k}",
+        )
         for k in range(FOLDS)
     ]
     return cache, final, folds
@@ -265,7 +331,9 @@ def train_models(args: argparse.Namespace) -> tuple[Cache, Path, list[Path]]:
 
 def out_of_fold(folds: Sequence[Path]) -> pd.DataFrame:
     """Every fold's validation predictions (``p_<class>``, raw) with their labels, one row per slice."""
-    frame = pd.concat([pd.read_parquet(f.with_suffix("").with_suffix(".valid.parquet")) for f in folds], ignore_index=True)
+    frame = pd.concat(
+        [pd.read_parquet(f.with_suffix("").with_suffix(".valid.parquet")) for f in folds], ignore_index=True
+    )
     if frame["row"].duplicated().any():
         raise SystemExit("a slice was validated by two folds: the fold checkpoints belong to different splits")
     return frame
@@ -309,13 +377,18 @@ def calibrate(oof: pd.DataFrame, counts: Sequence[int]) -> tuple[Platt, dict[str
     return platt, thresholds, report
 
 
-def _failures(frame: pd.DataFrame, truth: pd.Series, score: pd.Series, n: int = FAILURES_SHOWN) -> dict[str, list[dict]]:
+def _failures(
+    frame: pd.DataFrame, truth: pd.Series, score: pd.Series, n: int = FAILURES_SHOWN
+) -> dict[str, list[dict]]:
     """The ``n`` highest-scored clear slices and lowest-scored bleeding ones."""
     both = pd.DataFrame({"truth": truth, "score": score}).join(frame)
     fp = both[both["truth"] == 0].sort_values("score", ascending=False).head(n)
     fn = both[both["truth"] == 1].sort_values("score").head(n)
     keep = [c for c in ("score", "source", *SUBTYPES) if c in both]
-    return {"false_positives": fp[keep].reset_index().to_dict(orient="records"), "false_negatives": fn[keep].reset_index().to_dict(orient="records")}
+    return {
+        "false_positives": fp[keep].reset_index().to_dict(orient="records"),
+        "false_negatives": fn[keep].reset_index().to_dict(orient="records"),
+    }
 
 
 def external_checks(predictor: Predictor, shared: Path) -> dict[str, dict]:
@@ -332,7 +405,7 @@ def external_checks(predictor: Predictor, shared: Path) -> dict[str, dict]:
     folder = shared / "cq500"
     if folder.is_dir():
         votes = pd.read_csv(folder / "cq500_labels_for_these_patients.csv")
-        rows = []
+        rows: list[dict[str, Any]] = []
         for scan in sorted(p for p in folder.iterdir() if p.is_dir()):
             result = evaluate.predict(predictor, [scan], progress=False)
             vote = votes[votes["name"] == scan.name]
@@ -354,7 +427,10 @@ def external_checks(predictor: Predictor, shared: Path) -> dict[str, dict]:
             caught = int((probs.loc[files, c] >= predictor.thresholds[c]).sum())
             caught_any = int((probs.loc[files, "any"] >= predictor.thresholds["any"]).sum())
             per_class[c] = {"slices": len(files), "caught_as_subtype": caught, "caught_as_any": caught_any}
-        per_class["any"] = {"slices": len(probs), "caught_as_any": int((probs["any"] >= predictor.thresholds["any"]).sum())}
+        per_class["any"] = {
+            "slices": len(probs),
+            "caught_as_any": int((probs["any"] >= predictor.thresholds["any"]).sum()),
+        }
         reports["physionet-ctich"] = {"per_class": per_class}
     return reports
 
@@ -364,14 +440,20 @@ def write_checkpoint(final: Path, out: Path, platt: Platt, thresholds: dict[str,
     state, meta = checkpoint.load(final)
     model = build_model(meta["arch"], int(meta["num_classes"]))
     model.load_state_dict(state)
-    keep = {k: v for k, v in meta.items() if k not in ("sha256", "weights", "created", "format", "ich_version", "history")}
+    keep = {
+        k: v for k, v in meta.items() if k not in ("sha256", "weights", "created", "format", "ich_version", "history")
+    }
     meta = keep | {
         "name": NAME,
         "thresholds": thresholds,
         "threshold_policy": f"any: series sensitivity >= {TARGET_SENSITIVITY} on simulated out-of-fold series; subtypes: Youden's J on out-of-fold slices",
         "study_top_k": rule["top_k"],
         "calibration": platt.to_json(CLASSES),
-        "metrics": {"out_of_fold": cv["slice"], "log_loss_raw": cv["log_loss_raw"], "log_loss_calibrated": cv["log_loss_calibrated"]},
+        "metrics": {
+            "out_of_fold": cv["slice"],
+            "log_loss_raw": cv["log_loss_raw"],
+            "log_loss_calibrated": cv["log_loss_calibrated"],
+        },
     }
     # The JSON stays stable across rebuilds of the same weights: no creation time beyond the weights' own.
     return checkpoint.save(model, out / NAME, meta)[1]
@@ -381,6 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(command)
     dicom.quiet_invalid_values()
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / BUNDLE_RECORD).write_text(json.dumps({"command": command}) + "\n")
     cache, final, folds = train_models(args)
     oof = out_of_fold(folds)
     platt, thresholds, cv = calibrate(oof, bleed_counts(cache.frame))
@@ -395,8 +479,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports = {"cross_validation": cv, "external": external_checks(predictor, args.shared)}
     final_meta = json.loads(final.read_text())
     runs = [json.loads(p.read_text())["training"] for p in (final, *folds)]
+    if args.init_run is not None:  # the earlier stage's runs, for the card's account of the whole recipe
+        earlier = [json.loads((args.init_run / f"{p.stem}.json").read_text()) for p in (final, *folds)]
+        runs += [e["training"] for e in earlier]
+        first = earlier[0]
+        reports["first_stage"] = {
+            "command": json.loads((args.init_run.parent / BUNDLE_RECORD).read_text())["command"],
+            "input_size": first["input_size"],
+            "epochs": first["training"]["epochs"],
+            "lr": first["training"]["lr"],
+            "minutes": round(sum(e["training"]["wall_seconds"] for e in earlier) / 60, 1),
+        }
     reports["training"] = {
-        # The six training runs' own wall time (they may come from an earlier, resumed invocation).
+        # The training runs' own wall time, both stages (they may come from an earlier, resumed invocation).
         "minutes": round(sum(r["wall_seconds"] for r in runs) / 60, 1),
         "final_train_seconds": final_meta["training"]["train_seconds"],
         "final_images_per_second": final_meta["training"]["images_per_second"],
@@ -407,9 +502,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     (args.out / "evaluation.json").write_text(json.dumps(json_ready(reports), indent=2, allow_nan=False) + "\n")
     evaluate.reliability_figure(
-        {"raw": cv["reliability_raw"], "calibrated": cv["reliability_calibrated"]}, "Out-of-fold reliability, 'any' (rsna-png)"
+        {"raw": cv["reliability_raw"], "calibrated": cv["reliability_calibrated"]},
+        "Out-of-fold reliability, 'any' (rsna-png)",
     ).write_html(args.work / "reliability.html", include_plotlyjs=True)
-    card = model_card(json.loads(meta_path.read_text()), json.loads((args.out / "evaluation.json").read_text()), FAILURE_NOTES.read_text())
+    card = model_card(
+        json.loads(meta_path.read_text()),
+        json.loads((args.out / "evaluation.json").read_text()),
+        FAILURE_NOTES.read_text(),
+    )
     (args.out / "MODEL_CARD.md").write_text(card)
     print(card)
     return 0

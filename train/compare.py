@@ -7,6 +7,7 @@ Everything after the compare options is passed to :mod:`train.fit` unchanged (th
 optional), with ``--arch`` and ``--out`` set per run; the same ``--seed`` gives every architecture
 the same split. Writes ``<out>/compare.md`` and prints it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,16 @@ from train import fit
 
 __all__ = ["COLUMNS", "markdown_table", "get_args_parser", "main"]
 
-COLUMNS = ("architecture", "accuracy", "accuracy_multi", "mean AUC", "weighted log loss", "valid loss", "train time", "img/s")
+COLUMNS = (
+    "architecture",
+    "accuracy",
+    "accuracy_multi",
+    "mean AUC",
+    "weighted log loss",
+    "valid loss",
+    "train time",
+    "img/s",
+)
 
 
 def _row(meta: dict) -> list[str]:
@@ -45,7 +55,9 @@ def markdown_table(results: Sequence[dict]) -> str:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Compare architectures on one split; other options go to train.fit", add_help=add_help)
+    parser = argparse.ArgumentParser(
+        description="Compare architectures on one split; other options go to train.fit", add_help=add_help
+    )
     parser.add_argument("--archs", default="resnet18,resnet50,resnet101,densenet121,alexnet", help="comma-separated")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     return parser

@@ -11,9 +11,10 @@ A cache folder (written by :mod:`train.prepare`) holds:
 - ``cache.json``: size, windows, classes, source and whether preparation finished.
 - ``problems.csv``: files that could not be used, with the reason.
 
-Batches stay uint8 until they are on the training device, where :class:`DeviceInput` converts,
+Batches stay uint8 until they are on the training device, where :class:`ich.models.ModelInput` converts,
 augments and normalises them: 4x less host-to-device traffic and no CPU-side augmentation.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DistributedSampler
+from torch.utils.data import BatchSampler, Dataset, DistributedSampler
 
 __all__ = [
     "IMAGES",
@@ -38,8 +40,6 @@ __all__ = [
     "INFO",
     "PROBLEMS",
     "CACHE_FORMAT",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "Cache",
     "is_cache",
     "write_info",
@@ -53,7 +53,6 @@ __all__ = [
     "RandomAffine",
     "RandomGaussianBlur",
     "Compose",
-    "DeviceInput",
     "build_augment",
 ]
 
@@ -65,8 +64,6 @@ CACHE_FORMAT = 1
 
 # The three CT windows are mapped onto RGB channels, so ImageNet statistics are the natural
 # normalisation for a pretrained backbone; from scratch they are as good as any.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --------------------------------------------------------------------------- the cache
@@ -245,7 +242,9 @@ class BatchReader:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def read(self, positions: Sequence[int], pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def read(
+        self, positions: Sequence[int], pin_memory: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Ascending rows read the file front to back; order inside a batch does not matter to SGD.
         pos = np.sort(np.asarray(positions, dtype=np.int64))
         rows = self.rows[pos]
@@ -283,7 +282,10 @@ class BatchLoader:
         prefetch: int = 2,
     ) -> None:
         self.reader = reader
-        self.sampler = DistributedSampler(range(len(reader)), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        # DistributedSampler only needs len(): the indices it yields address the reader.
+        self.sampler: DistributedSampler = DistributedSampler(
+            cast(Dataset, range(len(reader))), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
+        )
         self.batches = BatchSampler(self.sampler, batch_size, drop_last)
         self.pin_memory = pin_memory
         self.ahead = workers * prefetch
@@ -323,24 +325,36 @@ class BatchLoader:
 
 # --------------------------------------------------------------------------- on-device augmentation
 # Each transform takes and returns a float batch (B, C, H, W) on any device and draws one random
-# decision per image, so a whole batch is augmented in a few kernel launches.
+# decision per image, so a whole batch is augmented in a few kernel launches. Draws come from the
+# transform's own generator (MONAI's set_random_state), so a seeded run repeats bit for bit
+# whatever else in the process uses torch's global generator.
 
 
-def _chosen(x: torch.Tensor, p: float) -> torch.Tensor:
-    return torch.rand(x.shape[0], device=x.device) < p
+class Randomizable:
+    generator: torch.Generator | None = None  # None: torch's global generator
+
+    def set_random_state(self, seed: int, device: torch.device | str = "cpu") -> Randomizable:
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        return self
+
+    def rand(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.rand(n, device=device, generator=self.generator)
+
+    def chosen(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return self.rand(x.shape[0], x.device) < p
 
 
-class RandomFlip:
+class RandomFlip(Randomizable):
     """Left-right flip with probability ``p`` (heads are roughly symmetric; up-down is not)."""
 
     def __init__(self, p: float = 0.5) -> None:
         self.p = p
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(_chosen(x, self.p)[:, None, None, None], x.flip(-1), x)
+        return torch.where(self.chosen(x, self.p)[:, None, None, None], x.flip(-1), x)
 
 
-class RandomAffine:
+class RandomAffine(Randomizable):
     """Rotate by U(-``degrees``, ``degrees``) and zoom in by U(1, ``max_zoom``), with probability ``p``.
 
     Pixels brought in from outside are 0: air in every CT window.
@@ -350,14 +364,16 @@ class RandomAffine:
         self.degrees, self.max_zoom, self.p = degrees, max_zoom, p
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        idx = torch.nonzero(_chosen(x, self.p)).squeeze(1)
+        idx = torch.nonzero(self.chosen(x, self.p)).squeeze(1)
         if idx.numel() == 0:
             return x
         n, dev = idx.numel(), x.device
-        angle = (torch.rand(n, device=dev) * 2 - 1) * math.radians(self.degrees)
-        scale = 1 / (1 + torch.rand(n, device=dev) * (self.max_zoom - 1))
+        angle = (self.rand(n, dev) * 2 - 1) * math.radians(self.degrees)
+        scale = 1 / (1 + self.rand(n, dev) * (self.max_zoom - 1))
         cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
-        theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1), torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, torch.zeros_like(cos)], 1), torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1
+        )
         sub = x[idx]
         grid = F.affine_grid(theta.to(sub.dtype), list(sub.shape), align_corners=False)
         out = x.clone()
@@ -365,7 +381,7 @@ class RandomAffine:
         return out
 
 
-class RandomGaussianBlur:
+class RandomGaussianBlur(Randomizable):
     """Gaussian blur with sigma U(``sigma[0]``, ``sigma[1]``) px, with probability ``p``.
 
     A separable depthwise convolution whose kernel differs per image; unchosen images get a
@@ -378,10 +394,10 @@ class RandomGaussianBlur:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        chosen = _chosen(x, self.p)
+        chosen = self.chosen(x, self.p)
         if not chosen.any():
             return x
-        sigma = self.sigma[0] + torch.rand(b, device=x.device) * (self.sigma[1] - self.sigma[0])
+        sigma = self.sigma[0] + self.rand(b, x.device) * (self.sigma[1] - self.sigma[0])
         offsets = torch.arange(-self.radius, self.radius + 1, device=x.device, dtype=x.dtype)
         kernel = torch.exp(-(offsets[None] ** 2) / (2 * sigma[:, None].to(x.dtype) ** 2))
         kernel = kernel / kernel.sum(1, keepdim=True)
@@ -394,9 +410,17 @@ class RandomGaussianBlur:
         return y.reshape(b, c, h, w)
 
 
-class Compose:
+class Compose(Randomizable):
     def __init__(self, transforms: Sequence) -> None:
         self.transforms = list(transforms)
+
+    def set_random_state(self, seed: int, device: torch.device | str = "cpu") -> Compose:
+        """One seeded generator on ``device`` (where the batches are augmented), shared by every transform."""
+        super().set_random_state(seed, device)
+        for t in self.transforms:
+            if isinstance(t, Randomizable):
+                t.generator = self.generator
+        return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for t in self.transforms:
@@ -420,33 +444,3 @@ def build_augment(flip: float = 0.5, rotate: float = 15.0, zoom: float = 1.0, bl
     if blur > 0:
         transforms.append(RandomGaussianBlur(blur))
     return Compose(transforms)
-
-
-class DeviceInput:
-    """uint8 batch -> normalised float model input, on ``device``.
-
-    Copies (non-blocking from pinned memory), converts to float, applies ``augment`` (training
-    only; it works on the 0-255 scale, where 0 is air), normalises with ``mean``/``std`` (given
-    for [0, 1] images, folded with the 1/255 into one pass) and, on CUDA, goes channels_last.
-    """
-
-    def __init__(
-        self,
-        device: torch.device,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        augment: Compose | None = None,
-        channels_last: bool = False,
-    ) -> None:
-        self.device = device
-        self.shift = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-        self.scale = 1 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
-        self.augment = augment
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def __call__(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).float()
-        if train and self.augment is not None:
-            x = self.augment(x)
-        x = x.sub_(self.shift).mul_(self.scale)
-        return x.contiguous(memory_format=self.memory_format)

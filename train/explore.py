@@ -6,6 +6,7 @@ Label balance, subtype prevalence, BitsStored distribution, the brain-pixel frac
 blank-slice threshold, and example slices in several windows (every preset when the source DICOM
 is still readable, else the three cached model channels). Plotly is embedded: works offline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,9 @@ __all__ = ["build_report", "example_rows", "get_args_parser", "main"]
 
 def _bar(counts: pd.Series, title: str, xaxis: str) -> go.Figure:
     total = max(int(counts.sum()), 1)
-    fig = go.Figure(go.Bar(x=[str(i) for i in counts.index], y=counts.to_numpy(), text=[f"{v} ({v / total:.1%})" for v in counts]))
+    fig = go.Figure(
+        go.Bar(x=[str(i) for i in counts.index], y=counts.to_numpy(), text=[f"{v} ({v / total:.1%})" for v in counts])
+    )
     fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title="slices", height=380)
     return fig
 
@@ -44,8 +47,15 @@ def _prevalence(frame: pd.DataFrame, classes: Sequence[str]) -> go.Figure:
 def _sources(frame: pd.DataFrame) -> go.Figure:
     """Slices and bleeds per training source (one bar pair per ``source`` of a multi-source cache)."""
     counts = frame.groupby("source", sort=False)["any"].agg(slices="size", bleeds=lambda s: int((s == 1).sum()))
-    fig = go.Figure([go.Bar(name=col, x=list(counts.index), y=counts[col].to_numpy(), text=counts[col].to_numpy()) for col in counts])
-    fig.update_layout(title="Slices and bleeds per source", barmode="group", xaxis_title="source", yaxis_title="slices", height=380)
+    fig = go.Figure(
+        [
+            go.Bar(name=col, x=list(counts.index), y=counts[col].to_numpy(), text=counts[col].to_numpy())
+            for col in counts
+        ]
+    )
+    fig.update_layout(
+        title="Slices and bleeds per source", barmode="group", xaxis_title="source", yaxis_title="slices", height=380
+    )
     return fig
 
 
@@ -62,7 +72,9 @@ def _brain_fraction(frame: pd.DataFrame, threshold: float | None) -> go.Figure:
     return fig
 
 
-def example_rows(frame: pd.DataFrame, classes: Sequence[str], per_class: int = 2, seed: int = 0) -> list[tuple[str, int]]:
+def example_rows(
+    frame: pd.DataFrame, classes: Sequence[str], per_class: int = 2, seed: int = 0
+) -> list[tuple[str, int]]:
     """``(label, row)`` pairs: a few kept slices without a bleed, then a few of each present subtype."""
     kept = frame[frame["kept"]]
     groups = [("no bleed", kept[kept["any"] == 0])] + [(c, kept[kept[c] == 1]) for c in classes if c != "any"]
@@ -81,7 +93,7 @@ def _windows_of(cache: Cache, row: int) -> tuple[np.ndarray, list[str]]:
     source = cache.info.get("source")
     path = Path(source or "") / str(cache.frame.at[row, "path"])
     try:
-        hu = dicom.read_slice(path).hu
+        hu = dicom.read_slice(path).pixels
     except dicom.DicomError:  # the source folder moved or was removed: show what the model sees
         return np.asarray(cache.images[row]), [w[0] for w in cache.info["windows"]]
     # The cache's own crop and resize, with every preset window instead of the model's three.

@@ -22,6 +22,7 @@ metrics. ``--val-sources`` keeps validation (and ``--folds``) to some sources: t
 train. The validation predictions (logits, flip-averaged with ``--tta-flip``) are written to
 ``<name>.valid.parquet`` for calibration and out-of-fold reports.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,9 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -42,16 +45,24 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import OneCycleLR
 
 from ich import checkpoint, inference
+from ich.files import atomic_write, data_dir
+from ich.labels import DEFAULT_THRESHOLD
 from ich.metrics import summarize, youden_thresholds
-from ich.models import ARCHITECTURES, build_model, flip_averaged_logits, freeze_backbone, unwrap
-from train import lr_finder
-from train.data import (
+from ich.models import (
+    ARCHITECTURES,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ModelInput,
+    build_model,
+    flip_averaged_logits,
+    freeze_backbone,
+    unwrap,
+)
+from train import lr_finder
+from train.data import (
     BatchLoader,
     BatchReader,
     Cache,
-    DeviceInput,
     build_augment,
     is_cache,
     kept_mask,
@@ -75,7 +86,18 @@ __all__ = [
     "main",
 ]
 
-TABLE_COLUMNS = ("epoch", "train_loss", "valid_loss", "error_rate", "accuracy", "accuracy_multi", "wlogloss", "mean_auc", "img/s", "time")
+TABLE_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "valid_loss",
+    "error_rate",
+    "accuracy",
+    "accuracy_multi",
+    "wlogloss",
+    "mean_auc",
+    "img/s",
+    "time",
+)
 
 
 # --------------------------------------------------------------------------- process setup
@@ -133,9 +155,9 @@ def _sum_across(*values: torch.Tensor) -> list[torch.Tensor]:
 
 
 def default_cache_dir(data: Path, size: int) -> Path:
-    """Where a raw folder is prepared when ``--cache`` is not given (``.ich-data`` is git-ignored)."""
+    """Where a raw folder is prepared when ``--cache`` is not given (under :func:`ich.files.data_dir`)."""
     tag = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:8]
-    return Path(".ich-data") / "cache" / f"{data.name}-{tag}-{size}"
+    return data_dir() / "cache" / f"{data.name}-{tag}-{size}"
 
 
 def open_data(
@@ -228,7 +250,10 @@ def use_bf16(device: torch.device, mode: str) -> bool:
         return mode == "bf16"
     if device.type == "cuda":
         return True
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    native = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
     return device.type == "cpu" and bool(native)
 
 
@@ -239,7 +264,12 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, amp: bool, flip: bool
 
 
 def train_step(
-    model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, target: torch.Tensor, amp: bool
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    target: torch.Tensor,
+    amp: bool,
 ) -> torch.Tensor:
     """One optimiser step; returns the (detached) batch loss without synchronising the device."""
     with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -257,7 +287,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: OneCycleLR | None,
     loader: Iterable,
-    to_input: DeviceInput,
+    to_input: ModelInput,
     epoch: int,
     *,
     max_steps: int | None = None,
@@ -274,7 +304,9 @@ def train_one_epoch(
     for images, target, _ in loader:
         if max_steps is not None and steps >= max_steps:
             break
-        loss = train_step(model, criterion, optimizer, to_input(images, train=True), target.to(device, non_blocking=True), amp)
+        loss = train_step(
+            model, criterion, optimizer, to_input(images, train=True), target.to(device, non_blocking=True), amp
+        )
         if scheduler is not None:
             scheduler.step()
         loss_sum += loss * len(target)  # stays on the device: no sync per step
@@ -289,12 +321,18 @@ def train_one_epoch(
     seconds = time.perf_counter() - start
     total_loss, total_seen = _sum_across(loss_sum, torch.tensor(float(seen), device=device))
     n = int(total_seen.item())
-    return {"loss": total_loss.item() / max(n, 1), "images": n, "steps": steps, "seconds": seconds, "images_per_second": n / seconds}
+    return {
+        "loss": total_loss.item() / max(n, 1),
+        "images": n,
+        "steps": steps,
+        "seconds": seconds,
+        "images_per_second": n / seconds,
+    }
 
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, loader: Iterable, to_input: DeviceInput, amp: bool = False, flip: bool = False
+    model: nn.Module, loader: Iterable, to_input: ModelInput, amp: bool = False, flip: bool = False
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """``(mean BCE, y_true, y_prob, rows)`` over the whole validation set, gathered from every rank.
 
@@ -318,9 +356,9 @@ def evaluate(
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, parts)
         parts = [np.concatenate([g[i] for g in gathered]) for i in range(4)]
-    row, loss, y_true, logits = parts
+    row, loss, y_true, raw = parts
     _, first = np.unique(row, return_index=True)
-    return float(loss[first].mean()), y_true[first], 1 / (1 + np.exp(-logits[first])), row[first]
+    return float(loss[first].mean()), y_true[first], 1 / (1 + np.exp(-raw[first])), row[first]
 
 
 # --------------------------------------------------------------------------- reporting
@@ -360,36 +398,75 @@ def _lr_value(text: str) -> float | str:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train an ICH slice classifier", add_help=add_help)
-    p.add_argument("--data", required=True, type=Path, help="prepared cache, or RSNA-layout folder (prepared on first use)")
-    p.add_argument("--cache", type=Path, default=None, help="where to prepare a raw --data folder (default .ich-data/cache/...)")
+    p.add_argument(
+        "--data", required=True, type=Path, help="prepared cache, or RSNA-layout folder (prepared on first use)"
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="where to prepare a raw --data folder (default $ICH_DATA_DIR/cache/...)",
+    )
     p.add_argument("--size", type=int, default=None, help="slice size when preparing (default 256; must match a cache)")
-    p.add_argument("--min-brain", type=float, default=None, help="brain-pixel filter (default: the cache's 'kept' flag)")
+    p.add_argument(
+        "--min-brain", type=float, default=None, help="brain-pixel filter (default: the cache's 'kept' flag)"
+    )
     p.add_argument("--arch", default="resnet18", choices=ARCHITECTURES)
     p.add_argument("--pretrained", action="store_true", help="start from torchvision ImageNet weights")
-    p.add_argument("--init", type=Path, default=None, help="start from this checkpoint's weights (fine-tuning); arch and classes must match")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this checkpoint's weights (fine-tuning); arch and classes must match",
+    )
     p.add_argument("--task", default="binary", choices=("binary", "multilabel"))
-    p.add_argument("--bleed-only", action="store_true", help="train and validate on slices with a bleed only (paper's subtype model)")
+    p.add_argument(
+        "--bleed-only",
+        action="store_true",
+        help="train and validate on slices with a bleed only (paper's subtype model)",
+    )
     p.add_argument("--epochs", type=int, default=5, help="epochs with the whole network trained")
     p.add_argument("--freeze-epochs", type=int, default=0, help="epochs training only the new head first")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--lr", type=_lr_value, default=1e-3, help="peak one-cycle rate, or 'auto' (LR range test's suggestion)")
+    p.add_argument(
+        "--lr", type=_lr_value, default=1e-3, help="peak one-cycle rate, or 'auto' (LR range test's suggestion)"
+    )
     p.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay (fastai default)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps in all (smoke runs)")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many optimiser steps in all (smoke runs)"
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"), help="bf16 autocast (auto: CUDA, or a CPU with native bf16)")
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=("auto", "bf16", "off"),
+        help="bf16 autocast (auto: CUDA, or a CPU with native bf16)",
+    )
     p.add_argument("--workers", type=int, default=4, help="data-reading threads per training process (0 = inline)")
     p.add_argument("--out", type=Path, default=Path("runs"))
     p.add_argument("--name", default=None, help="checkpoint name (default <arch>-<task>[-fold<i>])")
     p.add_argument("--resume", type=Path, default=None, help="a <name>.state.pt to continue from")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-frac", type=float, default=0.2, help="fraction of patients held out (0: train on all, no validation)")
+    p.add_argument(
+        "--val-frac", type=float, default=0.2, help="fraction of patients held out (0: train on all, no validation)"
+    )
     p.add_argument("--folds", type=int, default=None, help="K-fold by patient: validate on fold --fold of K")
-    p.add_argument("--val-sources", default=None, help="comma-separated cache sources validation draws from (default: all); the rest always train")
-    p.add_argument("--tta-flip", action="store_true", help="validate (and later predict) on the mean of each slice and its mirror")
+    p.add_argument(
+        "--val-sources",
+        default=None,
+        help="comma-separated cache sources validation draws from (default: all); the rest always train",
+    )
+    p.add_argument(
+        "--tta-flip", action="store_true", help="validate (and later predict) on the mean of each slice and its mirror"
+    )
     p.add_argument("--fold", type=int, default=0)
-    p.add_argument("--lr-find", action="store_true", help="run the LR range test, write its plot, print the suggestion, exit")
+    p.add_argument(
+        "--lr-find", action="store_true", help="run the LR range test, write its plot, print the suggestion, exit"
+    )
     p.add_argument("--lr-find-iters", type=int, default=100)
-    p.add_argument("--thresholds", default="fixed", choices=("fixed", "youden"), help="0.5 per class, or chosen on validation")
+    p.add_argument(
+        "--thresholds", default="fixed", choices=("fixed", "youden"), help="0.5 per class, or chosen on validation"
+    )
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--aug-flip", type=float, default=0.5, help="left-right flip probability")
     p.add_argument("--aug-rotate", type=float, default=15.0, help="max rotation, degrees")
@@ -405,7 +482,7 @@ def _wrap(net: nn.Module, dist_info: DistInfo, device: torch.device, compile_mod
     model: nn.Module = net
     if dist_info.distributed:
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if compile_model else model
+    return cast(nn.Module, torch.compile(model)) if compile_model else model
 
 
 def _run_lr_find(
@@ -413,7 +490,7 @@ def _run_lr_find(
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
     loader: BatchLoader,
-    to_input: DeviceInput,
+    to_input: ModelInput,
     amp: bool,
     num_it: int,
 ) -> lr_finder.LRFindResult:
@@ -447,7 +524,9 @@ def _split(cache: Cache, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarr
         pool = used[np.isin(frame["source"].to_numpy()[used], wanted)]
     if args.val_frac == 0 and args.folds is None:  # the final model of a cross-validated recipe: train on all
         return used, used, used[:0]
-    train_pos, val_pos = patient_split(frame["patient_id"].to_numpy()[pool], args.val_frac, args.seed, args.folds, args.fold)
+    _train_pos, val_pos = patient_split(
+        frame["patient_id"].to_numpy()[pool], args.val_frac, args.seed, args.folds, args.fold
+    )
     valid = pool[val_pos]
     return used, np.setdiff1d(used, valid), valid
 
@@ -474,22 +553,30 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     classes = task_classes(args.task, cache.classes)
     used, train_rows, val_rows = _split(cache, args)
     y = targets(cache.frame, classes)
-    log(f"{cache.root}: {len(used)} of {len(cache.frame)} slices used; train {len(train_rows)}, valid {len(val_rows)} (split by patient)")
+    log(
+        f"{cache.root}: {len(used)} of {len(cache.frame)} slices used; train {len(train_rows)}, valid {len(val_rows)} (split by patient)"
+    )
 
-    loader_kw = dict(workers=args.workers, seed=args.seed, rank=dist_info.rank, world_size=dist_info.world_size, pin_memory=cuda)
+    loader_kw = dict(
+        workers=args.workers, seed=args.seed, rank=dist_info.rank, world_size=dist_info.world_size, pin_memory=cuda
+    )
     # Dropping the ragged last batch keeps BatchNorm away from 1-image batches, when there is more than one batch.
     drop_last = len(train_rows) // dist_info.world_size > args.batch_size
     train_reader = BatchReader(cache.images_path, train_rows, y[train_rows])
     train_loader = BatchLoader(train_reader, args.batch_size, True, drop_last=drop_last, **loader_kw)
     val_loader = BatchLoader(BatchReader(cache.images_path, val_rows, y[val_rows]), args.batch_size, False, **loader_kw)
+
     def validate(model: nn.Module) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
         if len(val_rows):
             return evaluate(model, val_loader, to_input, amp, args.tta_flip)
         empty = np.zeros((0, len(classes)), np.float32)
         return math.nan, empty, empty, np.zeros(0, np.int64)
 
-    augment = None if args.no_augment else build_augment(args.aug_flip, args.aug_rotate, args.aug_zoom, args.aug_blur)
-    to_input = DeviceInput(device, IMAGENET_MEAN, IMAGENET_STD, augment, channels_last=cuda or amp)
+    augment = None
+    if not args.no_augment:
+        augment = build_augment(args.aug_flip, args.aug_rotate, args.aug_zoom, args.aug_blur)
+        augment.set_random_state(args.seed + dist_info.rank, device)
+    to_input = ModelInput(device, IMAGENET_MEAN, IMAGENET_STD, augment, channels_last=cuda or amp)
 
     net = build_model(args.arch, len(classes), args.pretrained)
     if args.init:
@@ -517,10 +604,21 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         optimizer.load_state_dict(resume_state["optimizer"])
         start_phase, start_epoch, step = resume_state["phase"], resume_state["epoch"], resume_state["step"]
         history, lr = resume_state["history"], resume_state["lr"]
+        # The augmentation continues its random stream (one process: the saved stream is rank 0's).
+        saved_rng = resume_state.get("augment_rng")
+        if (
+            augment is not None
+            and augment.generator is not None
+            and saved_rng is not None
+            and not dist_info.distributed
+        ):
+            augment.generator.set_state(saved_rng)
         log(f"resumed from {args.resume}: phase {start_phase}, epoch {start_epoch}, step {step}, lr {lr:.2e}")
     elif args.lr_find or lr == "auto":
         freeze_backbone(net, args.freeze_epochs > 0)
-        result = _run_lr_find(_wrap(net, dist_info, device, False), criterion, optimizer, train_loader, to_input, amp, args.lr_find_iters)
+        result = _run_lr_find(
+            _wrap(net, dist_info, device, False), criterion, optimizer, train_loader, to_input, amp, args.lr_find_iters
+        )
         plot_path = args.out / f"{name}_lr_find.html"
         if dist_info.is_main:
             lr_finder.plot(result, plot_path, f"LR range test: {args.arch}, {args.task}")
@@ -549,7 +647,9 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             planned = scheduler.total_steps
             scheduler.load_state_dict(resume_state["scheduler"])
             if scheduler.total_steps != planned:
-                raise SystemExit("--resume needs the interrupted run's --epochs, --freeze-epochs, --batch-size and --max-steps")
+                raise SystemExit(
+                    "--resume needs the interrupted run's --epochs, --freeze-epochs, --batch-size and --max-steps"
+                )
             first = start_epoch
         for epoch in range(first, phase.epochs):
             if scheduler.last_epoch >= budget:
@@ -575,17 +675,18 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             )  # fmt: skip
             epoch_index += 1
             if dist_info.is_main:  # written then renamed: an interrupted save keeps the previous state
-                torch.save(
-                    {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "phase": phase_index, "epoch": epoch + 1, "step": step, "lr": lr, "history": history},
-                    state_path.with_suffix(".tmp"),
-                )  # fmt: skip
-                os.replace(state_path.with_suffix(".tmp"), state_path)
+                snapshot: dict[str, Any] = {
+                    "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "phase": phase_index, "epoch": epoch + 1, "step": step, "lr": lr, "history": history,
+                    "augment_rng": augment.generator.get_state() if augment and augment.generator else None}  # fmt: skip
+                atomic_write(state_path, partial(torch.save, snapshot))
 
     if last is None:  # nothing left to train (a finished run resumed, or --max-steps 0): still report
         last = validate(net)
     valid_loss, y_true, y_prob, valid_rows = last
-    thresholds = youden_thresholds(y_true, y_prob) if args.thresholds == "youden" else np.full(len(classes), 0.5)
+    thresholds = (
+        youden_thresholds(y_true, y_prob) if args.thresholds == "youden" else np.full(len(classes), DEFAULT_THRESHOLD)
+    )
     metrics = summarize(y_true, y_prob, classes, thresholds) | {"valid_loss": valid_loss}
     frame = cache.frame
     training = {
@@ -600,7 +701,13 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         "train_prevalence": dict(zip(classes, y[train_rows].mean(0).tolist())),
         "bleed_only": args.bleed_only,
         "min_brain": args.min_brain if args.min_brain is not None else cache.info.get("min_brain"),
-        "split": {"by": "patient_id", "val_frac": args.val_frac, "folds": args.folds, "fold": args.fold, "seed": args.seed},
+        "split": {
+            "by": "patient_id",
+            "val_frac": args.val_frac,
+            "folds": args.folds,
+            "fold": args.fold,
+            "seed": args.seed,
+        },
         "pretrained": args.pretrained,
         "init": str(args.init) if args.init else None,
         "epochs": args.epochs,

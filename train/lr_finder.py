@@ -4,6 +4,7 @@ Train for ``num_it`` steps while the rate grows exponentially from ``start_lr`` 
 record the smoothed loss, stop once it diverges, and suggest a rate: fastai's "valley" (default)
 and "steep" (steepest descent). The model and optimiser are restored afterwards.
 """
+
 from __future__ import annotations
 
 import copy
@@ -116,6 +117,8 @@ def plot(result: LRFindResult, path: str | os.PathLike, title: str = "Learning-r
     fig = go.Figure(go.Scatter(x=result.lrs, y=result.losses, mode="lines", name="smoothed loss"))
     for name, lr, colour in (("valley", result.valley, "green"), ("steep", result.steep, "red")):
         loss = result.losses[result.lrs.index(lr)]
-        fig.add_trace(go.Scatter(x=[lr], y=[loss], mode="markers", name=f"{name} {lr:.2e}", marker=dict(size=12, color=colour)))
+        fig.add_trace(
+            go.Scatter(x=[lr], y=[loss], mode="markers", name=f"{name} {lr:.2e}", marker=dict(size=12, color=colour))
+        )
     fig.update_layout(title=title, xaxis=dict(type="log", title="learning rate"), yaxis_title="loss")
     fig.write_html(path, include_plotlyjs=True)

@@ -12,6 +12,7 @@ The aggregation (mean of the top ``k`` slice probabilities) with the best simula
 chosen, then the highest threshold that flags at least :data:`TARGET_SENSITIVITY` of simulated
 bleeding series.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,7 +23,14 @@ import numpy as np
 from ich.inference import study_score
 from ich.metrics import roc_auc, sensitivity_specificity, threshold_for_sensitivity
 
-__all__ = ["TARGET_SENSITIVITY", "SERIES_LENGTHS", "TOP_K_CHOICES", "SeriesChoice", "simulate_series", "choose_series_rule"]
+__all__ = [
+    "TARGET_SENSITIVITY",
+    "SERIES_LENGTHS",
+    "TOP_K_CHOICES",
+    "SeriesChoice",
+    "simulate_series",
+    "choose_series_rule",
+]
 
 TARGET_SENSITIVITY = 0.95
 SERIES_LENGTHS = (28, 44)  # slices per RSNA 2019 series (data README)

@@ -8,6 +8,7 @@ pack keeps one channel, LZMA-compressed: 5,498 slices at 160 px are about 52 MiB
 lent GPU machine receives (64 MiB), where ``../shared`` is not. The unpacked cache is byte for
 byte the one that was packed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,9 @@ def pack(cache: str | os.PathLike, out: str | os.PathLike) -> Path:
     images = source.images
     channel = np.ascontiguousarray(images[:, 0])
     if any(not np.array_equal(channel, images[:, c]) for c in range(1, images.shape[1])):
-        raise SystemExit(f"{cache}: its channels differ (input {source.info.get('input')!r}); only a one-window cache packs to one channel")
+        raise SystemExit(
+            f"{cache}: its channels differ (input {source.info.get('input')!r}); only a one-window cache packs to one channel"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / PACKED).write_bytes(lzma.compress(channel.tobytes(), preset=6))

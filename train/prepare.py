@@ -11,11 +11,13 @@ and described by one metadata row. Finished chunks are recorded in ``CACHE/parts
 complete, so an interrupted run resumes where it stopped. Unreadable files and label mismatches are
 listed in ``CACHE/problems.csv`` and printed.
 """
+
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -28,15 +30,25 @@ import pandas as pd
 from tqdm import tqdm
 
 from ich import dicom
-from ich.labels import CLASSES
-from ich.windowing import BRAIN, BRAIN_FRACTION_THRESHOLD, INPUTS, THREE_WINDOW_INPUT, InputSpec, Preprocess, brain_fraction
-from train.data import CACHE_FORMAT, IMAGES, INFO, METADATA, PROBLEMS, Cache, is_cache, kept_mask, write_info
 from ich.datasets import Source, load_hu, read_source
+from ich.files import atomic_write
+from ich.labels import CLASSES
+from ich.windowing import (
+    BRAIN,
+    BRAIN_FRACTION_THRESHOLD,
+    INPUTS,
+    THREE_WINDOW_INPUT,
+    InputSpec,
+    Preprocess,
+    brain_fraction,
+)
+from train.data import CACHE_FORMAT, IMAGES, INFO, METADATA, PROBLEMS, Cache, is_cache, kept_mask, write_info
 
 __all__ = ["prepare", "read_sources", "get_args_parser", "main"]
 
 PARTS = "parts"
 SHOWN_PROBLEMS = 20
+log = logging.getLogger(__name__)
 
 
 def read_sources(folders: Sequence[str | os.PathLike], spec: InputSpec) -> tuple[pd.DataFrame, list[Source]]:
@@ -44,7 +56,9 @@ def read_sources(folders: Sequence[str | os.PathLike], spec: InputSpec) -> tuple
     read = [read_source(f) for f in folders]
     for source in read:
         if source.manifest["kind"].eq("image").any() and spec.windows != (BRAIN,) * len(spec.windows):
-            raise SystemExit(f"{source.root} holds brain-window images only: prepare it with --input brain, not {spec.name}")
+            raise SystemExit(
+                f"{source.root} holds brain-window images only: prepare it with --input brain, not {spec.name}"
+            )
     return pd.concat([s.manifest for s in read], ignore_index=True), read
 
 
@@ -55,7 +69,9 @@ _worker: dict = {}
 
 def _init_worker(images_path: str, size: int, spec_name: str) -> None:
     dicom.quiet_invalid_values()  # this process exists only to read training files
-    _worker.update(images=np.load(images_path, mmap_mode="r+"), preprocess=Preprocess.from_spec(INPUTS[spec_name], size))
+    _worker.update(
+        images=np.load(images_path, mmap_mode="r+"), preprocess=Preprocess.from_spec(INPUTS[spec_name], size)
+    )
 
 
 def _header(s: dicom.Slice) -> dict:
@@ -75,7 +91,7 @@ def _read_hu(path: str, kind: str, rotate: int) -> tuple[np.ndarray, dict]:
     """``(HU slice, header fields)`` of one manifest row."""
     if kind == "dicom":
         s = dicom.read_slice(path)
-        return s.hu, _header(s)
+        return s.pixels, _header(s)
     return load_hu(path, rotate), {}
 
 
@@ -92,6 +108,7 @@ def _process(items: Sequence[tuple[int, str, str, int]]) -> list[dict]:
         except (dicom.DicomError, ValueError) as exc:
             record["problem"] = getattr(exc, "reason", str(exc))
         except Exception as exc:  # one odd file must not end a many-hour run; it is reported instead
+            log.exception("unexpected error preparing cache row %d", row)  # the row, not the path: names can identify
             record["problem"] = f"unexpected {type(exc).__name__}: {exc}"
         out.append(record)
     images.flush()
@@ -122,7 +139,9 @@ def _done_rows(parts: Path) -> set[int]:
     return done
 
 
-def _finish(out: Path, manifest: pd.DataFrame, source_problems: list, min_brain: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _finish(
+    out: Path, manifest: pd.DataFrame, source_problems: list, min_brain: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Merge parts with the manifest, mark ``kept``, number slices within series; ``(frame, problems)``."""
     frame = pd.concat([pd.read_parquet(p) for p in sorted((out / PARTS).glob("*.parquet"))], ignore_index=True)
     frame = frame.sort_values("row").reset_index(drop=True)
@@ -142,7 +161,9 @@ def _finish(out: Path, manifest: pd.DataFrame, source_problems: list, min_brain:
     order_key = frame["location"].fillna(frame["instance_number"].astype(float))
     frame["slice_index"] = order_key.groupby(frame["series_uid"]).rank(method="first").fillna(0).astype(np.int32) - 1
     problems = frame.loc[frame["problem"].notna(), ["path", "problem"]].rename(columns={"problem": "reason"})
-    problems = pd.concat([problems, pd.DataFrame([(p.path, p.reason) for p in source_problems], columns=["path", "reason"])])
+    problems = pd.concat(
+        [problems, pd.DataFrame([(p.path, p.reason) for p in source_problems], columns=["path", "reason"])]
+    )
     return frame, problems.reset_index(drop=True)
 
 
@@ -177,7 +198,10 @@ def prepare(
         "crop": True,  # Preprocess crops to the head
         "classes": list(CLASSES),
         "source": ", ".join(str(Path(f).resolve()) for f in folders),
-        "sources": {s.layout: {"root": str(s.root.resolve()), "images": len(s.manifest), "with_hemorrhage": s.positives} for s in sources},
+        "sources": {
+            s.layout: {"root": str(s.root.resolve()), "images": len(s.manifest), "with_hemorrhage": s.positives}
+            for s in sources
+        },
         "n": len(manifest),
         "files_sha256": files_sha,
         "min_brain": min_brain,
@@ -187,7 +211,11 @@ def prepare(
     parts = out / PARTS
     parts.mkdir(exist_ok=True)
     done = _done_rows(parts)
-    todo = [(i, path, kind, int(rot)) for i, (path, kind, rot) in enumerate(manifest[["path", "kind", "rotate"]].itertuples(index=False)) if i not in done]
+    todo = [
+        (i, path, kind, int(rot))
+        for i, (path, kind, rot) in enumerate(manifest[["path", "kind", "rotate"]].itertuples(index=False))
+        if i not in done
+    ]
     workers = (os.cpu_count() or 1) if workers is None else workers
     init_args = (str(out / IMAGES), size, spec.name)
     # Chunks big enough to amortise task overhead, small enough that progress and resume are fine-grained.
@@ -198,8 +226,7 @@ def prepare(
     def record(records: list[dict]) -> None:
         # Written then renamed: a crash mid-write leaves no half part for the resume to trip on.
         part = parts / f"part-{records[0]['row']:09d}.parquet"
-        pd.DataFrame(records).to_parquet(part.with_suffix(".tmp"))
-        os.replace(part.with_suffix(".tmp"), part)
+        atomic_write(part, pd.DataFrame(records).to_parquet)
         bar.update(len(records))
 
     if workers <= 1:
@@ -241,7 +268,9 @@ def _report(out: Path, frame: pd.DataFrame, problems: pd.DataFrame, min_brain: f
         f"{len(problems)} problem(s)"
     )
     for source, group in frame.groupby("source", sort=False):
-        print(f"  {source}: {len(group)} images, {int((group['any'] == 1).sum())} with hemorrhage, {int(group['kept'].sum())} kept")
+        print(
+            f"  {source}: {len(group)} images, {int((group['any'] == 1).sum())} with hemorrhage, {int(group['kept'].sum())} kept"
+        )
     for path, reason in problems.head(SHOWN_PROBLEMS).itertuples(index=False):
         print(f"  problem: {path}: {reason}")
     if len(problems) > SHOWN_PROBLEMS:
@@ -249,12 +278,26 @@ def _report(out: Path, frame: pd.DataFrame, problems: pd.DataFrame, min_brain: f
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Prepare labelled training folders into one training cache", add_help=add_help)
-    parser.add_argument("data", nargs="+", help="training folders: RSNA DICOM or PNG layout, PHE-SICH, Roboflow boxes (ich.datasets)")
-    parser.add_argument("--input", default=THREE_WINDOW_INPUT.name, choices=sorted(INPUTS), help="model input definition (brain: the brain window only, needed for PNG sets)")
+    parser = argparse.ArgumentParser(
+        description="Prepare labelled training folders into one training cache", add_help=add_help
+    )
+    parser.add_argument(
+        "data", nargs="+", help="training folders: RSNA DICOM or PNG layout, PHE-SICH, Roboflow boxes (ich.datasets)"
+    )
+    parser.add_argument(
+        "--input",
+        default=THREE_WINDOW_INPUT.name,
+        choices=sorted(INPUTS),
+        help="model input definition (brain: the brain window only, needed for PNG sets)",
+    )
     parser.add_argument("--out", required=True, help="cache folder to create (or resume)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores; 0 = in this process)")
-    parser.add_argument("--min-brain", type=float, default=BRAIN_FRACTION_THRESHOLD, help="drop slices with a smaller brain-pixel fraction")
+    parser.add_argument(
+        "--min-brain",
+        type=float,
+        default=BRAIN_FRACTION_THRESHOLD,
+        help="drop slices with a smaller brain-pixel fraction",
+    )
     parser.add_argument("--size", type=int, default=256, help="square side of the cached slices")
     return parser
 
@@ -262,7 +305,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     dicom.quiet_invalid_values()
-    cache = prepare(args.data, args.out, size=args.size, spec=INPUTS[args.input], min_brain=args.min_brain, workers=args.workers)
+    cache = prepare(
+        args.data, args.out, size=args.size, spec=INPUTS[args.input], min_brain=args.min_brain, workers=args.workers
+    )
     return 0 if cache.frame["kept"].any() else 2
 
 

@@ -1,13 +1,17 @@
-"""The worklist: scored studies, their slices, volumes and radiologists' reads, kept on disk.
+"""The worklist store: scored studies, their slices, volumes and radiologists' reads, kept on disk.
 
-Everything lives in one data directory (``$ICH_DATA_DIR``, default ``.ich-data/`` in the repository
-root): ``worklist.sqlite3`` and ``volumes/<key>.npz`` (int16 HU, compressed, read without pickle).
+Everything lives in one data directory (:func:`ich.files.data_dir`: ``$ICH_DATA_DIR``, default ``.ich-data/`` in a
+checkout): ``worklist.sqlite3`` and ``volumes/<key>.npz`` (int16 HU, compressed, read without pickle).
 A :class:`Worklist` opens a new SQLite connection per call and serialises writes with a lock, so
 one object is safely shared by every Streamlit session (thread) of a server.
 
 No patient identifiers are stored: a study is shown as "Study 3 · 36 slices"; its DICOM UIDs are
 kept to recognise a re-upload and leave the store only when an export asks for them.
+
+One study is read back as a :class:`StudyRecord`; the listings (:meth:`Worklist.studies`,
+:meth:`Worklist.slices`, :meth:`Worklist.reviews`) are tables (pandas DataFrames).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,19 +20,19 @@ import hashlib
 import json
 import os
 import sqlite3
-import tempfile
 import threading
-import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
 from ich import dicom
+from ich.files import atomic_write, data_dir
 from ich.labels import CLASSES
 from ich.review import Read, read_truth
 
@@ -38,12 +42,9 @@ __all__ = [
     "STATUS_CLEAR",
     "STATUSES",
     "TRUTH_SOURCES",
-    "DEMO_CASES",
     "data_dir",
+    "StudyRecord",
     "Worklist",
-    "IngestReport",
-    "ingest",
-    "seed_demo",
 ]
 
 STATUS_NEW = "new"
@@ -51,17 +52,7 @@ STATUS_HEMORRHAGE = "reviewed: hemorrhage"
 STATUS_CLEAR = "reviewed: no hemorrhage"
 STATUSES = (STATUS_NEW, STATUS_HEMORRHAGE, STATUS_CLEAR)
 TRUTH_SOURCES = ("csv", "phantom", "review")
-# What the first-start demo shows: each subtype once (two together, as they often occur) and a clear head.
-DEMO_CASES: tuple[tuple[str, ...], ...] = (
-    ("subdural",),
-    ("intraparenchymal", "intraventricular"),
-    ("epidural",),
-    ("subarachnoid",),
-    (),
-)
-_SEED_LOCK = threading.Lock()
 
-_ROOT = Path(__file__).resolve().parents[1]
 _SCHEMA_VERSION = 1
 _P = [f"p_{c}" for c in CLASSES]
 _Y = [f"y_{c}" for c in CLASSES]
@@ -105,11 +96,6 @@ PRAGMA user_version = {_SCHEMA_VERSION};
 """
 
 
-def data_dir() -> Path:
-    """``$ICH_DATA_DIR``, else ``.ich-data/`` beside the package (git-ignored)."""
-    return Path(os.environ.get("ICH_DATA_DIR") or _ROOT / ".ich-data")
-
-
 def _now() -> str:
     return dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -128,15 +114,64 @@ def _write_npz(path: Path, volume: np.ndarray) -> None:
     """int16 HU as a standard ``.npz`` (key ``hu``); deflate level 1 is 4x faster than numpy's default
     for 5 % more bytes, which keeps an upload within its time budget. Written then renamed."""
     hu = np.clip(np.rint(volume), -32768, 32767).astype(np.int16)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
             with zf.open("hu.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, hu, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """One study as stored, with its latest read: what the viewer shows above the images."""
+
+    id: int
+    label: str  # "Study 3 · 36 slices": what a reader sees instead of identifiers
+    study_uid: str
+    series_uid: str
+    received: str  # ISO 8601 with UTC offset, to the second; changes when the series is uploaded again
+    n_slices: int
+    score: float | None  # the study likelihood; None when the model gave none
+    top_subtype: str | None
+    flagged: bool
+    status: str  # one of STATUSES
+    demo: bool
+    model: str | None  # the scoring checkpoint's name
+    thresholds: Mapping[str, float]  # per class, as the scoring checkpoint had them (read-only)
+    notes: tuple[str, ...]  # the series' reading notes (gaps, duplicate positions...)
+    volume_file: str  # the volume's file name under ``volumes/`` (a hash, no UIDs)
+    read: Read | None  # the latest radiologist's read
+
+    @classmethod
+    def from_rows(cls, study: sqlite3.Row, last_review: sqlite3.Row | None) -> StudyRecord:
+        """Decode a ``studies`` row and the study's latest ``reviews`` row (JSON columns, 0/1 flags)."""
+        return cls(
+            id=int(study["id"]),
+            label=study["label"],
+            study_uid=study["study_uid"],
+            series_uid=study["series_uid"],
+            received=study["received"],
+            n_slices=int(study["n_slices"]),
+            score=None if study["score"] is None else float(study["score"]),
+            top_subtype=study["top_subtype"],
+            flagged=bool(study["flagged"]),
+            status=study["status"],
+            demo=bool(study["demo"]),
+            model=study["model"],
+            thresholds=MappingProxyType({k: float(v) for k, v in json.loads(study["thresholds"]).items()}),
+            notes=tuple(json.loads(study["notes"])),
+            volume_file=study["volume"],
+            read=None
+            if last_review is None
+            else Read(
+                bool(last_review["hemorrhage"]),
+                tuple(json.loads(last_review["subtypes"])),
+                tuple(json.loads(last_review["slice_marks"])),
+                last_review["created"],
+            ),
+        )
 
 
 class _Prediction(Protocol):  # ich.inference.StudyPrediction, without importing torch here
@@ -208,9 +243,18 @@ class Worklist:
         _write_npz(self.volumes / key, series.volume())
         score = None if not np.isfinite(prediction.score) else float(prediction.score)
         fields = dict(
-            study_uid=series.study_uid, series_uid=series.series_uid, received=_now(), n_slices=len(series),
-            score=score, top_subtype=prediction.top_subtype, flagged=int(prediction.flagged), demo=int(demo),
-            model=model, thresholds=json.dumps(thresholds or {}), notes=json.dumps(list(series.notes)), volume=key,
+            study_uid=series.study_uid,
+            series_uid=series.series_uid,
+            received=_now(),
+            n_slices=len(series),
+            score=score,
+            top_subtype=prediction.top_subtype,
+            flagged=int(prediction.flagged),
+            demo=int(demo),
+            model=model,
+            thresholds=json.dumps(thresholds or {}),
+            notes=json.dumps(list(series.notes)),
+            volume=key,
         )
         with self._write() as db:
             found = db.execute(
@@ -220,14 +264,29 @@ class Worklist:
                 y = labels.reindex(series.sop_uids)[list(CLASSES)].to_numpy(np.float64)
                 sources = [None if np.isnan(row).all() else truth for row in y]
             else:  # keep the labels a previous upload of this series brought
-                old = {} if not found else {
-                    r["sop_uid"]: r for r in db.execute(f"SELECT sop_uid, {', '.join(_Y)}, truth FROM slices WHERE study_id = ?", (found["id"],))
-                }
-                y = np.array([[np.nan if sop not in old or old[sop][c] is None else old[sop][c] for c in _Y] for sop in series.sop_uids])
+                old = (
+                    {}
+                    if not found
+                    else {
+                        r["sop_uid"]: r
+                        for r in db.execute(
+                            f"SELECT sop_uid, {', '.join(_Y)}, truth FROM slices WHERE study_id = ?", (found["id"],)
+                        )
+                    }
+                )
+                y = np.array(
+                    [
+                        [np.nan if sop not in old or old[sop][c] is None else old[sop][c] for c in _Y]
+                        for sop in series.sop_uids
+                    ]
+                )
                 sources = [old[sop]["truth"] if sop in old else None for sop in series.sop_uids]
             if found:
                 study_id = found["id"]
-                db.execute(f"UPDATE studies SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", (*fields.values(), study_id))
+                db.execute(
+                    f"UPDATE studies SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                    (*fields.values(), study_id),
+                )
                 db.execute("DELETE FROM slices WHERE study_id = ?", (study_id,))
             else:
                 study_id = db.execute(
@@ -235,7 +294,9 @@ class Worklist:
                     tuple(fields.values()),
                 ).lastrowid
             name = "Demo" if demo else "Study"
-            db.execute("UPDATE studies SET label = ? WHERE id = ?", (f"{name} {study_id} · {len(series)} slices", study_id))
+            db.execute(
+                "UPDATE studies SET label = ? WHERE id = ?", (f"{name} {study_id} · {len(series)} slices", study_id)
+            )
             db.executemany(
                 f"INSERT INTO slices (study_id, idx, sop_uid, {', '.join(_P + _Y)}, truth) "
                 f"VALUES ({study_id}, {', '.join('?' * (len(_P) + len(_Y) + 3))})",
@@ -243,10 +304,12 @@ class Worklist:
             )
         return int(study_id)
 
-    def save_review(self, study_id: int, hemorrhage: bool, subtypes: Iterable[str] = (), slice_marks: Iterable[int] = ()) -> Read:
+    def save_review(
+        self, study_id: int, hemorrhage: bool, subtypes: Iterable[str] = (), slice_marks: Iterable[int] = ()
+    ) -> Read:
         """Record a radiologist's read (0-based slice marks); it becomes the study's "actual"."""
         read = Read(bool(hemorrhage), tuple(subtypes), tuple(sorted({int(i) for i in slice_marks})), _now())
-        n = self.study(study_id)["n_slices"]
+        n = self.study(study_id).n_slices
         if any(not 0 <= i < n for i in read.slice_marks):
             raise ValueError(f"slice marks must lie in 0..{n - 1}")
         with self._write() as db:
@@ -289,8 +352,8 @@ class Worklist:
         frame[["flagged", "demo"]] = frame[["flagged", "demo"]].astype(bool)
         return frame
 
-    def study(self, study_id: int) -> dict[str, Any]:
-        """A study's row as a dict (``thresholds`` and ``notes`` decoded, ``read``: latest :class:`Read` or None)."""
+    def study(self, study_id: int) -> StudyRecord:
+        """One study with its latest read; ``KeyError`` when the worklist has no such study."""
         with self._read() as db:
             row = db.execute("SELECT * FROM studies WHERE id = ?", (study_id,)).fetchone()
             if row is None:
@@ -298,14 +361,7 @@ class Worklist:
             last = db.execute(
                 "SELECT * FROM reviews WHERE study_id = ? ORDER BY id DESC LIMIT 1", (study_id,)
             ).fetchone()
-        info = dict(row)
-        info["thresholds"] = json.loads(info["thresholds"])
-        info["notes"] = json.loads(info["notes"])
-        info["flagged"] = bool(info["flagged"])
-        info["read"] = None if last is None else Read(
-            bool(last["hemorrhage"]), tuple(json.loads(last["subtypes"])), tuple(json.loads(last["slice_marks"])), last["created"]
-        )
-        return info
+        return StudyRecord.from_rows(row, last)
 
     def slices(self, study_id: int) -> pd.DataFrame:
         """One row per slice: ``index``, ``sop_uid``, ``p_<class>``, ``y_<class>`` (the actual) and ``truth``.
@@ -320,7 +376,7 @@ class Worklist:
                 params=(study_id,),
             )
         frame[_P + _Y] = frame[_P + _Y].astype(np.float32)
-        read = self.study(study_id)["read"]
+        read = self.study(study_id).read
         if read is not None:
             reviewed = read_truth(read, len(frame))
             decided = ~np.isnan(reviewed).all(axis=1)
@@ -330,7 +386,7 @@ class Worklist:
 
     def volume(self, study_id: int) -> np.ndarray:
         """int16 ``(N, H, W)`` HU."""
-        with np.load(self.volumes / self.study(study_id)["volume"], allow_pickle=False) as npz:
+        with np.load(self.volumes / self.study(study_id).volume_file, allow_pickle=False) as npz:
             return npz["hu"]
 
     def reviews(self, study_id: int) -> pd.DataFrame:
@@ -365,112 +421,3 @@ class Worklist:
         if not uids:
             frame = frame.drop(columns=["sop_uid"])
         return frame.to_csv(index=False, float_format="%.4f")
-
-
-# ---------------------------------------------------------------------- ingesting uploads
-
-
-class _Predictor(Protocol):  # ich.inference.Predictor
-    thresholds: dict[str, float]
-
-    @property
-    def name(self) -> str: ...
-
-    def predict_series(self, series: dicom.Series, progress: Callable[[float], None] | None = None) -> _Prediction: ...
-
-
-@dataclass
-class IngestReport:
-    """What one upload did: studies added (ids), files or series that could not be used, seconds spent."""
-
-    added: list[int] = field(default_factory=list)
-    problems: list[dicom.Problem] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def ingest(
-    worklist: Worklist,
-    predictor: _Predictor,
-    sources: Sequence[dicom.Source],
-    labels: pd.DataFrame | None = None,
-    *,
-    truth: str = "csv",
-    demo: bool = False,
-    progress: Callable[[float, str], None] | None = None,
-) -> IngestReport:
-    """Read ``sources``, score every series and put each on the worklist.
-
-    A file that cannot be read, or a series that fails to score or store, becomes a problem line
-    and the rest still load. ``progress(fraction, message)`` runs after each file and series:
-    reading is the first half of the bar, scoring the second.
-    """
-    start = time.perf_counter()
-    report = IngestReport()
-    step = progress or (lambda fraction, message: None)
-    expected = max(1, len(sources))
-
-    def on_file(count: int, name: str) -> None:
-        step(0.5 * min(1.0, count / expected), f"Reading file {count}")
-
-    loaded = dicom.load(list(sources), progress=on_file)
-    report.problems.extend(loaded.problems)
-    total = len(loaded.series)
-    for i, series in enumerate(loaded.series):
-        where = f"series {i + 1} of {total} ({len(series)} slices)"
-
-        def on_batch(fraction: float, i: int = i) -> None:
-            step(0.5 + 0.5 * (i + fraction) / total, f"Scoring {where}")
-
-        try:
-            prediction = predictor.predict_series(series, progress=on_batch)
-            report.added.append(
-                worklist.add_study(
-                    series, prediction, labels, truth=truth, thresholds=predictor.thresholds, model=predictor.name, demo=demo
-                )
-            )
-        except Exception as exc:  # one bad series must not sink the upload
-            report.problems.append(dicom.Problem(where, f"could not be added: {type(exc).__name__}: {exc}"))
-    step(1.0, "Done")
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-def seed_demo(
-    worklist: Worklist,
-    predictor: _Predictor,
-    n: int = len(DEMO_CASES),
-    seed: int = 2019,
-    size: int | None = None,
-    progress: Callable[[float, str], None] | None = None,
-) -> IngestReport | None:
-    """Fill an empty worklist, once, with ``n`` synthetic phantom studies and their labels.
-
-    The studies cycle through :data:`DEMO_CASES`, so the demo shows every subtype and a clear
-    head. ``size`` is the phantom matrix (default 512; tests use small ones). Returns ``None`` when the worklist
-    was seeded before or already holds studies.
-    """
-    from ich import phantom  # only needed on first start
-
-    step = progress or (lambda fraction, message: None)
-    with _SEED_LOCK:  # two sessions opening a fresh server must not both seed
-        if worklist.get_meta("demo_seeded") is not None:
-            return None
-        if len(worklist):  # a store filled before the demo existed stays as it is
-            worklist.set_meta("demo_seeded", _now())
-            return None
-        with tempfile.TemporaryDirectory(prefix="ich-demo-") as tmp:
-            labels = []
-            for k in range(n):
-                step(0.8 * k / n, f"rendering synthetic study {k + 1} of {n}")
-                subtypes = DEMO_CASES[k % len(DEMO_CASES)]
-                study = phantom.generate_study(
-                    seed + k, hemorrhage=bool(subtypes), subtypes=subtypes or None, size=size or phantom.MATRIX
-                )
-                phantom.write_study(study, tmp)
-                labels.append(study.labels)
-            report = ingest(
-                worklist, predictor, [tmp], pd.concat(labels), truth="phantom", demo=True,
-                progress=lambda fraction, message: step(0.8 + 0.2 * fraction, message),
-            )
-        worklist.set_meta("demo_seeded", _now())
-    return report

@@ -1,0 +1,178 @@
+"""Putting uploads on the worklist: read each series, score it, store it; and the first-start demo.
+
+Series are read by :func:`ich.dicom.iter_series`, one at a time (headers of everything first, then
+each series' pixels; zip members from their archive), so an upload never holds more than one
+series' pixels beside the store's.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import pandas as pd
+
+from ich import dicom
+from ich.worklist.store import Worklist, _now, _Prediction
+
+__all__ = ["DEMO_CASES", "IngestReport", "ingest", "seed_demo"]
+
+log = logging.getLogger(__name__)
+
+# What the first-start demo shows: each subtype once (two together, as they often occur) and a clear head.
+DEMO_CASES: tuple[tuple[str, ...], ...] = (
+    ("subdural",),
+    ("intraparenchymal", "intraventricular"),
+    ("epidural",),
+    ("subarachnoid",),
+    (),
+)
+_SEED_LOCK = threading.Lock()  # one seeding per process, whichever session opens a fresh server first
+
+Progress = Callable[[float, str], object]  # (fraction done, message); what it returns is ignored (st.progress)
+
+
+class _Predictor(Protocol):  # ich.inference.Predictor, without importing torch here
+    thresholds: dict[str, float]
+
+    @property
+    def name(self) -> str: ...
+
+    def predict_series(self, series: dicom.Series, progress: Callable[[float], None] | None = None) -> _Prediction: ...
+
+
+@dataclass
+class IngestReport:
+    """What one upload did: studies added (ids), files or series that could not be used, seconds spent."""
+
+    added: list[int] = field(default_factory=list)
+    problems: list[dicom.Problem] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _silent(fraction: float, message: str) -> None:
+    return None
+
+
+class _Bar:
+    """The share of an upload's slices read and scored, never going back.
+
+    How many slices come is not known before the last series is read, so the files given stand in
+    for it (a slice each: exact for DICOM files, as the dashboard and the demo pass them); where
+    folders or archives hold more, the slices seen so far do.
+    """
+
+    def __init__(self, step: Progress, files: int) -> None:
+        self.step, self.files, self.shown = step, files, 0.0
+
+    def show(self, done: float, seen: int, message: str) -> None:
+        """``done`` slices' worth of work out of the ``seen`` slices read so far."""
+        self.shown = max(self.shown, done / max(self.files, seen, 1))
+        self.step(self.shown, message)
+
+
+def ingest(
+    worklist: Worklist,
+    predictor: _Predictor,
+    sources: Sequence[dicom.Source],
+    labels: pd.DataFrame | None = None,
+    *,
+    truth: str = "csv",
+    demo: bool = False,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Read ``sources`` series by series, score each and put it on the worklist.
+
+    A file that cannot be read, or a series that fails to score or store, becomes a problem line
+    (a series is named by its place in the upload, never by an identifier) and the rest still load.
+    ``progress(fraction, message)`` runs as each series is read and scored: the fraction is the
+    share of the upload's slices done, reading a slice counting as half its work, scoring as the rest.
+    """
+    start = time.perf_counter()
+    report = IngestReport()
+    bar = _Bar(progress or _silent, len(sources))
+    failed: list[tuple[int, int, str]] = []  # (series number, slices, why): named once the total is known
+    done = count = 0  # slices of the series finished, series read
+    bar.show(done, done, "Reading files…")
+    for count, series in enumerate(dicom.iter_series(sources, report.problems), start=1):
+        n, message = len(series), f"Scoring series {count} ({len(series)} slices)"
+
+        def on_batch(fraction: float, done: int = done, n: int = n, message: str = message) -> None:
+            bar.show(done + 0.5 * n * (1 + fraction), done + n, message)
+
+        on_batch(0.0)  # read
+        try:
+            prediction = predictor.predict_series(series, progress=on_batch)
+            report.added.append(
+                worklist.add_study(
+                    series,
+                    prediction,
+                    labels,
+                    truth=truth,
+                    thresholds=predictor.thresholds,
+                    model=predictor.name,
+                    demo=demo,
+                )
+            )
+        except Exception as exc:  # one bad series must not sink the upload
+            log.exception("series %d (%d slices) of an upload could not be added", count, n)
+            failed.append((count, n, f"{type(exc).__name__}: {exc}"))  # not exc: its frames hold the pixels
+        done += n
+        bar.show(done, done, "Reading files…")
+    for number, n, why in failed:
+        report.problems.append(dicom.Problem(f"series {number} of {count} ({n} slices)", f"could not be added: {why}"))
+    bar.step(1.0, "Done")
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def seed_demo(
+    worklist: Worklist,
+    predictor: _Predictor,
+    n: int = len(DEMO_CASES),
+    seed: int = 2019,
+    size: int | None = None,
+    progress: Progress | None = None,
+) -> IngestReport | None:
+    """Fill an empty worklist, once, with ``n`` synthetic phantom studies and their labels.
+
+    The studies cycle through :data:`DEMO_CASES`, so the demo shows every subtype and a clear
+    head. ``size`` is the phantom matrix (default 512; tests use small ones). Returns ``None`` when the worklist
+    was seeded before or already holds studies.
+    """
+    from ich import phantom  # only needed on first start
+
+    step = progress or _silent
+    with _SEED_LOCK:  # two sessions opening a fresh server must not both seed
+        if worklist.get_meta("demo_seeded") is not None:
+            return None
+        if len(worklist):  # a store filled before the demo existed stays as it is
+            worklist.set_meta("demo_seeded", _now())
+            return None
+        with tempfile.TemporaryDirectory(prefix="ich-demo-") as tmp:
+            labels, files = [], []
+            for k in range(n):
+                step(0.8 * k / n, f"rendering synthetic study {k + 1} of {n}")
+                subtypes = DEMO_CASES[k % len(DEMO_CASES)]
+                study = phantom.generate_study(
+                    seed + k, hemorrhage=bool(subtypes), subtypes=subtypes or None, size=size or phantom.MATRIX
+                )
+                files += phantom.write_study(study, Path(tmp))
+                labels.append(study.labels)
+            report = ingest(
+                worklist,
+                predictor,
+                files,  # the DICOM files, one a slice, so ingest's bar knows how many slices come
+                pd.concat(labels),
+                truth="phantom",
+                demo=True,
+                progress=lambda fraction, message: step(0.8 + 0.2 * fraction, message),
+            )
+        worklist.set_meta("demo_seeded", _now())
+    return report

@@ -1,0 +1,69 @@
+"""ich.review: predicted versus actual findings, per slice and per study, and what a read implies."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from ich import review
+from ich.labels import CLASSES, DEFAULT_THRESHOLD
+
+
+def test_findings_and_agreement():
+    thresholds = dict.fromkeys(CLASSES, 0.5)
+    pred = review.predicted([0.9, 0.1, 0.7, np.nan, 0.2, 0.6], thresholds)
+    assert pred == {"intraparenchymal", "subdural"}
+    assert review.describe(pred) == "intraparenchymal, subdural"
+    assert review.predicted([0.9, 0.1, 0.1, 0.1, 0.1, 0.1], thresholds) == {"any"}
+    assert review.describe(frozenset()) == "no hemorrhage" and review.describe(None) == "not labelled"
+    assert review.actual([np.nan] * 6) is None
+    assert review.actual([1, 0, 0, 0, 0, 1]) == {"subdural"}
+    assert review.agree(pred, frozenset({"subdural"})) is False
+    assert review.agree(frozenset({"subdural"}), frozenset({"subdural"})) is True
+    assert review.agree(frozenset({"subdural"}), frozenset({"any"})) is True  # truth without a type
+    assert review.agree(frozenset(), frozenset({"any"})) is False
+    assert review.agree(frozenset(), None) is None
+
+
+def test_study_level_findings():
+    probs = np.array([[0.9, 0.1, 0.1, 0.1, 0.1, 0.8], [0.6, 0.1, 0.1, 0.7, 0.1, 0.2]])
+    assert review.study_predicted(probs, True) == {"subdural", "intraventricular"}
+    assert review.study_predicted(probs, False) == frozenset()
+    binary = np.full((3, len(CLASSES)), np.nan)  # a checkpoint that predicts "any" only
+    binary[:, 0] = 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no all-NaN RuntimeWarning on every viewer rerun
+        assert review.study_predicted(binary, True) == {"any"}
+    labels = np.array([[1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]], float)
+    assert review.study_actual(labels) == {"subdural"}
+    assert review.study_actual(np.full((2, 6), np.nan)) is None
+    assert review.study_actual(labels, review.Read(False)) == frozenset()
+
+
+def test_thresholds_are_per_class_with_the_default_elsewhere():
+    probs = [0.4, 0.1, 0.3, 0.0, 0.0, 0.0]
+    assert review.predicted(probs) == frozenset()  # DEFAULT_THRESHOLD for every class
+    assert review.predicted(probs, {"any": 0.35, "intraparenchymal": 0.25}) == {"intraparenchymal"}
+    assert review.predicted([DEFAULT_THRESHOLD, 0, 0, 0, 0, 0]) == {"any"}  # at the threshold counts
+
+
+def test_a_read_validates_what_it_says():
+    with pytest.raises(ValueError, match="unknown subtypes"):
+        review.Read(True, ("chronic",))
+    with pytest.raises(ValueError, match="cannot name subtypes"):
+        review.Read(False, ("subdural",))
+    assert review.Read(True).findings == {"any"}
+    assert review.Read(True, ("subdural", "epidural")).findings == {"subdural", "epidural"}
+
+
+def test_read_truth_per_slice():
+    clear = review.read_truth(review.Read(False), 3)
+    assert (clear == 0).all()
+    marked = review.read_truth(review.Read(True, ("subdural",), slice_marks=(1, 7)), 3)  # 7 is past the end
+    subdural = CLASSES.index("subdural")
+    assert marked[1, 0] == 1 and marked[1, subdural] == 1 and marked[[0, 2]].sum() == 0
+    assert marked[1].sum() == 2  # "any" and the one subtype named
+    unmarked = review.read_truth(review.Read(True, ("subdural",)), 3)
+    assert np.isnan(unmarked).all()  # a read without marks says nothing about single slices
