@@ -152,6 +152,55 @@ def _evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _listen(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from ich.files import data_dir
+    from ich.listener import Inbox, Listener
+    from ich.worklist import Worklist
+
+    directory = Path(args.data_dir) if args.data_dir else data_dir()
+    listener = Listener(
+        Worklist(directory),
+        _predictor(args),
+        Inbox(directory / "inbox", args.quiet_seconds),
+        ae_title=args.ae_title,
+        allow=[a for a in (args.allow or "").split(",") if a],
+    )
+    # INFO at least: an admin running a listener wants its one line per association and per series.
+    logging.getLogger("ich").setLevel(min(logging.getLogger("ich").getEffectiveLevel(), logging.INFO))
+    port = listener.start(args.host, args.port)
+    print(
+        f"listening as AE {args.ae_title} on {args.host}:{port}, worklist in {directory} (Ctrl-C stops)",
+        file=sys.stderr,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    listener.stop()
+    return EXIT_OK
+
+
+def _worklist(args: argparse.Namespace) -> int:
+    from ich.files import data_dir
+    from ich.worklist import Worklist
+
+    frame = Worklist(Path(args.data_dir) if args.data_dir else data_dir()).studies()
+    frame = frame.rename(columns={"score": "likelihood", "n_slices": "slices"})
+    frame["source"] = frame.pop("demo").map({True: "demo", False: "received"})
+    columns = ["id", "source", "received", "slices", "likelihood", "flagged", "status"]
+    if args.json:
+        frame["received"] = frame["received"].astype(str)
+        print(frame[columns].to_json(orient="records", indent=2))
+    else:
+        print(frame[columns].to_string(index=False) if len(frame) else "the worklist is empty")
+    return EXIT_OK
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights", help="checkpoint (.json or .safetensors); default: $ICH_WEIGHTS or the bundled weights/"
@@ -202,6 +251,23 @@ def get_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="evaluation", help="folder for report.json, report.md, predictions.csv")
     _model_options(ev)
     ev.set_defaults(func=_evaluate)
+
+    from ich.files import DATA_ENV
+
+    ls = sub.add_parser("listen", help="a DICOM Storage SCP: series pushed by PACS are scored onto the worklist")
+    ls.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    ls.add_argument("--port", type=int, default=11112, help="TCP port (the registered DICOM port is 11112)")
+    ls.add_argument("--ae-title", default="ICH", help="this listener's AE title")
+    ls.add_argument("--allow", help="comma-separated calling AE titles accepted (default: any)")
+    ls.add_argument("--quiet-seconds", type=float, default=10.0, help="a series is scored when quiet this long")
+    ls.add_argument("--data-dir", help=f"worklist and inbox folder (default ${DATA_ENV} or .ich-data/)")
+    _model_options(ls)
+    ls.set_defaults(func=_listen)
+
+    wl = sub.add_parser("worklist", help="print the worklist of a data directory (no patient identifiers)")
+    wl.add_argument("--data-dir", help=f"default ${DATA_ENV} or .ich-data/")
+    wl.add_argument("--json", action="store_true", help="one JSON array")
+    wl.set_defaults(func=_worklist)
     return parser
 
 

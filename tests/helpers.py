@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydicom.uid import generate_uid
+
+from ich import dicom
+from ich.labels import CLASSES
+from ich.worklist import Worklist
+from tests.dicom_factory import make_ct, to_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -18,7 +28,6 @@ def make_checkpoint(
     import torch
 
     from ich import checkpoint
-    from ich.labels import CLASSES
     from ich.models import build_model
     from ich.windowing import MODEL_WINDOWS
 
@@ -37,3 +46,56 @@ def make_checkpoint(
         "thresholds": {c: 0.5 for c in classes},
     } | extra
     return checkpoint.save(model, stem, metadata)[1]
+
+
+THRESHOLDS = {c: 0.5 for c in CLASSES}
+
+
+@dataclass
+class FakePrediction:
+    sop_uids: list[str]
+    probs: np.ndarray
+    score: float
+    top_subtype: str | None
+    flagged: bool
+
+
+class FakePredictor:
+    """Scores every slice with the same probability row; no torch needed."""
+
+    name = "fake"
+
+    def __init__(self, row: dict[str, float] | None = None, fail_on: int | None = None) -> None:
+        self.thresholds = dict(THRESHOLDS)
+        self.row = np.array([(row or {}).get(c, 0.1) for c in CLASSES], np.float32)
+        self.fail_on = fail_on
+        self.calls = 0
+
+    def predict_series(self, series, progress=None):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("simulated failure")
+        probs = np.tile(self.row, (len(series), 1))
+        if progress:
+            progress(1.0)
+        return FakePrediction(series.sop_uids, probs, float(probs[:, 0].max()), "subdural", bool(probs[0, 0] >= 0.5))
+
+
+def uploads(n: int = 4) -> list[dicom.Upload]:
+    study, series = generate_uid(), generate_uid()
+    return [
+        dicom.Upload(f"{i}.dcm", to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study, instance=i + 1)))
+        for i in range(n)
+    ]
+
+
+def series_of(n: int = 4) -> dicom.Series:
+    return dicom.load(uploads(n)).series[0]
+
+
+def add(wl: Worklist, score: float, n: int = 4, labels: pd.DataFrame | None = None) -> tuple[int, dicom.Series]:
+    series = series_of(n)
+    probs = np.full((n, len(CLASSES)), 0.1, np.float32)
+    probs[:, 0] = score
+    pred = FakePrediction(series.sop_uids, probs, score, "subdural", score >= 0.5)
+    return wl.add_study(series, pred, labels, thresholds=THRESHOLDS, model="fake"), series

@@ -300,7 +300,7 @@ def test_zip_bomb_ratio_refused():
 
 
 def test_zip_bomb_total_size_refused(monkeypatch):
-    monkeypatch.setattr(dicom, "MAX_ARCHIVE_BYTES", 1000)
+    monkeypatch.setattr(dicom.sources, "MAX_ARCHIVE_BYTES", 1000)  # patched where the zip guard reads it
     result = dicom.load([dicom.Upload("big.zip", _zip({"a.dcm": to_bytes(make_ct())}))])
     assert "inflate" in result.problems[0].reason
 
@@ -353,7 +353,7 @@ def test_iter_series_decodes_uploads_one_series_at_a_time(monkeypatch):
             decoded.append(source.name)
         return real_read_file(source, pixels)
 
-    monkeypatch.setattr(dicom, "read_file", counting)
+    monkeypatch.setattr(dicom.stream, "read_file", counting)  # both passes look read_file up there
     problems: list[dicom.Problem] = []
     stream = dicom.iter_series(uploads, problems)
     first = next(stream)
@@ -363,3 +363,22 @@ def test_iter_series_decodes_uploads_one_series_at_a_time(monkeypatch):
     by_uid = {s.series_uid: s for s in (first, second)}
     assert np.allclose(by_uid[a].volume(), 10.0) and np.allclose(by_uid[b].volume(), 60.0)
     assert sorted(decoded) == ["0.dcm", "0.dcm (2)", "1.dcm", "1.dcm (2)", "2.dcm", "2.dcm (2)"]
+
+
+@pytest.mark.parametrize("side", [32, 256])  # pixel data read, and left unread (deferred) by the header pass
+def test_header_pass_reports_missing_or_short_pixel_data(side):
+    def ct() -> Dataset:
+        return make_ct(np.full((side, side), 30.0, np.float32), series_uid=series, study_uid=study)
+
+    study, series = generate_uid(), generate_uid()
+    good, short, missing = ct(), ct(), ct()
+    del missing.PixelData
+    uploads = [
+        dicom.Upload("good.dcm", to_bytes(good)),
+        dicom.Upload("short.dcm", to_bytes(short)[:-100]),
+        dicom.Upload("missing.dcm", to_bytes(missing)),
+    ]
+    headers = dicom.load(uploads, pixels=False)
+    reasons = {p.path: p.reason for p in headers.problems}
+    assert "pixel data too short" in reasons["short.dcm"] and "no pixel data" in reasons["missing.dcm"]
+    assert [s.path for s in headers.series[0].slices] == ["good.dcm"]

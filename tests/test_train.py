@@ -18,7 +18,7 @@ from ich.labels import CLASSES, write_rsna_csv
 from ich.models import IMAGENET_MEAN, IMAGENET_STD, ModelInput
 from ich.windowing import MODEL_WINDOWS, PRESETS
 from tests.dicom_factory import make_ct, to_bytes
-from train import bench, compare, explore, fit, lr_finder, prepare
+from train import bench, compare, distributed, explore, fit, lr_finder, prepare
 from train.data import (
     BatchLoader,
     BatchReader,
@@ -167,13 +167,13 @@ def test_lr_find_returns_a_finite_rate_and_restores_the_model():
 
 
 def test_resolve_device_puts_each_process_on_its_gpu(monkeypatch):
-    assert fit.resolve_device("cpu") == torch.device("cpu")
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert fit.resolve_device("auto", local_rank=1) == torch.device("cpu")
+    assert distributed.resolve_device("auto", local_rank=1) == torch.device("cpu")
     with pytest.raises(SystemExit, match="no CUDA GPU"):
-        fit.resolve_device("cuda")
+        distributed.resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert fit.resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert distributed.resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
 
 
 def test_fit_end_to_end_writes_a_loadable_checkpoint(cache, tmp_path):

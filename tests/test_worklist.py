@@ -8,57 +8,15 @@ import logging
 import sqlite3
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pytest
-from pydicom.uid import generate_uid
 
 from ich import dicom
 from ich.labels import CLASSES
 from ich.worklist import STATUS_CLEAR, STATUS_HEMORRHAGE, STATUS_NEW, StudyRecord, Worklist, ingest, seed_demo
-from tests.dicom_factory import make_ct, to_bytes
-
-THRESHOLDS = {c: 0.5 for c in CLASSES}
-
-
-@dataclass
-class FakePrediction:
-    sop_uids: list[str]
-    probs: np.ndarray
-    score: float
-    top_subtype: str | None
-    flagged: bool
-
-
-class FakePredictor:
-    """Scores every slice with the same probability row; no torch needed."""
-
-    name = "fake"
-
-    def __init__(self, row: dict[str, float] | None = None, fail_on: int | None = None) -> None:
-        self.thresholds = dict(THRESHOLDS)
-        self.row = np.array([(row or {}).get(c, 0.1) for c in CLASSES], np.float32)
-        self.fail_on = fail_on
-        self.calls = 0
-
-    def predict_series(self, series, progress=None):
-        self.calls += 1
-        if self.calls == self.fail_on:
-            raise RuntimeError("simulated failure")
-        probs = np.tile(self.row, (len(series), 1))
-        if progress:
-            progress(1.0)
-        return FakePrediction(series.sop_uids, probs, float(probs[:, 0].max()), "subdural", bool(probs[0, 0] >= 0.5))
-
-
-def uploads(n: int = 4) -> list[dicom.Upload]:
-    study, series = generate_uid(), generate_uid()
-    return [
-        dicom.Upload(f"{i}.dcm", to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study, instance=i + 1)))
-        for i in range(n)
-    ]
+from tests.helpers import THRESHOLDS, FakePredictor, add, series_of, uploads
 
 
 def is_read_only(mapping) -> bool:
@@ -67,18 +25,6 @@ def is_read_only(mapping) -> bool:
     except TypeError:
         return True
     return False
-
-
-def series_of(n: int = 4) -> dicom.Series:
-    return dicom.load(uploads(n)).series[0]
-
-
-def add(wl: Worklist, score: float, n: int = 4, labels: pd.DataFrame | None = None) -> tuple[int, dicom.Series]:
-    series = series_of(n)
-    probs = np.full((n, len(CLASSES)), 0.1, np.float32)
-    probs[:, 0] = score
-    pred = FakePrediction(series.sop_uids, probs, score, "subdural", score >= 0.5)
-    return wl.add_study(series, pred, labels, thresholds=THRESHOLDS, model="fake"), series
 
 
 def test_worklist_sorted_by_likelihood_and_anonymous(tmp_path):

@@ -27,7 +27,8 @@ from torch import nn
 
 from ich.models import ModelInput, build_model
 from train.data import BatchLoader, BatchReader, Cache, build_augment, synthetic_cache, targets
-from train.fit import resolve_device, train_one_epoch
+from train.distributed import resolve_device
+from train.fit import train_one_epoch
 
 __all__ = ["bench_model", "bench_loader", "bench_end_to_end", "get_args_parser", "main"]
 

@@ -17,22 +17,27 @@ augments and normalises them: 4x less host-to-device traffic and no CPU-side aug
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, Dataset, DistributedSampler
+
+from ich.files import data_dir
+from train.distributed import DistInfo
 
 __all__ = [
     "IMAGES",
@@ -44,9 +49,13 @@ __all__ = [
     "is_cache",
     "write_info",
     "synthetic_cache",
+    "default_cache_dir",
+    "open_data",
     "patient_split",
     "kept_mask",
     "targets",
+    "Split",
+    "split_rows",
     "BatchReader",
     "BatchLoader",
     "RandomFlip",
@@ -177,6 +186,32 @@ def synthetic_cache(
     return Cache.open(root)
 
 
+def default_cache_dir(data: Path, size: int) -> Path:
+    """Where a raw folder is prepared when ``--cache`` is not given (under :func:`ich.files.data_dir`)."""
+    tag = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:8]
+    return data_dir() / "cache" / f"{data.name}-{tag}-{size}"
+
+
+def open_data(
+    data: Path, cache_dir: Path | None, size: int | None, workers: int, dist_info: DistInfo, log: Callable[..., None]
+) -> Cache:
+    """Open a cache, or prepare ``data`` into one first (rank 0 only; the others wait)."""
+    if not is_cache(data):
+        from train.prepare import prepare  # train.prepare imports this module
+
+        cache_dir = cache_dir or default_cache_dir(data, size or 256)
+        if dist_info.is_main:
+            log(f"preparing {data} into {cache_dir}")
+            prepare(data, cache_dir, size=size or 256, workers=workers, progress=True)
+        if dist_info.distributed:
+            dist.barrier()
+        data = cache_dir
+    cache = Cache.open(data)
+    if size is not None and size != cache.size:
+        raise SystemExit(f"--size {size} but {data} was prepared at {cache.size}: prepare another cache")
+    return cache
+
+
 # --------------------------------------------------------------------------- splits and targets
 
 
@@ -223,6 +258,48 @@ def kept_mask(frame: pd.DataFrame, min_brain: float | None = None) -> pd.Series:
 def targets(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
     """float32 ``(N, C)`` 0/1 targets in ``classes`` order."""
     return frame[list(classes)].to_numpy(dtype=np.float32)
+
+
+class Split(NamedTuple):
+    """Cache rows: ``used`` (after the slice filters), divided by patient into ``train`` and ``valid``."""
+
+    used: np.ndarray
+    train: np.ndarray
+    valid: np.ndarray
+
+
+def split_rows(
+    frame: pd.DataFrame,
+    *,
+    min_brain: float | None,
+    bleed_only: bool,
+    val_sources: Sequence[str] | None,
+    val_frac: float,
+    seed: int,
+    folds: int | None,
+    fold: int,
+) -> Split:
+    """The brain-pixel (and bleed-only) filter, then a :func:`patient_split` of the ``val_sources`` rows.
+
+    Rows of other sources always train; ``val_frac == 0`` without ``folds`` trains on every row.
+    """
+    selected = kept_mask(frame, min_brain)
+    if bleed_only:
+        selected &= frame["any"] == 1
+    used = np.flatnonzero(selected.to_numpy())
+    pool = used
+    if val_sources:
+        known = set(frame["source"]) if "source" in frame else set()
+        if not set(val_sources) <= known:
+            raise SystemExit(
+                f"--val-sources {','.join(val_sources)}: the cache holds sources {sorted(known) or 'none'}"
+            )
+        pool = used[np.isin(frame["source"].to_numpy()[used], val_sources)]
+    if val_frac == 0 and folds is None:  # the final model of a cross-validated recipe
+        return Split(used, used, used[:0])
+    _train_pos, val_pos = patient_split(frame["patient_id"].to_numpy()[pool], val_frac, seed, folds, fold)
+    valid = pool[val_pos]
+    return Split(used, np.setdiff1d(used, valid), valid)
 
 
 # --------------------------------------------------------------------------- batch loading

@@ -26,26 +26,23 @@ train. The validation predictions (logits, flip-averaged with ``--tta-flip``) ar
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import OneCycleLR
 
-from ich import checkpoint, inference
-from ich.files import atomic_write, data_dir
+from ich import checkpoint
+from ich.files import atomic_write
 from ich.labels import DEFAULT_THRESHOLD
 from ich.metrics import summarize, youden_thresholds
 from ich.models import (
@@ -58,25 +55,13 @@ from ich.models import (
     freeze_backbone,
     unwrap,
 )
-from train import lr_finder
-from train.data import (
-    BatchLoader,
-    BatchReader,
-    Cache,
-    build_augment,
-    is_cache,
-    kept_mask,
-    patient_split,
-    targets,
-)
+from train import lr_finder, report
+from train.data import BatchLoader, BatchReader, build_augment, open_data, split_rows, targets
+from train.distributed import DistInfo, concat_across, init_distributed, sum_across, wrap
 
 __all__ = [
-    "DistInfo",
     "Phase",
     "get_args_parser",
-    "resolve_device",
-    "init_distributed",
-    "open_data",
     "task_classes",
     "plan_phases",
     "one_cycle",
@@ -86,106 +71,13 @@ __all__ = [
     "main",
 ]
 
-TABLE_COLUMNS = (
-    "epoch",
-    "train_loss",
-    "valid_loss",
-    "error_rate",
-    "accuracy",
-    "accuracy_multi",
-    "wlogloss",
-    "mean_auc",
-    "img/s",
-    "time",
-)
 
-
-# --------------------------------------------------------------------------- process setup
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a (torchrun) job; one process is rank 0 of 1."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """:func:`ich.inference.resolve_device` (``auto``: CUDA when present), CUDA processes on GPU ``local_rank``."""
-    try:
-        device = inference.resolve_device(name)
-    except RuntimeError as exc:  # no GPU: a command-line error, not a traceback
-        raise SystemExit(str(exc)) from None
-    return torch.device("cuda", local_rank) if device.type == "cuda" else device
-
-
-def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group torchrun describes in the environment (NCCL on CUDA, else gloo)."""
-    env = os.environ
-    info = DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
-    device = resolve_device(device_name, info.local_rank)
-    if info.distributed:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=info.rank, world_size=info.world_size)
-    return info, device
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _sum_across(*values: torch.Tensor) -> list[torch.Tensor]:
-    """All-reduce sums in a DDP job (one collective); a no-op in a single process."""
-    if not _distributed():
-        return list(values)
-    flat = torch.stack([v.float() for v in values])
-    dist.all_reduce(flat)
-    return list(flat.unbind())
-
-
-def default_cache_dir(data: Path, size: int) -> Path:
-    """Where a raw folder is prepared when ``--cache`` is not given (under :func:`ich.files.data_dir`)."""
-    tag = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:8]
-    return data_dir() / "cache" / f"{data.name}-{tag}-{size}"
-
-
-def open_data(
-    data: Path, cache_dir: Path | None, size: int | None, workers: int, dist_info: DistInfo, log: Callable[..., None]
-) -> Cache:
-    """Open a cache, or prepare ``data`` into one first (rank 0 only; the others wait)."""
-    if not is_cache(data):
-        from train.prepare import prepare
-
-        cache_dir = cache_dir or default_cache_dir(data, size or 256)
-        if dist_info.is_main:
-            log(f"preparing {data} into {cache_dir}")
-            prepare(data, cache_dir, size=size or 256, workers=workers, progress=True)
-        if dist_info.distributed:
-            dist.barrier()
-        data = cache_dir
-    cache = Cache.open(data)
-    if size is not None and size != cache.size:
-        raise SystemExit(f"--size {size} but {data} was prepared at {cache.size}: prepare another cache")
-    return cache
+# --------------------------------------------------------------------------- task and schedule
 
 
 def task_classes(task: str, all_classes: Sequence[str]) -> tuple[str, ...]:
     """Output order of the network: ``("any",)`` for binary, every class for multilabel."""
     return ("any",) if task == "binary" else tuple(all_classes)
-
-
-# --------------------------------------------------------------------------- schedule
 
 
 @dataclass(frozen=True)
@@ -319,7 +211,7 @@ def train_one_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    total_loss, total_seen = _sum_across(loss_sum, torch.tensor(float(seen), device=device))
+    total_loss, total_seen = sum_across(loss_sum, torch.tensor(float(seen), device=device))
     n = int(total_seen.item())
     return {
         "loss": total_loss.item() / max(n, 1),
@@ -351,37 +243,9 @@ def evaluate(
         trues.append(target)
         probs.append(logits)
         rows.append(row)
-    parts = [torch.cat(x).cpu().numpy() for x in (rows, losses, trues, probs)]
-    if _distributed():
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, parts)
-        parts = [np.concatenate([g[i] for g in gathered]) for i in range(4)]
-    row, loss, y_true, raw = parts
+    row, loss, y_true, raw = concat_across([torch.cat(x).cpu().numpy() for x in (rows, losses, trues, probs)])
     _, first = np.unique(row, return_index=True)
     return float(loss[first].mean()), y_true[first], 1 / (1 + np.exp(-raw[first])), row[first]
-
-
-# --------------------------------------------------------------------------- reporting
-
-
-def _table_row(epoch: int, train: dict, valid_loss: float, summary: dict, seconds: float) -> str:
-    values = (
-        f"{epoch:>5d}",
-        f"{train['loss']:10.6f}",
-        f"{valid_loss:10.6f}",
-        f"{summary['error_rate']:10.6f}",
-        f"{summary['accuracy']:8.6f}",
-        f"{summary['accuracy_multi']:14.6f}",
-        f"{summary['weighted_log_loss']:8.5f}",
-        f"{summary['mean_auc']:8.4f}",
-        f"{train['images_per_second']:5.0f}",
-        time.strftime("%M:%S", time.gmtime(seconds)),
-    )
-    return "  ".join(values)
-
-
-def _auc_line(summary: dict) -> str:
-    return "        AUC " + "  ".join(f"{c} {m['auc']:.4f}" for c, m in summary["per_class"].items())
 
 
 # --------------------------------------------------------------------------- main
@@ -477,60 +341,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _wrap(net: nn.Module, dist_info: DistInfo, device: torch.device, compile_model: bool) -> nn.Module:
-    """DDP (+ compile) around ``net``; rebuilt per phase because DDP fixes its trainable set."""
-    model: nn.Module = net
-    if dist_info.distributed:
-        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    return cast(nn.Module, torch.compile(model)) if compile_model else model
-
-
-def _run_lr_find(
-    model: nn.Module,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: BatchLoader,
-    to_input: ModelInput,
-    amp: bool,
-    num_it: int,
-) -> lr_finder.LRFindResult:
-    stream = loader.forever(first_epoch=10_000)  # its own shuffles, leaving the training epochs' as they are
-
-    def step(lr: float) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images, target, _ = next(stream)
-        loss = train_step(model, criterion, optimizer, to_input(images, train=True), target.to(to_input.device), amp)
-        return _sum_across(loss)[0].item() / (dist.get_world_size() if _distributed() else 1)
-
-    model.train()
-    with lr_finder.restored(unwrap(model), optimizer):
-        return lr_finder.lr_find(step, num_it=num_it)
-
-
-def _split(cache: Cache, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(used, train, valid)`` cache rows: the brain-pixel (and bleed-only) filter, then a patient split."""
-    frame = cache.frame
-    selected = kept_mask(frame, args.min_brain)
-    if args.bleed_only:
-        selected &= frame["any"] == 1
-    used = np.flatnonzero(selected.to_numpy())
-    pool = used
-    if args.val_sources:
-        wanted = args.val_sources.split(",")
-        known = set(frame["source"]) if "source" in frame else set()
-        if not set(wanted) <= known:
-            raise SystemExit(f"--val-sources {args.val_sources}: the cache holds sources {sorted(known) or 'none'}")
-        pool = used[np.isin(frame["source"].to_numpy()[used], wanted)]
-    if args.val_frac == 0 and args.folds is None:  # the final model of a cross-validated recipe: train on all
-        return used, used, used[:0]
-    _train_pos, val_pos = patient_split(
-        frame["patient_id"].to_numpy()[pool], args.val_frac, args.seed, args.folds, args.fold
-    )
-    valid = pool[val_pos]
-    return used, np.setdiff1d(used, valid), valid
-
-
 def _budgets(phases: list[Phase], steps_per_epoch: int, max_steps: int | None) -> list[int]:
     """Optimiser steps per phase: its epochs' worth, cut so that all phases total at most ``max_steps``."""
     left = math.inf if max_steps is None else max_steps
@@ -551,7 +361,12 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
 
     cache = open_data(args.data, args.cache, args.size, args.workers, dist_info, log)
     classes = task_classes(args.task, cache.classes)
-    used, train_rows, val_rows = _split(cache, args)
+    split = split_rows(
+        cache.frame, min_brain=args.min_brain, bleed_only=args.bleed_only,
+        val_sources=args.val_sources.split(",") if args.val_sources else None,
+        val_frac=args.val_frac, seed=args.seed, folds=args.folds, fold=args.fold,
+    )  # fmt: skip
+    used, train_rows, val_rows = split
     y = targets(cache.frame, classes)
     log(
         f"{cache.root}: {len(used)} of {len(cache.frame)} slices used; train {len(train_rows)}, valid {len(val_rows)} (split by patient)"
@@ -616,9 +431,12 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         log(f"resumed from {args.resume}: phase {start_phase}, epoch {start_epoch}, step {step}, lr {lr:.2e}")
     elif args.lr_find or lr == "auto":
         freeze_backbone(net, args.freeze_epochs > 0)
-        result = _run_lr_find(
-            _wrap(net, dist_info, device, False), criterion, optimizer, train_loader, to_input, amp, args.lr_find_iters
-        )
+        probe = wrap(net, dist_info, device, False)
+
+        def train_batch(images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return train_step(probe, criterion, optimizer, to_input(images, train=True), target.to(device), amp)
+
+        result = lr_finder.run(probe, optimizer, train_loader, train_batch, args.lr_find_iters)
         plot_path = args.out / f"{name}_lr_find.html"
         if dist_info.is_main:
             lr_finder.plot(result, plot_path, f"LR range test: {args.arch}, {args.task}")
@@ -630,7 +448,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     budgets = _budgets(phases, len(train_loader), args.max_steps)
     state_path = args.out / f"{name}.state.pt"
 
-    log("  ".join(TABLE_COLUMNS))
+    log("  ".join(report.TABLE_COLUMNS))
     last = None
     started = time.perf_counter()
     train_seconds = images_seen = 0.0
@@ -640,7 +458,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         if budget <= 0:
             break
         freeze_backbone(net, phase.frozen)
-        model = _wrap(net, dist_info, device, args.compile)
+        model = wrap(net, dist_info, device, args.compile)
         scheduler = one_cycle(optimizer, phase.lr, budget, phase.pct_start)
         first = 0
         if resume_state and phase_index == start_phase:
@@ -666,8 +484,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             last = validate(model)
             summary = summarize(last[1], last[2], classes)
             seconds = time.perf_counter() - epoch_start
-            log(_table_row(epoch_index, stats, last[0], summary, seconds))
-            log(_auc_line(summary))
+            log(report.table_row(epoch_index, stats, last[0], summary, seconds))
+            log(report.auc_line(summary))
             history.append(
                 {"epoch": epoch_index, "phase": phase.name, "train_loss": stats["loss"], "valid_loss": last[0],
                  "images_per_second": stats["images_per_second"], "seconds": seconds}
@@ -688,81 +506,16 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         youden_thresholds(y_true, y_prob) if args.thresholds == "youden" else np.full(len(classes), DEFAULT_THRESHOLD)
     )
     metrics = summarize(y_true, y_prob, classes, thresholds) | {"valid_loss": valid_loss}
-    frame = cache.frame
-    training = {
-        "data": str(args.data),
-        "cache": str(cache.root),
-        "source": cache.info.get("source"),
-        "slices_used": len(used),
-        "train_slices": len(train_rows),
-        "valid_slices": len(val_rows),
-        "train_patients": int(frame["patient_id"].iloc[train_rows].nunique()),
-        "valid_patients": int(frame["patient_id"].iloc[val_rows].nunique()),
-        "train_prevalence": dict(zip(classes, y[train_rows].mean(0).tolist())),
-        "bleed_only": args.bleed_only,
-        "min_brain": args.min_brain if args.min_brain is not None else cache.info.get("min_brain"),
-        "split": {
-            "by": "patient_id",
-            "val_frac": args.val_frac,
-            "folds": args.folds,
-            "fold": args.fold,
-            "seed": args.seed,
-        },
-        "pretrained": args.pretrained,
-        "init": str(args.init) if args.init else None,
-        "epochs": args.epochs,
-        "freeze_epochs": args.freeze_epochs,
-        "lr": lr,
-        "weight_decay": args.wd,
-        "batch_size": args.batch_size,
-        "world_size": dist_info.world_size,
-        "augment": repr(augment),
-        "amp": "bf16" if amp else "off",
-        "val_sources": args.val_sources,
-        "sources": cache.info.get("sources"),
-        "steps": step,
-        "device": str(device),
-        "train_seconds": train_seconds,
-        "wall_seconds": time.perf_counter() - started,
-        "images_per_second": images_seen / train_seconds if train_seconds else math.nan,
-        "resumed_from": str(args.resume) if args.resume else None,
-    }
-    metadata = {
-        "name": name,
-        "arch": args.arch,
-        "num_classes": len(classes),
-        "classes": list(classes),
-        "task": args.task,
-        "input": cache.info.get("input"),
-        "windows": cache.info["windows"],
-        "clip": cache.info.get("clip", False),
-        "input_size": cache.size,
-        "crop": cache.info.get("crop", True),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "thresholds": dict(zip(classes, thresholds.tolist())),
-        "threshold_policy": args.thresholds,
-        "metrics": metrics,
-        "tta_flip": args.tta_flip,
-        "history": history,
-        "training": training,
-    }
+    metadata = report.checkpoint_metadata(
+        args, cache, split, classes, y, name=name, lr=lr, world_size=dist_info.world_size, augment=augment, amp=amp,
+        device=device, steps=step, train_seconds=train_seconds, wall_seconds=time.perf_counter() - started,
+        images_seen=images_seen, thresholds=thresholds, metrics=metrics, history=history,
+    )  # fmt: skip
     if dist_info.is_main:
         weights, meta_path = checkpoint.save(net, args.out / name, metadata)
-        _write_valid(args.out / f"{name}.valid.parquet", frame, valid_rows, y_prob, classes)
+        report.write_valid(args.out / f"{name}.valid.parquet", cache.frame, valid_rows, y_prob, classes)
         log(f"saved {weights} and {meta_path}")
     return metadata
-
-
-def _write_valid(path: Path, frame, rows: np.ndarray, y_prob: np.ndarray, classes: Sequence[str]) -> None:
-    """The validation predictions with their cache rows, ids, sources and labels (for calibration)."""
-    keep = [c for c in ("sop_uid", "patient_id", "source") if c in frame]
-    out = frame.iloc[rows][keep].reset_index(drop=True)
-    out.insert(0, "row", rows)
-    for i, c in enumerate(classes):
-        out[c] = frame[c].to_numpy()[rows]
-        out[f"p_{c}"] = y_prob[:, i].astype(np.float64)
-    out.to_parquet(path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -3,6 +3,7 @@
 Train for ``num_it`` steps while the rate grows exponentially from ``start_lr`` to ``end_lr``,
 record the smoothed loss, stop once it diverges, and suggest a rate: fastai's "valley" (default)
 and "steep" (steepest descent). The model and optimiser are restored afterwards.
+:func:`run` feeds it a training loader's batches, the loss averaged over a DDP job's ranks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["LRFindResult", "lr_find", "valley", "steep", "restored", "plot"]
+from ich.models import unwrap
+from train.data import BatchLoader
+from train.distributed import sum_across, world_size
+
+__all__ = ["LRFindResult", "lr_find", "valley", "steep", "restored", "run", "plot"]
 
 
 @dataclass
@@ -108,6 +113,27 @@ def restored(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Iterat
     finally:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
+
+
+def run(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: BatchLoader,
+    train_batch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    num_it: int,
+) -> LRFindResult:
+    """The range test on ``loader``'s batches; ``train_batch(images, target)`` takes one step, returning its loss."""
+    stream = loader.forever(first_epoch=10_000)  # its own shuffles, leaving the training epochs' as they are
+
+    def step(lr: float) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, target, _ = next(stream)
+        return sum_across(train_batch(images, target))[0].item() / world_size()
+
+    model.train()
+    with restored(unwrap(model), optimizer):
+        return lr_find(step, num_it=num_it)
 
 
 def plot(result: LRFindResult, path: str | os.PathLike, title: str = "Learning-rate range test") -> None:

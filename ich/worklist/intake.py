@@ -21,7 +21,7 @@ import pandas as pd
 from ich import dicom
 from ich.worklist.store import Worklist, _now, _Prediction
 
-__all__ = ["DEMO_CASES", "IngestReport", "ingest", "seed_demo"]
+__all__ = ["DEMO_CASES", "IngestReport", "Scorer", "ingest", "seed_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ _SEED_LOCK = threading.Lock()  # one seeding per process, whichever session open
 Progress = Callable[[float, str], object]  # (fraction done, message); what it returns is ignored (st.progress)
 
 
-class _Predictor(Protocol):  # ich.inference.Predictor, without importing torch here
+class Scorer(Protocol):
+    """What ingest needs of a model: :class:`ich.inference.Predictor` (kept abstract: no torch import here)."""
+
     thresholds: dict[str, float]
 
     @property
@@ -79,7 +81,7 @@ class _Bar:
 
 def ingest(
     worklist: Worklist,
-    predictor: _Predictor,
+    predictor: Scorer,
     sources: Sequence[dicom.Source],
     labels: pd.DataFrame | None = None,
     *,
@@ -134,7 +136,7 @@ def ingest(
 
 def seed_demo(
     worklist: Worklist,
-    predictor: _Predictor,
+    predictor: Scorer,
     n: int = len(DEMO_CASES),
     seed: int = 2019,
     size: int | None = None,

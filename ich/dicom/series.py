@@ -1,0 +1,226 @@
+"""What reading DICOM produces: slices, series sorted along the slice normal, and problems.
+
+Every file that cannot be used becomes a :class:`Problem` naming the file and the reason (a
+:class:`DicomError` while it is being read); the rest still load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A file that could not be used, and why."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class DicomError(ValueError):
+    """A specific file cannot be used; ``reason`` says why in words a user can act on."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def is_wrapped(bits_stored: int, pixel_representation: int, intercept: float) -> bool:
+    """An RSNA 2019 "wrapped pixel" file: 12-bit unsigned storage whose negative HU wrapped round 4096."""
+    return bits_stored == 12 and pixel_representation == 0 and intercept > -100
+
+
+@dataclass
+class Slice:
+    """One 2-D image with the header fields the rest of the product uses."""
+
+    path: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    patient_id: str
+    modality: str
+    instance_number: int | None
+    position: np.ndarray | None  # ImagePositionPatient, mm
+    orientation: np.ndarray | None  # ImageOrientationPatient, 6 direction cosines
+    pixel_spacing: tuple[float, float] | None
+    thickness: float | None
+    rows: int
+    columns: int
+    bits_stored: int
+    pixel_representation: int
+    slope: float
+    intercept: float
+    window_center: float | None
+    window_width: float | None
+    transfer_syntax: str
+    notes: list[str] = field(default_factory=list)
+    hu: np.ndarray | None = None  # float32 (rows, columns); None when read without pixels
+    # Patient name, birth date, accession, institution: kept off every default output and log.
+    identifiers: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The HU array; ``ValueError`` when the slice was read headers-only."""
+        if self.hu is None:
+            raise ValueError(f"{self.path}: read without pixel data")
+        return self.hu
+
+    def header_row(self) -> dict[str, Any]:
+        """The header fields as one flat, identifier-free record (a DataFrame row)."""
+        pos = self.position if self.position is not None else np.full(3, np.nan)
+        return {
+            "sop_uid": self.sop_uid,
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "modality": self.modality,
+            "instance_number": self.instance_number,
+            "location": self.location,
+            "pos_x": pos[0],
+            "pos_y": pos[1],
+            "pos_z": pos[2],
+            "rows": self.rows,
+            "columns": self.columns,
+            "pixel_spacing": None if self.pixel_spacing is None else self.pixel_spacing[0],
+            "thickness": self.thickness,
+            "bits_stored": self.bits_stored,
+            "pixel_representation": self.pixel_representation,
+            "rescale_slope": self.slope,
+            "rescale_intercept": self.intercept,
+            "window_center": self.window_center,
+            "window_width": self.window_width,
+            "transfer_syntax": self.transfer_syntax,
+            "wrapped": is_wrapped(self.bits_stored, self.pixel_representation, self.intercept),
+        }
+
+    @property
+    def normal(self) -> np.ndarray | None:
+        if self.orientation is None:
+            return None
+        return np.cross(self.orientation[:3], self.orientation[3:])
+
+    @property
+    def location(self) -> float | None:
+        """Position along the slice normal (mm): the sort key for a series."""
+        if self.position is None or self.normal is None:
+            return None
+        return float(self.position @ self.normal)
+
+
+@dataclass
+class Series:
+    """The slices of one (study, series), sorted from the first position along the normal."""
+
+    study_uid: str
+    series_uid: str
+    slices: list[Slice]
+    spacing: float | None = None
+    duplicates: int = 0  # consecutive slices at the same position
+    gaps: int = 0  # steps over 1.5x the median spacing
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    @property
+    def modality(self) -> str:
+        return self.slices[0].modality
+
+    @property
+    def patient_id(self) -> str:
+        return self.slices[0].patient_id
+
+    @property
+    def thickness(self) -> float | None:
+        return self.slices[0].thickness
+
+    @property
+    def sop_uids(self) -> list[str]:
+        return [s.sop_uid for s in self.slices]
+
+    def volume(self) -> np.ndarray:
+        """float32 ``(N, H, W)`` HU. Raises ``ValueError`` if slices differ in size or lack pixels."""
+        pixels = [s.pixels for s in self.slices]
+        shapes = {p.shape for p in pixels}
+        if len(shapes) != 1:
+            raise ValueError(f"series {self.series_uid} mixes image sizes {sorted(shapes)}")
+        return np.stack(pixels)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description without patient identifiers."""
+        first = self.slices[0]
+        return {
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "modality": self.modality,
+            "slices": len(self),
+            "rows": first.rows,
+            "columns": first.columns,
+            "pixel_spacing": list(first.pixel_spacing) if first.pixel_spacing else None,
+            "spacing": None if self.spacing is None else round(self.spacing, 3),
+            "thickness": self.thickness,
+            "bits_stored": sorted({s.bits_stored for s in self.slices}),
+            "transfer_syntaxes": sorted({s.transfer_syntax for s in self.slices}),
+            "ordered_by": "position" if all(s.location is not None for s in self.slices) else "instance number",
+            "duplicate_positions": self.duplicates,
+            "gaps": self.gaps,
+            "notes": list(self.notes),
+        }
+
+
+@dataclass
+class LoadResult:
+    series: list[Series]
+    problems: list[Problem]
+
+
+def sort_series(study_uid: str, series_uid: str, slices: list[Slice]) -> Series:
+    """The slices of one (study, series) as a :class:`Series`: sorted along the normal, spacing, gaps, notes."""
+    notes: list[str] = []
+    slice_notes: dict[str, int] = {}
+    for s in slices:
+        for note in s.notes:
+            slice_notes[note] = slice_notes.get(note, 0) + 1
+    normals = [s.normal for s in slices if s.normal is not None]
+    positions = [s.position for s in slices if s.position is not None]
+    keys: list[float]
+    if len(slices) == 1:
+        keys = [0.0]
+    elif len(normals) == len(positions) == len(slices):
+        reference = normals[0]
+        if any(abs(float(n @ reference)) < 0.99 for n in normals):
+            notes.append("slices have different orientations")
+        keys = [float(np.dot(p, reference)) for p in positions]
+    else:
+        notes.append("no usable ImagePositionPatient/ImageOrientationPatient: sorted by InstanceNumber")
+        keys = [float(s.instance_number) if s.instance_number is not None else float(i) for i, s in enumerate(slices)]
+    order = np.argsort(np.asarray(keys), kind="stable")
+    slices = [slices[i] for i in order]
+    sorted_keys = np.asarray(keys)[order]
+    spacing, duplicates, gap_count = None, 0, 0
+    if len(slices) > 1 and not notes:
+        steps = np.diff(sorted_keys)
+        spacing = float(np.median(steps))
+        dup = np.flatnonzero(steps < 1e-3)
+        duplicates = int(dup.size)
+        if dup.size:
+            notes.append(f"{dup.size} duplicate slice position(s), first at slice {int(dup[0]) + 1}")
+        if spacing > 0:
+            gaps = np.flatnonzero(steps > 1.5 * spacing)
+            gap_count = int(gaps.size)
+            for g in gaps[:5]:
+                notes.append(f"gap of {steps[g]:.2f} mm after slice {int(g) + 1} (spacing {spacing:.2f} mm)")
+            if len(gaps) > 5:
+                notes.append(f"... {len(gaps) - 5} more gaps")
+            uneven = np.abs(steps - spacing) > 0.1 * spacing
+            if uneven.any() and not gaps.size and not dup.size:
+                notes.append("uneven slice spacing")
+    notes += [note if n == len(slices) else f"{note} ({n} of {len(slices)} slices)" for note, n in slice_notes.items()]
+    return Series(study_uid, series_uid, slices, spacing, duplicates, gap_count, notes)

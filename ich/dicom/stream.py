@@ -1,0 +1,120 @@
+"""Many sources into series: :func:`load` (everything at once) and :func:`iter_series` (one series at a time).
+
+Series are grouped by (study, series) UID and sorted along the slice normal; every file that cannot
+be used becomes a :class:`Problem` naming the file and the reason, and the rest still load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+from ich.dicom.reader import read_file
+from ich.dicom.series import DicomError, LoadResult, Problem, Series, Slice, sort_series
+from ich.dicom.sources import Source, Upload, iter_sources, read_member
+
+log = logging.getLogger(__name__)
+
+
+def load(
+    sources: Iterable[Source] | Source,
+    pixels: bool = True,
+    progress: Callable[[int, str], None] | None = None,
+) -> LoadResult:
+    """Read every source into series grouped by (study, series) UID and sorted along the normal.
+
+    ``progress(count, name)`` is called after each file (for progress bars).
+    """
+    if isinstance(sources, (str, os.PathLike, Upload)):
+        sources = [sources]
+    groups: dict[tuple[str, str], list[Slice]] = {}
+    problems: list[Problem] = []
+    seen: set[tuple[str, str, str]] = set()
+    count = 0
+    for item in iter_sources(sources):
+        if isinstance(item, Problem):
+            problems.append(item)
+            continue
+        count += 1
+        name = item.name if isinstance(item, Upload) else os.fspath(item)
+        try:
+            for s in read_file(item, pixels):
+                key = (s.study_uid, s.series_uid, s.sop_uid)
+                if key in seen:
+                    problems.append(Problem(s.path, f"duplicate SOPInstanceUID {s.sop_uid}: already read, ignored"))
+                    continue
+                seen.add(key)
+                groups.setdefault((s.study_uid, s.series_uid), []).append(s)
+        except DicomError as exc:
+            problems.append(Problem(exc.path, exc.reason))
+        if progress is not None:
+            progress(count, name)
+    series = [sort_series(study, ser, slices) for (study, ser), slices in groups.items()]
+    series.sort(key=lambda s: (s.study_uid, s.series_uid))
+    return LoadResult(series, problems)
+
+
+def iter_series(
+    sources: Iterable[Source] | Source,
+    problems: list[Problem],
+    progress: Callable[[int, str], None] | None = None,
+) -> Iterator[Series]:
+    """Series with pixels, one at a time: headers of everything first, then each series' pixels.
+
+    Files in folders and zip archives on disk (also zips inside folders, and zips inside zips) are
+    read again per series, zip members from their archive (:func:`read_member`). Uploads (and the
+    members of uploaded zips) are bytes already: they are kept as bytes, decoded one series at a
+    time and let go once their series is read. So only one series' HU are in memory at a time. Every
+    unreadable file is appended to ``problems``; a series none of whose pixels read is skipped.
+    ``progress(count, name)`` is called after each file of the header pass.
+    """
+    if isinstance(sources, (str, os.PathLike, Upload)):
+        sources = [sources]
+    # Uploaded bytes by the name their slices carry. A browser sends bare file names and two folders
+    # may both hold "1.dcm": a repeated name becomes "1.dcm (2)", so each name means one upload.
+    held: dict[str, Upload] = {}
+
+    def expanded() -> Iterator[Source]:
+        for item in iter_sources(sources):
+            if isinstance(item, Problem):
+                problems.append(item)
+                continue
+            if isinstance(item, Upload):
+                name, k = item.name, 1
+                while name in held:
+                    k += 1
+                    name = f"{item.name} ({k})"
+                item = held[name] = Upload(name, item.data)
+            yield item
+
+    headers = load(expanded(), pixels=False, progress=progress)
+    problems += headers.problems
+    log.info("headers read: %d series, %d problems", len(headers.series), len(headers.problems))
+    for number, series in enumerate(headers.series, 1):
+        read: dict[str, list[Slice]] = {}  # a multi-frame file is read once for all its frames
+        kept: list[Slice] = []
+        for s in series.slices:
+            try:
+                if s.path not in read:
+                    read[s.path] = _read_again(s.path, held)
+                found = next((f for f in read[s.path] if f.sop_uid == s.sop_uid), None)
+                if found is None:
+                    raise DicomError(s.path, "changed since its header was read")
+                kept.append(found)
+            except DicomError as exc:
+                problems.append(Problem(exc.path, exc.reason))
+        for path in read:
+            held.pop(path, None)
+        log.debug("series %d of %d: %d of %d slices read", number, len(headers.series), len(kept), len(series))
+        if kept:
+            yield replace(series, slices=kept)
+
+
+def _read_again(path: str, held: dict[str, Upload]) -> list[Slice]:
+    """Every slice, with pixels, of the file a header-only slice came from."""
+    if path in held:
+        return read_file(held[path])
+    return read_file(path if Path(path).is_file() else Upload(path, read_member(path)))

@@ -1,0 +1,146 @@
+"""ich.listener: series pushed over DICOM (C-STORE on loopback) land on the worklist, and nothing received is lost."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from pydicom.uid import MRImageStorage, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from ich.listener import Inbox, Listener
+from ich.worklist import Worklist
+from tests.dicom_factory import make_ct, to_bytes
+from tests.helpers import ROOT, FakePredictor, add
+
+QUIET = 0.3  # seconds without a new instance before a series is scored
+
+
+def series(n: int, study: str | None = None, uid: str | None = None, start: int = 0) -> list:
+    study, uid = study or generate_uid(), uid or generate_uid()
+    return [make_ct(z=5.0 * i, series_uid=uid, study_uid=study, instance=i + 1) for i in range(start, start + n)]
+
+
+def send(port: int, datasets: list, calling: str = "SENDER", sop_class=CTImageStorage) -> list[int]:
+    """C-STORE each dataset in one association; the status of each (or -1 when nothing came back)."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICH")
+    assert assoc.is_established, "association refused"
+    try:
+        return [int(s.Status) if s else -1 for s in (assoc.send_c_store(ds) for ds in datasets)]
+    finally:
+        assoc.release()
+
+
+def wait_for(condition, seconds: float = 20.0) -> None:
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def running(tmp_path):
+    wl = Worklist(tmp_path)
+    listener = Listener(wl, FakePredictor({"any": 0.8}), Inbox(tmp_path / "inbox", QUIET), allow=["SENDER"])
+    port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
+    yield wl, listener, port
+    listener.stop()
+
+
+def test_a_pushed_series_is_scored_once_and_rescored_when_it_grows(running, caplog):
+    wl, listener, port = running
+    first = series(3)
+    with caplog.at_level(logging.INFO, logger="ich"):
+        assert send(port, first) == [0, 0, 0]
+        wait_for(lambda: len(wl) == 1)
+        (study_id,) = wl.studies()["id"]
+        assert wl.study(study_id).n_slices == 3 and wl.study(study_id).flagged
+        assert send(port, first[:1]) == [0]  # a repeated instance is accepted and ignored
+        more = series(2, first[0].StudyInstanceUID, first[0].SeriesInstanceUID, start=3)
+        assert send(port, more) == [0, 0]
+        wait_for(lambda: wl.study(study_id).n_slices == 5)
+    assert len(wl) == 1 and listener.predictor.calls == 2
+    text = caplog.text
+    assert "3 stored, 0 duplicates" in text and "0 stored, 1 duplicates" in text and "FLAGGED" in text
+    identifiers = [first[0].StudyInstanceUID, first[0].SeriesInstanceUID, first[0].PatientID, str(first[0].PatientName)]
+    assert not [i for i in identifiers if i and i in text]
+
+
+def test_echo_and_refusals(running, caplog):
+    _, _, port = running
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port)
+    assert assoc.is_established and int(assoc.send_c_echo().Status) == 0
+    assoc.release()
+    with caplog.at_level(logging.INFO, logger="ich"):
+        stranger = AE(ae_title="STRANGER")
+        stranger.add_requested_context(CTImageStorage)
+        assert stranger.associate("127.0.0.1", port).is_rejected
+        mr = AE(ae_title="SENDER")
+        mr.add_requested_context(MRImageStorage)
+        assoc = mr.associate("127.0.0.1", port)
+        assert not assoc.accepted_contexts  # MR is not for this model
+        assoc.release()
+        wait_for(lambda: "refused MR Image Storage" in caplog.text)
+    assert "'STRANGER'" in caplog.text and "not allowed" in caplog.text
+
+
+def test_a_corrupt_instance_does_not_stop_its_series(running):
+    wl, _, port = running
+    datasets = series(3)
+    datasets[1].PixelData = datasets[1].PixelData[:100]  # shorter than Rows x Columns says
+    assert send(port, datasets) == [0, 0, 0]  # stored as received; reading it is ingest's job
+    wait_for(lambda: len(wl) == 1)
+    assert wl.study(int(wl.studies()["id"].iloc[0])).n_slices == 2
+
+
+def test_series_received_before_a_crash_are_scored_at_restart(tmp_path):
+    inbox = Inbox(tmp_path / "inbox", QUIET)
+    for ds in series(4):
+        inbox.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, to_bytes(ds))
+    assert len(inbox.unscored()) == 1  # the listener died before the quiet period ended
+    wl = Worklist(tmp_path)
+    listener = Listener(wl, FakePredictor(), Inbox(tmp_path / "inbox", QUIET))
+    listener.start("127.0.0.1", 0, poll_seconds=0.05)
+    try:
+        wait_for(lambda: len(wl) == 1)
+        wait_for(lambda: not inbox.unscored())
+    finally:
+        listener.stop()
+    assert wl.study(int(wl.studies()["id"].iloc[0])).n_slices == 4
+    assert not [p for p in (tmp_path / "inbox").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_inbox_names_hide_identifiers(tmp_path):
+    inbox = Inbox(tmp_path, QUIET)
+    ds = series(1)[0]
+    assert inbox.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, b"x")
+    assert not inbox.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, b"x")
+    names = [p.name for p in tmp_path.rglob("*")]
+    assert not [n for n in names if ds.SOPInstanceUID in n or ds.SeriesInstanceUID in n]
+    assert inbox.due(now=time.monotonic()) == [] and len(inbox.due(now=time.monotonic() + QUIET)) == 1
+
+
+def test_worklist_command_prints_without_identifiers(tmp_path):
+    wl = Worklist(tmp_path)
+    add(wl, 0.9)
+    out = subprocess.run(
+        [sys.executable, "-m", "ich", "worklist", "--json", "--data-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (row,) = json.loads(out)
+    assert row["likelihood"] == pytest.approx(0.9) and row["flagged"] and row["slices"] == 4
+    assert set(row) == {"id", "source", "received", "slices", "likelihood", "flagged", "status"}
+    assert np.isfinite(row["likelihood"])
