@@ -28,6 +28,7 @@ VIEW_WINDOWS = ("brain", "subdural", "bone", "stroke")
 TRUTH_NAMES = {"csv": "label CSV", "phantom": "phantom labels", "review": "radiologist's read"}
 CLASS_COLOURS = dict(zip(CLASSES, ("#f2c12e", "#e377c2", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e")))
 GALLERY = 6
+ARRIVALS_POLL_SECONDS = 10  # how often an open page checks for flagged studies from the listener or other readers
 log = logging.getLogger(__name__)
 PERCENT_BAR = st.column_config.ProgressColumn(format="%.0f%%", min_value=0, max_value=100)
 STUDY_COLUMNS = {"Received": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"), "Likelihood": PERCENT_BAR}
@@ -507,6 +508,17 @@ PAGES: dict[str, st.Page] = {
 }
 
 
+@st.fragment(run_every=ARRIVALS_POLL_SECONDS)
+def arrivals_ui(wl: Worklist) -> None:
+    """A toast for each flagged study that lands while this page is open (DICOM listener, other uploads)."""
+    studies = wl.studies()
+    newest = int(studies["id"].max()) if len(studies) else 0
+    seen = st.session_state.setdefault("seen_study_id", newest)
+    for row in studies[(studies["id"] > seen) & studies["flagged"]].itertuples():
+        st.toast(f"Flagged: {row.label} ({pct(row.score)} likelihood)", icon=":material/priority_high:")
+    st.session_state["seen_study_id"] = max(seen, newest)
+
+
 def seed_demo_ui(wl: Worklist, pred: Predictor | None) -> None:
     """First start: fill the empty worklist with synthetic demo studies, showing progress."""
     if pred is None or wl.get_meta("demo_seeded") is not None:
@@ -531,6 +543,7 @@ def main() -> None:
     else:
         st.sidebar.caption(f"Model: {pred.name}. Worklist and reads are stored on this server only.")
     seed_demo_ui(store(), pred)
+    arrivals_ui(store())
     page.run()
 
 

@@ -158,15 +158,18 @@ def _listen(args: argparse.Namespace) -> int:
 
     from ich.files import data_dir
     from ich.listener import Inbox, Listener
+    from ich.notify import Webhook
     from ich.worklist import Worklist
 
     directory = Path(args.data_dir) if args.data_dir else data_dir()
+    worklist = Worklist(directory)
     listener = Listener(
-        Worklist(directory),
+        worklist,
         _predictor(args),
         Inbox(directory / "inbox", args.quiet_seconds),
         ae_title=args.ae_title,
         allow=[a for a in (args.allow or "").split(",") if a],
+        on_scored=Webhook(args.notify_url, worklist, flagged_only=not args.notify_all) if args.notify_url else None,
     )
     # INFO at least: an admin running a listener wants its one line per association and per series.
     logging.getLogger("ich").setLevel(min(logging.getLogger("ich").getEffectiveLevel(), logging.INFO))
@@ -261,6 +264,8 @@ def get_parser() -> argparse.ArgumentParser:
     ls.add_argument("--allow", help="comma-separated calling AE titles accepted (default: any)")
     ls.add_argument("--quiet-seconds", type=float, default=10.0, help="a series is scored when quiet this long")
     ls.add_argument("--data-dir", help=f"worklist and inbox folder (default ${DATA_ENV} or .ich-data/)")
+    ls.add_argument("--notify-url", help="POST a JSON note (worklist id, flag, likelihood; no identifiers) here")
+    ls.add_argument("--notify-all", action="store_true", help="notify every scored study, not only flagged ones")
     _model_options(ls)
     ls.set_defaults(func=_listen)
 

@@ -15,7 +15,7 @@ import ich.worklist
 from ich.labels import CLASSES, write_rsna_csv
 from ich.worklist import STATUS_HEMORRHAGE, Worklist
 from tests.dicom_factory import make_ct, to_bytes
-from tests.helpers import ROOT
+from tests.helpers import ROOT, add
 
 TIMEOUT = 180  # first run seeds the demo: phantoms + scoring on a shared CI core
 DEMO = len(ich.worklist.DEMO_CASES)
@@ -139,3 +139,16 @@ def test_upload_scores_series_and_lists_bad_files(data_dir):
     assert not at.exception, at.exception
     assert "**Slice " in texts(at) and "(label CSV)" in texts(at)  # the viewer shows the uploaded study
     assert not [i for i in identifiers if i in shown(at)]
+
+
+def test_a_flagged_study_arriving_meanwhile_is_announced(data_dir):
+    at = start()
+    assert not at.toast  # what was there at start is not news
+    wl = Worklist(data_dir)
+    flagged, _ = add(wl, 0.97)
+    add(wl, 0.05)  # a clear one arrives too: no toast for it
+    at.run()
+    label = wl.study(flagged).label
+    assert [t.value for t in at.toast] == [f"Flagged: {label} (97% likelihood)"]
+    at.run()
+    assert not at.toast  # announced once

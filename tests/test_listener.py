@@ -49,14 +49,17 @@ def wait_for(condition, seconds: float = 20.0) -> None:
 @pytest.fixture
 def running(tmp_path):
     wl = Worklist(tmp_path)
-    listener = Listener(wl, FakePredictor({"any": 0.8}), Inbox(tmp_path / "inbox", QUIET), allow=["SENDER"])
+    scored: list[int] = []  # what a webhook (ich.notify.Webhook) would be called with
+    listener = Listener(
+        wl, FakePredictor({"any": 0.8}), Inbox(tmp_path / "inbox", QUIET), allow=["SENDER"], on_scored=scored.append
+    )
     port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
-    yield wl, listener, port
+    yield wl, listener, port, scored
     listener.stop()
 
 
 def test_a_pushed_series_is_scored_once_and_rescored_when_it_grows(running, caplog):
-    wl, listener, port = running
+    wl, listener, port, scored = running
     first = series(3)
     with caplog.at_level(logging.INFO, logger="ich"):
         assert send(port, first) == [0, 0, 0]
@@ -67,7 +70,7 @@ def test_a_pushed_series_is_scored_once_and_rescored_when_it_grows(running, capl
         more = series(2, first[0].StudyInstanceUID, first[0].SeriesInstanceUID, start=3)
         assert send(port, more) == [0, 0]
         wait_for(lambda: wl.study(study_id).n_slices == 5)
-    assert len(wl) == 1 and listener.predictor.calls == 2
+    assert len(wl) == 1 and listener.predictor.calls == 2 and scored == [study_id, study_id]
     text = caplog.text
     assert "3 stored, 0 duplicates" in text and "0 stored, 1 duplicates" in text and "FLAGGED" in text
     identifiers = [first[0].StudyInstanceUID, first[0].SeriesInstanceUID, first[0].PatientID, str(first[0].PatientName)]
@@ -75,7 +78,7 @@ def test_a_pushed_series_is_scored_once_and_rescored_when_it_grows(running, capl
 
 
 def test_echo_and_refusals(running, caplog):
-    _, _, port = running
+    _, _, port, _ = running
     ae = AE(ae_title="SENDER")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", port)
@@ -95,7 +98,7 @@ def test_echo_and_refusals(running, caplog):
 
 
 def test_a_corrupt_instance_does_not_stop_its_series(running):
-    wl, _, port = running
+    wl, _, port, _ = running
     datasets = series(3)
     datasets[1].PixelData = datasets[1].PixelData[:100]  # shorter than Rows x Columns says
     assert send(port, datasets) == [0, 0, 0]  # stored as received; reading it is ingest's job
