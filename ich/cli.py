@@ -155,24 +155,34 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _listen(args: argparse.Namespace) -> int:
     import signal
     import threading
+    from collections.abc import Callable
 
+    from ich import explain
     from ich.files import data_dir
-    from ich.listener import Inbox, Listener
+    from ich.listener import Inbox, Listener, SendResults
     from ich.notify import Webhook
     from ich.worklist import Worklist
 
     directory = Path(args.data_dir) if args.data_dir else data_dir()
-    worklist = Worklist(directory)
+    worklist, inbox, predictor = Worklist(directory), Inbox(directory / "inbox", args.quiet_seconds), _predictor(args)
+    after: list[Callable[[int], object]] = []
+    if args.notify_url:
+        after.append(Webhook(args.notify_url, worklist, flagged_only=not args.notify_all))
+    if args.send_to:
+        heatmap = (lambda hu: explain.grad_cam(predictor, hu, "any")) if "any" in predictor.model_classes else None
+        after.append(SendResults(worklist, inbox, args.send_to, heatmap, predictor.aggregation))
     listener = Listener(
         worklist,
-        _predictor(args),
-        Inbox(directory / "inbox", args.quiet_seconds),
+        predictor,
+        inbox,
         ae_title=args.ae_title,
         allow=[a for a in (args.allow or "").split(",") if a],
-        on_scored=Webhook(args.notify_url, worklist, flagged_only=not args.notify_all) if args.notify_url else None,
+        on_scored=after,
     )
     # INFO at least: an admin running a listener wants its one line per association and per series.
     logging.getLogger("ich").setLevel(min(logging.getLogger("ich").getEffectiveLevel(), logging.INFO))
+    if args.verbose < 2:  # pynetdicom's own lines quote instance UIDs; they are for debugging only
+        logging.getLogger("pynetdicom").setLevel(logging.ERROR)
     port = listener.start(args.host, args.port)
     print(
         f"listening as AE {args.ae_title} on {args.host}:{port}, worklist in {directory} (Ctrl-C stops)",
@@ -266,6 +276,7 @@ def get_parser() -> argparse.ArgumentParser:
     ls.add_argument("--data-dir", help=f"worklist and inbox folder (default ${DATA_ENV} or .ich-data/)")
     ls.add_argument("--notify-url", help="POST a JSON note (worklist id, flag, likelihood; no identifiers) here")
     ls.add_argument("--notify-all", action="store_true", help="notify every scored study, not only flagged ones")
+    ls.add_argument("--send-to", help="AE@host:port: send each scored series' DICOM SR and key image there (PACS)")
     _model_options(ls)
     ls.set_defaults(func=_listen)
 

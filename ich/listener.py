@@ -26,15 +26,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from ich import results
+from ich.explain import overlay
 from ich.files import atomic_write
+from ich.labels import CLASSES
+from ich.windowing import BRAIN, apply_window
 from ich.worklist import Worklist, ingest
 from ich.worklist.intake import Scorer
 
-__all__ = ["ACCEPTED_SOP_CLASSES", "DEFAULT_AE_TITLE", "DEFAULT_PORT", "Inbox", "Listener"]
+__all__ = ["ACCEPTED_SOP_CLASSES", "DEFAULT_AE_TITLE", "DEFAULT_PORT", "Inbox", "Listener", "SendResults"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,11 @@ class Inbox:
         with self._lock:
             self._last[folder] = time.monotonic()
         return True
+
+    def files_of(self, study_uid: str, series_uid: str, sop_uids: Sequence[str]) -> list[Path]:
+        """The received files of these instances, in the order given."""
+        folder = self.root / _key(study_uid, series_uid)
+        return [folder / f"{_key(uid)}.dcm" for uid in sop_uids]
 
     def due(self, now: float | None = None) -> list[Path]:
         """Series quiet for ``quiet_seconds``: taken off the pending list and returned."""
@@ -123,7 +135,7 @@ class Listener:
         inbox: Inbox,
         ae_title: str = DEFAULT_AE_TITLE,
         allow: Sequence[str] = (),
-        on_scored: Callable[[int], object] | None = None,
+        on_scored: Sequence[Callable[[int], object]] = (),
     ) -> None:
         self.worklist, self.predictor, self.inbox = worklist, predictor, inbox
         self.on_scored = on_scored
@@ -142,12 +154,14 @@ class Listener:
     def _on_established(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
         self._associations[id(event.assoc)] = _Association(requestor.ae_title, f"{requestor.address}")
-        for context in event.assoc.rejected_contexts:
-            log.warning(
-                "refused %s from AE %r: only CT and Enhanced CT images are accepted",
-                context.abstract_syntax.name if context.abstract_syntax else "an unnamed SOP class",
-                requestor.ae_title,
-            )
+        # Senders often offer every storage class they know: one line, the names at debug level.
+        refused = sorted({c.abstract_syntax.name for c in event.assoc.rejected_contexts if c.abstract_syntax})
+        if refused:
+            log.info(
+                "AE %r offered %d SOP class(es) refused here (only CT and Enhanced CT images are accepted)%s",
+                requestor.ae_title, len(refused), f": {', '.join(refused)}" if len(refused) <= 3 else "",
+            )  # fmt: skip
+            log.debug("refused SOP classes from AE %r: %s", requestor.ae_title, ", ".join(refused))
 
     def _on_rejected(self, event: evt.Event) -> None:
         log.warning("association from AE %r (%s) refused: calling AE title not allowed",
@@ -199,8 +213,11 @@ class Listener:
                 folder.name, study_id, entry.n_slices, entry.score or 0.0, ", FLAGGED" if entry.flagged else "",
                 time.perf_counter() - started,
             )  # fmt: skip
-            if self.on_scored is not None:
-                self.on_scored(study_id)
+            for callback in self.on_scored:
+                try:
+                    callback(study_id)
+                except Exception:  # a failed webhook or PACS send must not lose the scored series
+                    log.exception("after scoring worklist id %d: %s failed", study_id, type(callback).__name__)
         Inbox.mark_scored(folder, files)
 
     def _score_loop(self, poll_seconds: float) -> None:
@@ -242,3 +259,42 @@ class Listener:
             self._server.shutdown()
         if self._scorer is not None:
             self._scorer.join()
+
+
+class SendResults:
+    """``on_scored`` callback: the SR and key image of a scored series, C-STORE'd to ``destination`` (AE@host:port).
+
+    ``heatmap(hu)`` gives the key image's overlay (e.g. Grad-CAM of "any"); without it the slice is plain.
+    """
+
+    def __init__(
+        self,
+        worklist: Worklist,
+        inbox: Inbox,
+        destination: str,
+        heatmap: Callable[[np.ndarray], np.ndarray] | None = None,
+        aggregation: str = "",
+    ) -> None:
+        results.parse_destination(destination)  # refuse a malformed destination at start, not at the first study
+        self.worklist, self.inbox, self.destination = worklist, inbox, destination
+        self.heatmap, self.aggregation = heatmap, aggregation
+
+    def objects(self, study_id: int) -> list[Dataset]:
+        """``[SR, secondary capture]`` for one worklist entry received by this listener."""
+        entry = self.worklist.study(study_id)
+        slices = self.worklist.slices(study_id)
+        paths = self.inbox.files_of(entry.study_uid, entry.series_uid, list(slices["sop_uid"]))
+        sources = [dcmread(p, stop_before_pixels=True) for p in paths]
+        probs = slices[[f"p_{c}" for c in CLASSES]].to_numpy(np.float64)
+        report = results.structured_report(
+            sources, probs, entry.score or 0.0, entry.flagged, entry.thresholds, entry.model or "", self.aggregation
+        )
+        top = int(np.nanargmax(np.nan_to_num(probs[:, CLASSES.index("any")], nan=-1.0)))
+        hu = self.worklist.volume(study_id)[top].astype(np.float32)
+        gray = apply_window(hu, BRAIN, np.uint8)
+        rgb = overlay(gray, self.heatmap(hu)) if self.heatmap else np.repeat(gray[..., None], 3, axis=2)
+        caption = f"slice {top + 1} of {len(slices)}: hemorrhage {probs[top, 0]:.2f}, series {entry.score or 0:.2f}"
+        return [report, results.key_image(sources[top], rgb, caption)]
+
+    def __call__(self, study_id: int) -> list[int]:
+        return results.send(self.objects(study_id), self.destination)

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import subprocess
 import sys
 import time
 
+import highdicom as hd
 import numpy as np
 import pytest
-from pydicom.uid import MRImageStorage, generate_uid
-from pynetdicom import AE
+from pydicom.uid import ComprehensiveSRStorage, MRImageStorage, SecondaryCaptureImageStorage, generate_uid
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from ich.listener import Inbox, Listener
+from ich.listener import Inbox, Listener, SendResults
 from ich.worklist import Worklist
 from tests.dicom_factory import make_ct, to_bytes
 from tests.helpers import ROOT, FakePredictor, add
@@ -51,7 +53,7 @@ def running(tmp_path):
     wl = Worklist(tmp_path)
     scored: list[int] = []  # what a webhook (ich.notify.Webhook) would be called with
     listener = Listener(
-        wl, FakePredictor({"any": 0.8}), Inbox(tmp_path / "inbox", QUIET), allow=["SENDER"], on_scored=scored.append
+        wl, FakePredictor({"any": 0.8}), Inbox(tmp_path / "inbox", QUIET), allow=["SENDER"], on_scored=[scored.append]
     )
     port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
     yield wl, listener, port, scored
@@ -93,7 +95,7 @@ def test_echo_and_refusals(running, caplog):
         assoc = mr.associate("127.0.0.1", port)
         assert not assoc.accepted_contexts  # MR is not for this model
         assoc.release()
-        wait_for(lambda: "refused MR Image Storage" in caplog.text)
+        wait_for(lambda: "refused here (only CT and Enhanced CT images are accepted): MR Image Storage" in caplog.text)
     assert "'STRANGER'" in caplog.text and "not allowed" in caplog.text
 
 
@@ -147,3 +149,68 @@ def test_worklist_command_prints_without_identifiers(tmp_path):
     assert row["likelihood"] == pytest.approx(0.9) and row["flagged"] and row["slices"] == 4
     assert set(row) == {"id", "source", "received", "slices", "likelihood", "flagged", "status"}
     assert np.isfinite(row["likelihood"])
+
+
+@pytest.fixture
+def pacs():
+    """A second Storage SCP standing in for PACS: keeps every object it receives."""
+    received: list = []
+
+    def keep(event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0
+
+    ae = AE(ae_title="PACS")
+    for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, keep)])
+    yield f"PACS@127.0.0.1:{server.server_address[1]}", received
+    server.shutdown()
+
+
+def test_results_go_back_to_pacs_in_the_scanned_study(tmp_path, pacs):
+    destination, received = pacs
+    wl, inbox = Worklist(tmp_path), Inbox(tmp_path / "inbox", QUIET)
+
+    def left_half(hu: np.ndarray) -> np.ndarray:
+        cam = np.zeros(hu.shape, np.float32)
+        cam[:, : hu.shape[1] // 2] = 1.0
+        return cam
+
+    sender = SendResults(wl, inbox, destination, heatmap=left_half, aggregation="top-2")
+    listener = Listener(wl, FakePredictor({"any": 0.9, "subdural": 0.7}), inbox, on_scored=[sender])
+    port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
+    try:
+        sent = series(3)
+        assert send(port, sent) == [0, 0, 0]
+        wait_for(lambda: len(received) == 2)
+    finally:
+        listener.stop()
+    key, report = sorted(received, key=lambda ds: ds.Modality)  # OT (the key image) before SR
+    study, sops = sent[0].StudyInstanceUID, {ds.SOPInstanceUID for ds in sent}
+    assert report.StudyInstanceUID == study == key.StudyInstanceUID
+    assert report.SeriesInstanceUID not in {sent[0].SeriesInstanceUID, key.SeriesInstanceUID}
+    assert report.PatientID == sent[0].PatientID  # PACS files it with the patient's scan
+    items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in report.ContentSequence}
+    assert "NOT FOR DIAGNOSTIC USE" in items["Disclaimer"].TextValue
+    assert items["Triage flag"].TextValue.startswith("FLAGGED")
+    assert items["How the series likelihood is made"].TextValue == "top-2"
+    likelihood = items["Hemorrhage likelihood of the series"].MeasuredValueSequence[0].NumericValue
+    assert float(likelihood) == pytest.approx(0.9)
+    keys = [i for i in report.ContentSequence if i.ValueType == "IMAGE"]
+    assert keys and {k.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for k in keys} <= sops
+    assert key.BurnedInAnnotation == "YES" and key.pixel_array.shape[-1] == 3
+    rgb = key.pixel_array.astype(int)
+    assert (rgb[:, :16, 0] != rgb[:, :16, 2]).any()  # the heatmap's colours on the left
+    right = rgb[24:, 16:]  # below the burned-in text, no heatmap: the brain-window grey of 30 HU tissue
+    assert (right[..., 0] == right[..., 2]).all() and right.max() == round(30 / 80 * 255)
+    assert hd.sr.srread(_encoded(report)).SOPClassUID == ComprehensiveSRStorage  # highdicom reads it back
+
+
+def _encoded(ds) -> io.BytesIO:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return buffer
