@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+import streamlit_authenticator as stauth
 
-from ich import dicom, explain, review
+from ich import access, dicom, explain, review
 from ich.inference import STUDY_AGGREGATION, Predictor, default_weights
 from ich.labels import CLASSES, SUBTYPES, read_rsna_csv
 from ich.windowing import PRESETS, Window, apply_window
@@ -380,7 +381,12 @@ def worklist_page() -> None:
         "Include DICOM UIDs", key="export_uids", help="Off by default: UIDs can identify a patient's exam."
     )
     export_col.download_button(
-        "Download worklist (CSV)", wl.export_csv(uids=uids), "ich-worklist.csv", "text/csv", on_click="ignore"
+        "Download worklist (CSV)",
+        wl.export_csv(uids=uids),
+        "ich-worklist.csv",
+        "text/csv",
+        on_click=audit,
+        args=("export",),
     )
 
 
@@ -391,6 +397,9 @@ def viewer_page() -> None:
         st.info("No studies yet. Add a series on the Upload page.")
         return
     study_id = study_picker_ui(studies)
+    if st.session_state.get("opened") != study_id:  # audit each study a reader opens, once per switch
+        st.session_state["opened"] = study_id
+        audit("open", study_id)
     if "flash" in st.session_state:
         st.success(st.session_state.pop("flash"), icon=":material/check_circle:")
     info, slices = wl.study(study_id), wl.slices(study_id)
@@ -484,6 +493,7 @@ def viewer_page() -> None:
     saved = read_ui(study_id, n, info.read, index)
     if saved is not None:
         read = wl.save_review(study_id, *saved)
+        audit("read", study_id)
         st.session_state["flash"] = f"Read saved for {info.label}: {review.describe(read.findings)}"
         st.rerun()  # redraw the header and lines with the read as the actual
     uids = st.checkbox(
@@ -494,8 +504,23 @@ def viewer_page() -> None:
         wl.slices_csv(study_id, uids=uids),
         f"ich-study-{study_id}-slices.csv",
         "text/csv",
-        on_click="ignore",
+        on_click=audit,
+        args=("export", study_id),
     )
+    if user().is_admin:
+        delete_ui(wl, study_id, info.label)
+
+
+def delete_ui(wl: Worklist, study_id: int, label: str) -> None:
+    """Admins only: remove a study (with a confirmation), e.g. a demo or a wrong upload."""
+    with st.expander(f"Delete {label}", icon=":material/delete:"):
+        sure = st.checkbox("Yes, delete this study, its slices and its reads", key=f"delete-sure-{study_id}")
+        if st.button("Delete", disabled=not sure, key=f"delete-{study_id}"):
+            wl.delete_study(study_id)
+            audit("delete", study_id)
+            st.session_state.pop("study", None)
+            st.session_state["flash"] = f"{label} deleted."
+            st.rerun()
 
 
 # --------------------------------------------------------------------------- app
@@ -506,6 +531,51 @@ PAGES: dict[str, st.Page] = {
     "worklist": st.Page(worklist_page, title="Worklist", icon=":material/list_alt:", url_path="worklist", default=True),
     "viewer": st.Page(viewer_page, title="Viewer", icon=":material/radiology:", url_path="viewer"),
 }
+
+
+def user() -> access.User:
+    return st.session_state["ich_user"]
+
+
+def audit(action: str, study: int | None = None) -> None:
+    access.AuditLog().record(user().username, action, study)
+
+
+def sign_in_ui() -> access.User:
+    """The signed-in user; stops the page at the sign-in form until there is one.
+
+    Without a sign-in file the server is single-user and local: everyone is the local admin, and a
+    server listening beyond this machine refuses to serve (see :func:`ich.access.refuse_reason`).
+    """
+    config = access.load_config()
+    refusal = access.refuse_reason(str(st.get_option("server.address") or ""), config)
+    if refusal:
+        st.error(refusal, icon=":material/lock:")
+        st.stop()
+    if config is None:
+        return access.User("local", "admin")
+    authenticator = stauth.Authenticate(
+        config["credentials"],
+        config["cookie"]["name"],
+        config["cookie"]["key"],
+        config["cookie"]["expiry_days"],
+        auto_hash=False,
+    )
+    try:
+        authenticator.login(location="main", fields={"Form name": "Sign in to ich"})
+    except stauth.LoginError as exc:
+        st.error(str(exc))
+    status = st.session_state.get("authentication_status")
+    if status is False:
+        st.error("Wrong user name or password.")
+    if not status:
+        st.stop()
+    name = str(st.session_state["username"])
+    signed_in = access.User(name, access.role_of(config, name))
+    if st.session_state.get("ich_user") != signed_in:
+        access.AuditLog().record(name, "sign-in")
+    authenticator.logout(location="sidebar")
+    return signed_in
 
 
 @st.fragment(run_every=ARRIVALS_POLL_SECONDS)
@@ -535,8 +605,11 @@ def seed_demo_ui(wl: Worklist, pred: Predictor | None) -> None:
 def main() -> None:
     dicom.quiet_invalid_values()  # this server is an entry point: uploads of RSNA files must not warn per file
     st.set_page_config(page_title="ich · hemorrhage triage", page_icon=":material/neurology:", layout="wide")
-    page = st.navigation(list(PAGES.values()))
     st.warning(NOTICE, icon=":material/warning:")
+    st.session_state["ich_user"] = signed_in = sign_in_ui()  # nothing below runs for a signed-out client
+    page = st.navigation(list(PAGES.values()))
+    if signed_in.username != "local":
+        st.sidebar.caption(f"Signed in as **{signed_in.username}** ({signed_in.role}).")
     pred, why = load_model()
     if pred is None:
         st.error(f"The model could not be loaded, so uploads and heatmaps are off. {why}")

@@ -214,6 +214,34 @@ def _worklist(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _user(args: argparse.Namespace) -> int:
+    import getpass
+
+    from ich import access
+
+    path = access.auth_path()
+    if args.action == "list":
+        config = access.load_config(path)
+        users = config["credentials"]["usernames"] if config else {}
+        for name in sorted(users):
+            print(f"{name}\t{access.role_of(config or {}, name)}")
+        print(f"{len(users)} user(s) in {path}" if users else f"no sign-in configured ({path} absent)", file=sys.stderr)
+        return EXIT_OK
+    if not args.name:
+        print("user add needs a NAME", file=sys.stderr)
+        return EXIT_NOTHING_USABLE
+    password = (
+        sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass(f"password for {args.name}: ")
+    )
+    try:
+        written = access.add_user(args.name, password, args.role, path)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_NOTHING_USABLE
+    print(f"{args.name} ({args.role}) written to {written}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights", help="checkpoint (.json or .safetensors); default: $ICH_WEIGHTS or the bundled weights/"
@@ -279,6 +307,13 @@ def get_parser() -> argparse.ArgumentParser:
     ls.add_argument("--send-to", help="AE@host:port: send each scored series' DICOM SR and key image there (PACS)")
     _model_options(ls)
     ls.set_defaults(func=_listen)
+
+    us = sub.add_parser("user", help="dashboard sign-in: add a user (reader or admin) or list them")
+    us.add_argument("action", choices=("add", "list"))
+    us.add_argument("name", nargs="?")
+    us.add_argument("--role", choices=("reader", "admin"), default="reader")
+    us.add_argument("--password-stdin", action="store_true", help="read the password from standard input (scripts)")
+    us.set_defaults(func=_user)
 
     wl = sub.add_parser("worklist", help="print the worklist of a data directory (no patient identifiers)")
     wl.add_argument("--data-dir", help=f"default ${DATA_ENV} or .ich-data/")

@@ -152,3 +152,62 @@ def test_a_flagged_study_arriving_meanwhile_is_announced(data_dir):
     assert [t.value for t in at.toast] == [f"Flagged: {label} (97% likelihood)"]
     at.run()
     assert not at.toast  # announced once
+
+
+@pytest.fixture
+def with_users(data_dir, monkeypatch):
+    """Sign-in configured: a reader and an admin."""
+    from ich import access
+
+    path = data_dir / "auth.yaml"
+    access.add_user("rita", "reader-pass-1", "reader", path)
+    access.add_user("adam", "admin-pass-1", "admin", path)
+    return access.AuditLog(data_dir / "audit.log")
+
+
+def sign_in(at: AppTest, name: str, password: str) -> AppTest:
+    at.text_input[0].input(name)
+    at.text_input[1].input(password)
+    return next(b for b in at.button if b.label == "Login").click().run()
+
+
+def test_signed_out_client_gets_only_the_sign_in_form(with_users):
+    at = start()
+    assert not at.dataframe and not at.selectbox and len(at.text_input) == 2  # no worklist, no study names
+    at = sign_in(at, "rita", "wrong password")
+    assert any("Wrong user name or password" in e.value for e in at.error) and not at.dataframe
+
+
+def test_reader_reads_but_cannot_delete_and_every_action_is_audited(with_users):
+    at = sign_in(start(), "rita", "reader-pass-1")
+    assert at.dataframe and "Signed in as **rita** (reader)" in shown(at)
+    next(b for b in at.button if b.label.startswith("Open ")).click().run()
+    assert not at.exception, at.exception
+    assert not [e for e in at.expander if e.label.startswith("Delete")]
+    actions = [(e["user"], e["action"]) for e in with_users.entries()]
+    assert actions[:2] == [("rita", "sign-in"), ("rita", "open")]
+    assert all(set(e) == {"time", "user", "action", "study"} for e in with_users.entries())
+
+
+def test_admin_deletes_a_study_after_confirming(with_users, data_dir):
+    at = sign_in(start(), "adam", "admin-pass-1")
+    next(b for b in at.button if b.label.startswith("Open ")).click().run()
+    study_id = at.selectbox(key="study").value
+    delete = next(b for b in at.button if b.label == "Delete")
+    assert delete.disabled  # not before the confirmation
+    at.checkbox(key=f"delete-sure-{study_id}").check().run()
+    next(b for b in at.button if b.label == "Delete").click().run()
+    assert not at.exception, at.exception
+    assert study_id not in set(Worklist(data_dir).studies()["id"])
+    assert ("adam", "delete", study_id) in [(e["user"], e["action"], e["study"]) for e in with_users.entries()]
+
+
+def test_server_beyond_localhost_without_sign_in_refuses(data_dir):
+    from streamlit import config
+
+    config.set_option("server.address", "0.0.0.0")
+    try:
+        at = start()
+    finally:
+        config.set_option("server.address", "127.0.0.1")
+    assert any("without sign-in" in e.value for e in at.error) and not at.dataframe

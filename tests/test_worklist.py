@@ -188,3 +188,19 @@ def test_seed_demo_once_with_labels(tmp_path):
     assert studies["demo"].all() and studies["label"].str.startswith("Demo").all()
     assert all(wl.slices(i)["truth"].eq("phantom").all() for i in studies["id"])
     assert seed_demo(wl, FakePredictor()) is None and len(wl) == 2  # never twice
+
+
+def test_delete_study_removes_rows_reads_and_volume(tmp_path):
+    wl = Worklist(tmp_path)
+    keep, _ = add(wl, 0.2)
+    gone, _ = add(wl, 0.9)
+    wl.save_review(gone, True, ["subdural"])
+    volume = wl.volumes / wl.study(gone).volume_file
+    wl.delete_study(gone)
+    assert list(wl.studies()["id"]) == [keep] and not volume.exists()
+    with pytest.raises(KeyError):
+        wl.study(gone)
+    with sqlite3.connect(wl.path) as db:
+        assert db.execute("SELECT COUNT(*) FROM slices WHERE study_id = ?", (gone,)).fetchone() == (0,)
+        assert db.execute("SELECT COUNT(*) FROM reviews WHERE study_id = ?", (gone,)).fetchone() == (0,)
+    assert wl.volume(keep).shape[0] == 4

@@ -321,6 +321,13 @@ class Worklist:
             db.execute("UPDATE studies SET status = ? WHERE id = ?", (status, study_id))
         return read
 
+    def delete_study(self, study_id: int) -> None:
+        """Remove a study with its slices, reads and volume file (the rows first: a crash leaves no visible half)."""
+        volume = self.volumes / self.study(study_id).volume_file
+        with self._write() as db:
+            db.execute("DELETE FROM studies WHERE id = ?", (study_id,))  # slices and reads cascade
+        volume.unlink(missing_ok=True)
+
     def set_meta(self, key: str, value: str) -> None:
         with self._write() as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
