@@ -8,6 +8,7 @@ Not a medical device.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
 from collections.abc import Callable, Mapping
@@ -17,6 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 import streamlit_authenticator as stauth
+from PIL import Image
 
 from ich import access, dicom, explain, review
 from ich.inference import STUDY_AGGREGATION, Predictor, default_weights
@@ -168,6 +170,12 @@ def studies_table(studies: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def local_time(iso: str) -> str:
+    """A stored ISO time as this server's local time, the way a person writes it (27 Nov 2026, 16:12)."""
+    when = dt.datetime.fromisoformat(iso).astimezone()
+    return f"{when.day} {when:%b %Y, %H:%M}"
+
+
 def pct(value: float | None) -> str:
     """A probability for a person: never a bare "100 %" or "0 %", which no model can claim."""
     if value is None or not np.isfinite(value):
@@ -217,9 +225,14 @@ def read_ui(
     study_id: int, n_slices: int, previous: review.Read | None, current: int
 ) -> tuple[bool, list[str], list[int]] | None:
     """The radiologist's read form; ``(hemorrhage, subtypes, 0-based marks)`` when saved, else ``None``."""
-    marks_key = f"marks-{study_id}"
+    marks_key, subtypes_key, rejected_key = f"marks-{study_id}", f"sub-{study_id}", f"read-rejected-{study_id}"
+    if rejected_key in st.session_state:  # the last save was refused: its choices are cleared, not kept for the next
+        st.session_state[subtypes_key], st.session_state[marks_key] = [], []
+        st.error(st.session_state.pop(rejected_key))
     if marks_key not in st.session_state:
         st.session_state[marks_key] = [i + 1 for i in previous.slice_marks] if previous else []
+    if subtypes_key not in st.session_state:
+        st.session_state[subtypes_key] = list(previous.subtypes) if previous else []
 
     def mark_current() -> None:
         st.session_state[marks_key] = sorted(set(st.session_state[marks_key]) | {current + 1})
@@ -233,9 +246,7 @@ def read_ui(
             key=f"hem-{study_id}",
             index=None if previous is None else (0 if previous.hemorrhage else 1),
         )
-        subtypes = st.multiselect(
-            "Subtypes", SUBTYPES, default=list(previous.subtypes) if previous else [], key=f"sub-{study_id}"
-        )
+        subtypes = st.multiselect("Subtypes", SUBTYPES, key=subtypes_key)
         marks = st.multiselect(
             "Slices showing hemorrhage (optional; if given, the others count as clear)",
             range(1, n_slices + 1),
@@ -248,8 +259,10 @@ def read_ui(
         st.error("Choose yes or no before saving.")
         return None
     if answer == "no" and (subtypes or marks):
-        st.error("A read of no hemorrhage cannot name subtypes or mark slices.")
-        return None
+        st.session_state[rejected_key] = (
+            "A read of no hemorrhage cannot name subtypes or mark slices: nothing was saved, and they were cleared."
+        )
+        st.rerun()
     return answer == "yes", subtypes, [m - 1 for m in marks]
 
 
@@ -489,7 +502,7 @@ def viewer_page() -> None:
 
     st.subheader("Your read")
     if info.read:
-        st.caption(f"Last read {info.read.created}: {review.describe(info.read.findings)}")
+        st.caption(f"Last read {local_time(info.read.created)}: {review.describe(info.read.findings)}")
     saved = read_ui(study_id, n, info.read, index)
     if saved is not None:
         read = wl.save_review(study_id, *saved)
@@ -531,6 +544,16 @@ PAGES: dict[str, st.Page] = {
     "worklist": st.Page(worklist_page, title="Worklist", icon=":material/list_alt:", url_path="worklist", default=True),
     "viewer": st.Page(viewer_page, title="Viewer", icon=":material/radiology:", url_path="viewer"),
 }
+
+
+def page_icon() -> Image.Image:
+    """The tab icon, drawn here: a material-symbol icon would be fetched from a font host, which an offline
+    hospital network cannot reach."""
+    icon = np.zeros((64, 64, 3), np.uint8)
+    yy, xx = np.mgrid[:64, :64]
+    icon[(yy - 32) ** 2 / 30**2 + (xx - 32) ** 2 / 24**2 < 1] = (200, 200, 200)  # a head
+    icon[(yy - 26) ** 2 + (xx - 40) ** 2 < 8**2] = (220, 40, 40)  # and a bleed
+    return Image.fromarray(icon)
 
 
 def user() -> access.User:
@@ -604,7 +627,7 @@ def seed_demo_ui(wl: Worklist, pred: Predictor | None) -> None:
 
 def main() -> None:
     dicom.quiet_invalid_values()  # this server is an entry point: uploads of RSNA files must not warn per file
-    st.set_page_config(page_title="ich · hemorrhage triage", page_icon=":material/neurology:", layout="wide")
+    st.set_page_config(page_title="ich · hemorrhage triage", page_icon=page_icon(), layout="wide")
     st.warning(NOTICE, icon=":material/warning:")
     st.session_state["ich_user"] = signed_in = sign_in_ui()  # nothing below runs for a signed-out client
     page = st.navigation(list(PAGES.values()))

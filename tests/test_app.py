@@ -87,6 +87,13 @@ def test_viewer_slider_windows_heatmap_and_read(data_dir):
     assert not at.exception, at.exception
     assert "heatmap for any" in at.image[0].captions[0]
 
+    # A contradictory read is refused, and what made it contradictory does not linger into the next save.
+    at.radio(key=f"hem-{study_id}").set_value("no")
+    at.multiselect(key=f"sub-{study_id}").set_value(["epidural"])
+    next(b for b in at.button if b.label == "Save read").click().run()
+    assert any("cannot name subtypes" in e.value for e in at.error)
+    assert at.multiselect(key=f"sub-{study_id}").value == [] and not Worklist(data_dir).study(study_id).read
+
     at.radio(key=f"hem-{study_id}").set_value("yes")
     at.multiselect(key=f"sub-{study_id}").set_value(["subdural"])
     at.multiselect(key=f"marks-{study_id}").set_value([3, n])
@@ -211,3 +218,17 @@ def test_server_beyond_localhost_without_sign_in_refuses(data_dir):
     finally:
         config.set_option("server.address", "127.0.0.1")
     assert any("without sign-in" in e.value for e in at.error) and not at.dataframe
+
+
+def test_local_time_reads_like_a_person_writes_it(monkeypatch):
+    import time
+
+    from streamlit_app import local_time
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        assert local_time("2026-11-27T16:12:50+00:00") == "27 Nov 2026, 17:12"
+    finally:
+        monkeypatch.undo()
+        time.tzset()

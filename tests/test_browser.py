@@ -138,6 +138,17 @@ def test_upload_triage_view(server, uploads, tmp_path):
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 2400})
+            outside: list[str] = []  # a hospital network is offline: the page must ask nothing of the internet
+
+            def local_only(route) -> None:
+                url = route.request.url
+                if url.startswith((server, "data:", "blob:")):
+                    route.continue_()
+                else:
+                    outside.append(url)
+                    route.abort()
+
+            page.route("**/*", local_only)
             page.goto(server)
             expect(page.get_by_text("Not a medical device")).to_be_visible(timeout=60_000)
             expect(page.get_by_role("heading", name="Worklist")).to_be_visible(timeout=60_000)
@@ -181,5 +192,6 @@ def test_upload_triage_view(server, uploads, tmp_path):
                 timeout=60_000
             )  # the RSNA labels are the actual
             shot(page, "6-viewer-rsna-series")
+            assert not outside, f"requests left the server: {outside}"
         finally:
             browser.close()

@@ -113,8 +113,9 @@ def test_reupload_keeps_id_labels_and_read(tmp_path):
 def test_exports_leave_uids_out_by_default(tmp_path):
     wl = Worklist(tmp_path)
     study_id, series = add(wl, 0.6)
-    wl.save_review(study_id, True, ["epidural"])
+    wl.save_review(study_id, True, ["epidural"], [0, 2])  # stored 0-based
     plain = wl.export_csv()
+    assert pd.read_csv(io.StringIO(plain))["read_slice_marks"].tolist() == ["[1, 3]"]  # exported as shown: 1-based
     assert series.study_uid not in plain and series.series_uid not in plain and "read_subtypes" in plain
     assert series.study_uid in wl.export_csv(uids=True)
     slices = pd.read_csv(io.StringIO(wl.slices_csv(study_id)))
