@@ -421,7 +421,8 @@ class Worklist:
             frame = frame.drop(columns=["study_uid", "series_uid"])
         # Slices are numbered from 1 wherever a person reads them (the viewer, this export).
         frame["read_slice_marks"] = [
-            None if marks is None else json.dumps([i + 1 for i in json.loads(marks)]) for marks in frame["read_slice_marks"]
+            None if pd.isna(marks) else json.dumps([i + 1 for i in json.loads(marks)])
+            for marks in frame["read_slice_marks"]
         ]
         return frame.to_csv(index=False)
 
