@@ -84,14 +84,28 @@ def model() -> Predictor | None:
 # --------------------------------------------------------------------------- rendering helpers
 
 
-def findings_markdown(pred: frozenset[str], truth: frozenset[str] | None, source: str | None = None) -> str:
-    """Two lines, predicted over actual: green when they agree, red when not (with ✓/✗ for colour-blind readers)."""
-    ok = review.agree(pred, truth)
-    if ok is None:
-        return f"pred: {review.describe(pred)}  \n:gray[actual: not labelled]"
-    colour, mark = ("green", "✓") if ok else ("red", "✗")
+def findings_markdown(
+    pred: frozenset[str], truth: frozenset[str] | None, source: str | None = None, unknown: str = "not labelled"
+) -> str:
+    """Predicted over actual, then question by question (hemorrhage first, then each subtype either side
+    names): green where they agree, red where not, grey where the truth does not say; ✓/✗ for
+    colour-blind readers. ``unknown`` is what a missing truth is called ("not assessed" after a read)."""
+    if truth is None:
+        return f"pred: {review.describe(pred)}  \n:gray[actual: {unknown}]"
     origin = f" ({TRUTH_NAMES[source]})" if source else ""
-    return f":{colour}[pred: {review.describe(pred)}]  \n:{colour}[actual: {review.describe(truth)} {mark}]{origin}"
+    parts = []
+    for answer in review.compare(pred, truth):
+        said = f"{answer.question}: {'yes' if answer.predicted else 'no'} / "
+        if answer.agrees is None:
+            parts.append(f":gray[{said}type not given]")
+        else:
+            colour, mark = ("green", "✓") if answer.agrees else ("red", "✗")
+            parts.append(f":{colour}[{said}{'yes' if answer.actual else 'no'} {mark}]")
+    return (
+        f"pred: {review.describe(pred)} · actual: {review.describe(truth)}{origin}  \n"
+        + " · ".join(parts)
+        + " :gray[(pred / actual)]"
+    )
 
 
 def slice_findings(row: pd.Series, thresholds: Mapping[str, float]) -> tuple[frozenset[str], frozenset[str] | None]:
@@ -223,8 +237,8 @@ def heatmap_ui(classes: tuple[str, ...], enabled: bool) -> str | None:
 
 def read_ui(
     study_id: int, n_slices: int, previous: review.Read | None, current: int
-) -> tuple[bool, list[str], list[int]] | None:
-    """The radiologist's read form; ``(hemorrhage, subtypes, 0-based marks)`` when saved, else ``None``."""
+) -> tuple[bool, list[str], list[int], bool] | None:
+    """The radiologist's read form; ``(hemorrhage, subtypes, 0-based key slices, others clear)`` when saved."""
     marks_key, subtypes_key, rejected_key = f"marks-{study_id}", f"sub-{study_id}", f"read-rejected-{study_id}"
     if rejected_key in st.session_state:  # the last save was refused: its choices are cleared, not kept for the next
         st.session_state[subtypes_key], st.session_state[marks_key] = [], []
@@ -248,9 +262,15 @@ def read_ui(
         )
         subtypes = st.multiselect("Subtypes", SUBTYPES, key=subtypes_key)
         marks = st.multiselect(
-            "Slices showing hemorrhage (optional; if given, the others count as clear)",
+            "Key slices: where you see hemorrhage (optional; slices not marked count as not assessed)",
             range(1, n_slices + 1),
             key=marks_key,
+        )
+        others_clear = st.checkbox(
+            "All other slices are clear",
+            value=bool(previous and previous.others_clear),
+            key=f"others-clear-{study_id}",
+            help="Only with key slices: then every slice not marked counts as no hemorrhage.",
         )
         saved = st.form_submit_button("Save read", type="primary")
     if not saved:
@@ -263,7 +283,10 @@ def read_ui(
             "A read of no hemorrhage cannot name subtypes or mark slices: nothing was saved, and they were cleared."
         )
         st.rerun()
-    return answer == "yes", subtypes, [m - 1 for m in marks]
+    if others_clear and not marks:
+        st.error("'All other slices are clear' needs key slices: mark where you see hemorrhage.")
+        return None
+    return answer == "yes", subtypes, [m - 1 for m in marks], others_clear and answer == "yes"
 
 
 def study_picker_ui(studies: pd.DataFrame) -> int:
@@ -289,7 +312,12 @@ def study_picker_ui(studies: pd.DataFrame) -> int:
 
 
 def gallery_ui(
-    slices: pd.DataFrame, vol: np.ndarray, window: Window, thresholds: Mapping[str, float], jump: Callable[[int], None]
+    slices: pd.DataFrame,
+    vol: np.ndarray,
+    window: Window,
+    thresholds: Mapping[str, float],
+    jump: Callable[[int], None],
+    unknown: str = "not labelled",
 ) -> None:
     """The most suspicious slices with predicted/actual lines; "Show" calls ``jump(1-based slice)``."""
     probs = slices["p_any"].to_numpy(float)
@@ -298,7 +326,7 @@ def gallery_ui(
             st.image(render_slice(vol[i], window)[::2, ::2], output_format="PNG", width="stretch")
             st.markdown(
                 f"**Slice {i + 1}** · any {pct(probs[i])}  \n"
-                + findings_markdown(*slice_findings(slices.iloc[i], thresholds))
+                + findings_markdown(*slice_findings(slices.iloc[i], thresholds), unknown=unknown)
             )
             st.button("Show", key=f"go-{i}", icon=":material/visibility:", on_click=jump, args=(int(i) + 1,))
 
@@ -433,6 +461,7 @@ def viewer_page() -> None:
         f"{'synthetic demo study' if info.demo else 'uploaded'} · scored by {info.model or 'an unnamed model'}"
     )
     study_source = "review" if info.read else next(iter(slices["truth"].dropna()), None)
+    unassessed = "not assessed by the read" if info.read else "not labelled"  # a slice the read says nothing of
     st.markdown(
         "**Study** — "
         + findings_markdown(
@@ -466,7 +495,8 @@ def viewer_page() -> None:
         row = slices.iloc[index]
         cam = heatmap(directory, study_id, version, index, target, str(default_weights())) if target else None
         st.markdown(
-            f"**Slice {index + 1} / {n}** — " + findings_markdown(*slice_findings(row, thresholds), row["truth"])
+            f"**Slice {index + 1} / {n}** — "
+            + findings_markdown(*slice_findings(row, thresholds), row["truth"], unassessed)
         )
         st.image(
             render_slice(vol[index], window, cam),
@@ -498,7 +528,7 @@ def viewer_page() -> None:
         )
 
     st.subheader("Most suspicious slices")
-    gallery_ui(slices, vol, window, thresholds, jump)
+    gallery_ui(slices, vol, window, thresholds, jump, unassessed)
 
     st.subheader("Your read")
     if info.read:

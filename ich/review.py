@@ -23,7 +23,8 @@ __all__ = [
     "study_predicted",
     "study_actual",
     "describe",
-    "agree",
+    "Answer",
+    "compare",
     "read_truth",
 ]
 
@@ -36,8 +37,9 @@ class Read:
 
     hemorrhage: bool
     subtypes: tuple[str, ...] = ()
-    slice_marks: tuple[int, ...] = ()
+    slice_marks: tuple[int, ...] = ()  # key slices: where the reader saw blood
     created: str = ""
+    others_clear: bool = False  # the reader says every slice not marked is clear (else: not assessed)
 
     def __post_init__(self) -> None:
         unknown = set(self.subtypes) - set(SUBTYPES)
@@ -45,6 +47,8 @@ class Read:
             raise ValueError(f"unknown subtypes {sorted(unknown)}; choose from {', '.join(SUBTYPES)}")
         if not self.hemorrhage and (self.subtypes or self.slice_marks):
             raise ValueError("a read without hemorrhage cannot name subtypes or mark slices")
+        if self.others_clear and not self.slice_marks:
+            raise ValueError("'all other slices clear' needs marked slices")
 
     @property
     def findings(self) -> frozenset[str]:
@@ -107,28 +111,49 @@ def describe(findings: frozenset[str] | None) -> str:
     return ", ".join(c for c in SUBTYPES if c in findings)
 
 
-def agree(pred: frozenset[str], truth: frozenset[str] | None) -> bool | None:
-    """Same call? Hemorrhage yes/no must match; subtypes too, unless one side gives no type."""
-    if truth is None:
-        return None
-    if bool(pred) != bool(truth):
-        return False
-    return pred == truth or "any" in pred or "any" in truth
+@dataclass(frozen=True)
+class Answer:
+    """One question of a comparison: the model's answer and the truth's (``None``: the truth does not say)."""
+
+    question: str  # "hemorrhage" or a subtype
+    predicted: bool
+    actual: bool | None
+
+    @property
+    def agrees(self) -> bool | None:
+        return None if self.actual is None else self.predicted == self.actual
+
+
+def compare(pred: frozenset[str], truth: frozenset[str] | None) -> list[Answer]:
+    """Predicted against actual, question by question: hemorrhage yes/no first, then each subtype either names.
+
+    A truth of hemorrhage without a type ("any") answers the first question only: its subtypes are
+    unknown, not wrong.
+    """
+    answers = [Answer("hemorrhage", bool(pred), None if truth is None else bool(truth))]
+    typed = truth is not None and bool(truth - {"any"})
+    for subtype in SUBTYPES:
+        actual = (subtype in truth) if truth is not None and (typed or not truth) else None
+        if subtype in pred or actual:
+            answers.append(Answer(subtype, subtype in pred, actual))
+    return answers
 
 
 def read_truth(read: Read, n_slices: int) -> np.ndarray:
     """Per-slice labels ``(N, len(CLASSES))`` implied by a read; NaN rows where it says nothing.
 
-    "No hemorrhage" makes every slice negative. With slice marks, marked slices carry "any" plus the
-    read's subtypes and unmarked slices are negative (marks are taken as the complete list). A
-    hemorrhage read without marks does not say which slices bleed, so it leaves every row NaN.
+    "No hemorrhage" makes every slice negative. Marked (key) slices carry "any" plus the read's
+    subtypes; the others are negative only when the reader said all other slices are clear, else
+    they stay NaN (not assessed). A hemorrhage read without marks says nothing about single slices.
     """
     truth = np.full((n_slices, len(CLASSES)), np.nan, dtype=np.float32)
     if not read.hemorrhage:
         truth[:] = 0
     elif read.slice_marks:
-        truth[:] = 0
+        if read.others_clear:
+            truth[:] = 0
         marks = [i for i in read.slice_marks if 0 <= i < n_slices]
+        truth[marks] = 0
         truth[marks, _ANY] = 1
         for subtype in read.subtypes:
             truth[marks, CLASSES.index(subtype)] = 1

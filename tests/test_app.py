@@ -97,9 +97,12 @@ def test_viewer_slider_windows_heatmap_and_read(data_dir):
     at.radio(key=f"hem-{study_id}").set_value("yes")
     at.multiselect(key=f"sub-{study_id}").set_value(["subdural"])
     at.multiselect(key=f"marks-{study_id}").set_value([3, n])
+    at.checkbox(key=f"others-clear-{study_id}").check()
     next(b for b in at.button if b.label == "Save read").click().run()
     assert not at.exception, at.exception
     assert any("Read saved" in s.value for s in at.success)
+    # Per question: the hemorrhage line and the subtype line, each with its own colour.
+    assert ":green[hemorrhage: yes / yes ✓]" in texts(at) or ":red[hemorrhage: no / yes ✗]" in texts(at)
     assert "radiologist's read" in texts(at)
     assert any("Not a medical device" in w.value for w in at.warning)
 
@@ -232,3 +235,14 @@ def test_local_time_reads_like_a_person_writes_it(monkeypatch):
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_findings_lines_colour_each_question():
+    from streamlit_app import findings_markdown
+
+    lines = findings_markdown(frozenset({"subdural", "intraparenchymal"}), frozenset({"subdural"}), "csv")
+    assert ":green[hemorrhage: yes / yes ✓]" in lines and ":green[subdural: yes / yes ✓]" in lines
+    assert ":red[intraparenchymal: yes / no ✗]" in lines and "(label CSV)" in lines
+    assert ":gray[actual: not assessed by the read]" in findings_markdown(
+        frozenset({"subdural"}), None, unknown="not assessed by the read"
+    )

@@ -20,11 +20,25 @@ def test_findings_and_agreement():
     assert review.describe(frozenset()) == "no hemorrhage" and review.describe(None) == "not labelled"
     assert review.actual([np.nan] * 6) is None
     assert review.actual([1, 0, 0, 0, 0, 1]) == {"subdural"}
-    assert review.agree(pred, frozenset({"subdural"})) is False
-    assert review.agree(frozenset({"subdural"}), frozenset({"subdural"})) is True
-    assert review.agree(frozenset({"subdural"}), frozenset({"any"})) is True  # truth without a type
-    assert review.agree(frozenset(), frozenset({"any"})) is False
-    assert review.agree(frozenset(), None) is None
+
+
+def answers(pred: set[str], truth: set[str] | None) -> list[tuple[str, bool, bool | None, bool | None]]:
+    result = review.compare(frozenset(pred), None if truth is None else frozenset(truth))
+    return [(a.question, a.predicted, a.actual, a.agrees) for a in result]
+
+
+def test_compare_question_by_question():
+    # The bleed is found, one subtype right and one wrong: hemorrhage agrees, each subtype on its own.
+    assert answers({"intraparenchymal", "subdural"}, {"subdural"}) == [
+        ("hemorrhage", True, True, True),
+        ("intraparenchymal", True, False, False),
+        ("subdural", True, True, True),
+    ]
+    # A truth of "hemorrhage, type not given" decides only the first question.
+    assert answers({"subdural"}, {"any"}) == [("hemorrhage", True, True, True), ("subdural", True, None, None)]
+    assert answers(set(), {"epidural"}) == [("hemorrhage", False, True, False), ("epidural", False, True, False)]
+    assert answers({"any"}, set()) == [("hemorrhage", True, False, False)]
+    assert answers(set(), None) == [("hemorrhage", False, None, None)]
 
 
 def test_study_level_findings():
@@ -54,6 +68,8 @@ def test_a_read_validates_what_it_says():
         review.Read(True, ("chronic",))
     with pytest.raises(ValueError, match="cannot name subtypes"):
         review.Read(False, ("subdural",))
+    with pytest.raises(ValueError, match="needs marked slices"):
+        review.Read(True, others_clear=True)
     assert review.Read(True).findings == {"any"}
     assert review.Read(True, ("subdural", "epidural")).findings == {"subdural", "epidural"}
 
@@ -61,9 +77,12 @@ def test_a_read_validates_what_it_says():
 def test_read_truth_per_slice():
     clear = review.read_truth(review.Read(False), 3)
     assert (clear == 0).all()
-    marked = review.read_truth(review.Read(True, ("subdural",), slice_marks=(1, 7)), 3)  # 7 is past the end
     subdural = CLASSES.index("subdural")
-    assert marked[1, 0] == 1 and marked[1, subdural] == 1 and marked[[0, 2]].sum() == 0
-    assert marked[1].sum() == 2  # "any" and the one subtype named
+    # Key slices only: the slices not marked are not assessed (NaN), not declared clear.
+    keys = review.read_truth(review.Read(True, ("subdural",), slice_marks=(1, 7)), 3)  # 7 is past the end
+    assert keys[1, 0] == 1 and keys[1, subdural] == 1 and keys[1].sum() == 2  # "any" and the one subtype named
+    assert np.isnan(keys[[0, 2]]).all()
+    everything = review.read_truth(review.Read(True, ("subdural",), slice_marks=(1,), others_clear=True), 3)
+    assert (everything[[0, 2]] == 0).all() and everything[1].sum() == 2
     unmarked = review.read_truth(review.Read(True, ("subdural",)), 3)
     assert np.isnan(unmarked).all()  # a read without marks says nothing about single slices

@@ -72,12 +72,17 @@ def test_study_round_trip_and_restart(tmp_path):
 def test_review_becomes_actual_and_persists(tmp_path):
     wl = Worklist(tmp_path)
     study_id, _series = add(wl, 0.7, n=5)
-    wl.save_review(study_id, True, ["subdural"], [1, 3])
+    wl.save_review(study_id, True, ["subdural"], [1, 3])  # key slices only: the others are not assessed
     info = Worklist(tmp_path).study(study_id)
-    assert info.status == STATUS_HEMORRHAGE and info.read is not None
+    assert info.status == STATUS_HEMORRHAGE and info.read is not None and not info.read.others_clear
     assert info.read.subtypes == ("subdural",) and info.read.slice_marks == (1, 3)
     slices = wl.slices(study_id)
-    assert (slices["truth"] == "review").all()
+    assert slices["truth"].tolist() == [None, "review", None, "review", None]
+    assert slices["y_any"].tolist()[1::2] == [1, 1] and slices["y_any"].iloc[::2].isna().all()
+
+    wl.save_review(study_id, True, ["subdural"], [1, 3], others_clear=True)
+    slices = wl.slices(study_id)
+    assert (slices["truth"] == "review").all() and wl.study(study_id).read.others_clear
     assert slices["y_any"].tolist() == [0, 1, 0, 1, 0] and slices["y_subdural"].tolist() == [0, 1, 0, 1, 0]
 
     wl.save_review(study_id, False)
@@ -87,7 +92,7 @@ def test_review_becomes_actual_and_persists(tmp_path):
         rows = db.execute(
             "SELECT hemorrhage, subtypes, slice_marks FROM reviews WHERE study_id = ?", (study_id,)
         ).fetchall()
-    assert rows == [(1, '["subdural"]', "[1, 3]"), (0, "[]", "[]")]
+    assert rows == [(1, '["subdural"]', "[1, 3]"), (1, '["subdural"]', "[1, 3]"), (0, "[]", "[]")]
 
     with pytest.raises(ValueError, match="slice marks"):
         wl.save_review(study_id, True, [], [5])
@@ -205,3 +210,18 @@ def test_delete_study_removes_rows_reads_and_volume(tmp_path):
         assert db.execute("SELECT COUNT(*) FROM slices WHERE study_id = ?", (gone,)).fetchone() == (0,)
         assert db.execute("SELECT COUNT(*) FROM reviews WHERE study_id = ?", (gone,)).fetchone() == (0,)
     assert wl.volume(keep).shape[0] == 4
+
+
+def test_a_version_1_store_keeps_the_meaning_of_its_reads(tmp_path):
+    """Before key slices, a read's marks were the complete list: an old store's reads keep meaning that."""
+    wl = Worklist(tmp_path)
+    study_id, _ = add(wl, 0.7, n=3)
+    with sqlite3.connect(wl.path) as db:  # the version 1 schema: no others_clear column
+        db.execute("ALTER TABLE reviews DROP COLUMN others_clear")
+        db.execute(
+            "INSERT INTO reviews (study_id, hemorrhage, subtypes, slice_marks, created) VALUES (?, 1, '[]', '[1]', '')",
+            (study_id,),
+        )
+    reopened = Worklist(tmp_path)
+    assert reopened.study(study_id).read.others_clear
+    assert reopened.slices(study_id)["y_any"].tolist() == [0, 1, 0]

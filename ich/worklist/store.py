@@ -53,7 +53,7 @@ STATUS_CLEAR = "reviewed: no hemorrhage"
 STATUSES = (STATUS_NEW, STATUS_HEMORRHAGE, STATUS_CLEAR)
 TRUTH_SOURCES = ("csv", "phantom", "review")
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: reviews.others_clear
 _P = [f"p_{c}" for c in CLASSES]
 _Y = [f"y_{c}" for c in CLASSES]
 _SCHEMA = f"""
@@ -89,7 +89,8 @@ CREATE TABLE IF NOT EXISTS reviews (
     hemorrhage INTEGER NOT NULL,
     subtypes TEXT NOT NULL,
     slice_marks TEXT NOT NULL,
-    created TEXT NOT NULL
+    created TEXT NOT NULL,
+    others_clear INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 PRAGMA user_version = {_SCHEMA_VERSION};
@@ -168,8 +169,9 @@ class StudyRecord:
             else Read(
                 bool(last_review["hemorrhage"]),
                 tuple(json.loads(last_review["subtypes"])),
-                tuple(json.loads(last_review["slice_marks"])),
+                marks := tuple(json.loads(last_review["slice_marks"])),
                 last_review["created"],
+                others_clear=bool(last_review["others_clear"]) and bool(marks),
             ),
         )
 
@@ -193,6 +195,9 @@ class Worklist:
         self._lock = threading.Lock()
         with self._write() as db:
             db.executescript(_SCHEMA)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(reviews)")}
+            if "others_clear" not in columns:  # a version 1 store: its reads left unmarked slices clear
+                db.execute("ALTER TABLE reviews ADD COLUMN others_clear INTEGER NOT NULL DEFAULT 1")
         with self._read() as db:  # readers never wait for a writer (persistent, so set once)
             db.execute("PRAGMA journal_mode = WAL")
 
@@ -305,18 +310,26 @@ class Worklist:
         return int(study_id)
 
     def save_review(
-        self, study_id: int, hemorrhage: bool, subtypes: Iterable[str] = (), slice_marks: Iterable[int] = ()
+        self,
+        study_id: int,
+        hemorrhage: bool,
+        subtypes: Iterable[str] = (),
+        slice_marks: Iterable[int] = (),
+        others_clear: bool = False,
     ) -> Read:
-        """Record a radiologist's read (0-based slice marks); it becomes the study's "actual"."""
-        read = Read(bool(hemorrhage), tuple(subtypes), tuple(sorted({int(i) for i in slice_marks})), _now())
+        """Record a radiologist's read (0-based key-slice marks); it becomes the study's "actual"."""
+        marks = tuple(sorted({int(i) for i in slice_marks}))
+        read = Read(bool(hemorrhage), tuple(subtypes), marks, _now(), others_clear=others_clear)
         n = self.study(study_id).n_slices
         if any(not 0 <= i < n for i in read.slice_marks):
             raise ValueError(f"slice marks must lie in 0..{n - 1}")
         with self._write() as db:
             db.execute(
-                "INSERT INTO reviews (study_id, hemorrhage, subtypes, slice_marks, created) VALUES (?, ?, ?, ?, ?)",
-                (study_id, int(read.hemorrhage), json.dumps(read.subtypes), json.dumps(read.slice_marks), read.created),
-            )
+                "INSERT INTO reviews (study_id, hemorrhage, subtypes, slice_marks, others_clear, created)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (study_id, int(read.hemorrhage), json.dumps(read.subtypes), json.dumps(read.slice_marks),
+                 int(read.others_clear), read.created),
+            )  # fmt: skip
             status = STATUS_HEMORRHAGE if read.hemorrhage else STATUS_CLEAR
             db.execute("UPDATE studies SET status = ? WHERE id = ?", (status, study_id))
         return read
@@ -399,7 +412,8 @@ class Worklist:
     def reviews(self, study_id: int) -> pd.DataFrame:
         with self._read() as db:
             return pd.read_sql_query(
-                "SELECT id, hemorrhage, subtypes, slice_marks, created FROM reviews WHERE study_id = ? ORDER BY id",
+                "SELECT id, hemorrhage, subtypes, slice_marks, others_clear, created FROM reviews WHERE study_id = ?"
+                " ORDER BY id",
                 db,
                 params=(study_id,),
             )
@@ -412,7 +426,8 @@ class Worklist:
             frame = pd.read_sql_query(
                 "SELECT s.id, s.label, s.study_uid, s.series_uid, s.received, s.n_slices, s.score, s.top_subtype,"
                 " s.flagged, s.status, s.demo, s.model, r.hemorrhage AS read_hemorrhage, r.subtypes AS read_subtypes,"
-                " r.slice_marks AS read_slice_marks, r.created AS read_time FROM studies s LEFT JOIN reviews r"
+                " r.slice_marks AS read_slice_marks, r.others_clear AS read_others_clear, r.created AS read_time"
+                " FROM studies s LEFT JOIN reviews r"
                 " ON r.id = (SELECT MAX(id) FROM reviews WHERE study_id = s.id)"
                 " ORDER BY s.score IS NULL, s.score DESC, s.id",
                 db,
