@@ -20,7 +20,7 @@ import streamlit as st
 import streamlit_authenticator as stauth
 from PIL import Image
 
-from ich import access, dicom, explain, review
+from ich import access, dicom, explain, review, scope
 from ich.inference import STUDY_AGGREGATION, Predictor, default_weights
 from ich.labels import CLASSES, SUBTYPES, read_rsna_csv
 from ich.windowing import PRESETS, Window, apply_window
@@ -471,7 +471,20 @@ def viewer_page() -> None:
         )
     )
     for note in info.notes:
-        st.caption(f":material/warning: Series note: {note}")
+        if note.startswith(scope.NOTE_PREFIX):  # the score may not mean here what it meant on validation
+            st.warning(note, icon=":material/report:")
+        else:
+            st.caption(f":material/warning: Series note: {note}")
+    with st.expander("What these numbers mean", icon=":material/info:"):
+        st.markdown(scope.score_meaning(pred_metadata()))
+        lines = scope.validation_lines(pred_metadata())
+        if lines:
+            st.markdown(
+                "Out-of-fold results of this model on RSNA slices it did not train on (95 % intervals):\n"
+                + "\n".join(lines)
+                + "\n\nReal DICOM series it never saw, failure modes and limits: `weights/MODEL_CARD.md`. "
+                "**Not a medical device.**"
+            )
 
     slice_key = f"slice-{study_id}"
     if slice_key not in st.session_state:  # open at the most suspicious slice
@@ -584,6 +597,12 @@ def page_icon() -> Image.Image:
     icon[(yy - 32) ** 2 / 30**2 + (xx - 32) ** 2 / 24**2 < 1] = (200, 200, 200)  # a head
     icon[(yy - 26) ** 2 + (xx - 40) ** 2 < 8**2] = (220, 40, 40)  # and a bleed
     return Image.fromarray(icon)
+
+
+def pred_metadata() -> dict:
+    """The loaded checkpoint's metadata (empty when no model could be loaded)."""
+    pred = model()
+    return pred.metadata if pred is not None else {}
 
 
 def user() -> access.User:

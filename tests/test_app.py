@@ -76,6 +76,8 @@ def test_viewer_slider_windows_heatmap_and_read(data_dir):
     assert at.selectbox(key="study").value == study_id
     n = int(top.split("·")[1].split()[0])
 
+    assert any(e.label == "What these numbers mean" for e in at.expander)
+    assert "flagged at a likelihood of 50% or more" in texts(at)  # the tiny checkpoint's default threshold
     at.slider(key=f"slice-{study_id}").set_value(3).run()
     assert "**Slice 3 / " in texts(at)
     assert "pred:" in texts(at) and "actual:" in texts(at)  # phantom labels give every slice an actual

@@ -254,6 +254,8 @@ def read_file(source: Source, pixels: bool = True) -> list[Slice]:
         window_width=_float(ds.get("WindowWidth")),
         transfer_syntax=syntax.name if syntax else "unknown",
         identifiers={key: str(ds.get(tag, "") or "") for key, tag in _IDENTIFYING.items()},
+        contrast_agent=str(ds.get("ContrastBolusAgent", "") or ""),
+        patient_age=str(ds.get("PatientAge", "") or ""),
     )
     sop = str(ds.get("SOPInstanceUID", "") or "") or name
     if not base["series_uid"]:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import pandas as pd
 
-from ich import dicom
+from ich import dicom, scope
 from ich.worklist.store import Worklist, _now, _Prediction
 
 __all__ = ["DEMO_CASES", "IngestReport", "Scorer", "ingest", "seed_demo"]
@@ -109,6 +109,7 @@ def ingest(
             bar.show(done + 0.5 * n * (1 + fraction), done + n, message)
 
         on_batch(0.0)  # read
+        series.notes.extend(scope.NOTE_PREFIX + line for line in scope.out_of_scope(series))
         try:
             prediction = predictor.predict_series(series, progress=on_batch)
             report.added.append(
