@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import os
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -398,7 +399,7 @@ def worklist_page() -> None:
         return
     thresholds = wl.study(int(studies["id"].iloc[0])).thresholds
     st.caption(
-        f"Sorted by likelihood of hemorrhage, highest first. Likelihood = {pred.aggregation if (pred := model()) else STUDY_AGGREGATION}; "
+        f"Unread studies first, each group by likelihood of hemorrhage, highest first. Likelihood = {pred.aggregation if (pred := model()) else STUDY_AGGREGATION}; "
         f"flagged at ≥ {thresholds.get('any', review.DEFAULT_THRESHOLD):.0%}. "
         "Select a row, then open it."
         + (" Demo studies are synthetic phantoms with known labels." if studies["demo"].any() else "")
@@ -438,6 +439,7 @@ def viewer_page() -> None:
         st.info("No studies yet. Add a series on the Upload page.")
         return
     study_id = study_picker_ui(studies)
+    st.query_params["study"] = str(study_id)  # the address is a link to this study
     if st.session_state.get("opened") != study_id:  # audit each study a reader opens, once per switch
         st.session_state["opened"] = study_id
         audit("open", study_id)
@@ -582,9 +584,15 @@ def delete_ui(wl: Worklist, study_id: int, label: str) -> None:
 # --------------------------------------------------------------------------- app
 
 
+def home_page() -> None:
+    """``/``: the worklist, under its own address so that ``/worklist`` works as a link too."""
+    st.switch_page(PAGES["worklist"])
+
+
 PAGES: dict[str, st.Page] = {
+    "home": st.Page(home_page, title="ich", url_path="home", default=True, visibility="hidden"),
     "upload": st.Page(upload_page, title="Upload", icon=":material/upload:", url_path="upload"),
-    "worklist": st.Page(worklist_page, title="Worklist", icon=":material/list_alt:", url_path="worklist", default=True),
+    "worklist": st.Page(worklist_page, title="Worklist", icon=":material/list_alt:", url_path="worklist"),
     "viewer": st.Page(viewer_page, title="Viewer", icon=":material/radiology:", url_path="viewer"),
 }
 
@@ -661,9 +669,24 @@ def arrivals_ui(wl: Worklist) -> None:
     st.session_state["seen_study_id"] = max(seen, newest)
 
 
+def deep_link_ui(page: st.Page) -> None:
+    """``?study=ID`` opens that study in the viewer (once per session; the viewer keeps the address current)."""
+    if st.session_state.get("deep_link_done"):  # only the address a session starts from is a request
+        return
+    st.session_state["deep_link_done"] = True
+    requested = st.query_params.get("study", "")
+    if requested.isdigit() and int(requested) in set(store().studies()["id"]):
+        st.session_state["study"] = int(requested)
+        if page.url_path != PAGES["viewer"].url_path:
+            st.switch_page(PAGES["viewer"])
+
+
 def seed_demo_ui(wl: Worklist, pred: Predictor | None) -> None:
-    """First start: fill the empty worklist with synthetic demo studies, showing progress."""
-    if pred is None or wl.get_meta("demo_seeded") is not None:
+    """First start: fill an empty worklist with synthetic demo studies, showing progress.
+
+    Never where real studies already arrived (the listener, an earlier upload), or with ``ICH_DEMO=0``.
+    """
+    if pred is None or wl.get_meta("demo_seeded") is not None or len(wl) or os.environ.get("ICH_DEMO") == "0":
         return
     bar = st.progress(0.0, "First start: preparing demo studies…")
     report = seed_demo(
@@ -680,6 +703,7 @@ def main() -> None:
     st.warning(NOTICE, icon=":material/warning:")
     st.session_state["ich_user"] = signed_in = sign_in_ui()  # nothing below runs for a signed-out client
     page = st.navigation(list(PAGES.values()))
+    deep_link_ui(page)
     if signed_in.username != "local":
         st.sidebar.caption(f"Signed in as **{signed_in.username}** ({signed_in.role}).")
     pred, why = load_model()

@@ -248,3 +248,21 @@ def test_findings_lines_colour_each_question():
     assert ":gray[actual: not assessed by the read]" in findings_markdown(
         frozenset({"subdural"}), None, unknown="not assessed by the read"
     )
+
+
+def test_a_link_with_a_study_opens_it_in_the_viewer(data_dir):
+    start()  # seeds the demo worklist
+    wanted = int(Worklist(data_dir).studies()["id"].iloc[-1])
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=TIMEOUT)
+    at.query_params["study"] = str(wanted)
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="study").value == wanted and "**Slice " in texts(at)
+
+
+def test_no_demo_studies_where_real_ones_already_arrived(tmp_path, monkeypatch, tiny_checkpoint):
+    monkeypatch.setenv("ICH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ICH_WEIGHTS", str(tiny_checkpoint))
+    add(Worklist(tmp_path / "data"), 0.8)  # e.g. from the DICOM listener
+    start()
+    assert len(Worklist(tmp_path / "data")) == 1

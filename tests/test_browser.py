@@ -149,7 +149,7 @@ def test_upload_triage_view(server, uploads, tmp_path):
                     route.abort()
 
             page.route("**/*", local_only)
-            page.goto(server)
+            page.goto(f"{server}/worklist")  # a page's own address works as a link
             expect(page.get_by_text("Not a medical device")).to_be_visible(timeout=60_000)
             expect(page.get_by_role("heading", name="Worklist")).to_be_visible(timeout=60_000)
             shot(page, "1-worklist-demo")

@@ -38,6 +38,8 @@ def test_worklist_sorted_by_likelihood_and_anonymous(tmp_path):
     assert studies["flagged"].tolist() == [True, True, False]
     assert (studies["status"] == STATUS_NEW).all()
     assert len(wl.studies(STATUS_CLEAR)) == 0
+    wl.save_review(int(studies["id"].iloc[0]), False)  # the top study is read: unread ones move up
+    assert wl.studies()["score"].tolist() == pytest.approx([0.55, 0.2, 0.9])
 
 
 def test_study_round_trip_and_restart(tmp_path):

@@ -357,13 +357,13 @@ class Worklist:
             return int(db.execute("SELECT COUNT(*) FROM studies").fetchone()[0])
 
     def studies(self, status: str | None = None) -> pd.DataFrame:
-        """One row per study, most likely hemorrhage first (unscored studies last)."""
+        """One row per study: unread first, then the most likely hemorrhage first (unscored studies last)."""
         if status is not None and status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}")
         query = (
             "SELECT id, label, received, n_slices, score, top_subtype, flagged, status, demo FROM studies"
             + (" WHERE status = ?" if status else "")
-            + " ORDER BY score IS NULL, score DESC, id"
+            + f" ORDER BY status != '{STATUS_NEW}', score IS NULL, score DESC, id"
         )
         with self._read() as db:
             frame = pd.read_sql_query(query, db, params=(status,) if status else None)
