@@ -35,7 +35,12 @@ GALLERY = 6
 ARRIVALS_POLL_SECONDS = 10  # how often an open page checks for flagged studies from the listener or other readers
 log = logging.getLogger(__name__)
 PERCENT_BAR = st.column_config.ProgressColumn(format="%.0f%%", min_value=0, max_value=100)
-STUDY_COLUMNS = {"Received": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"), "Likelihood": PERCENT_BAR}
+STUDY_COLUMNS = {
+    "Exam": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm", help="Study date and time from the scanner"),
+    "Received": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm", help="When it reached this worklist"),
+    "Thickness": st.column_config.NumberColumn(format="%.1f mm"),
+    "Likelihood": PERCENT_BAR,
+}
 
 
 # --------------------------------------------------------------------------- cached resources
@@ -175,8 +180,12 @@ def studies_table(studies: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "Study": studies["label"],
+            "Exam": studies["study_datetime"],
+            "Description": studies["description"],
             "Received": studies["received"],
+            "Source": studies["source"],
             "Slices": studies["n_slices"],
+            "Thickness": studies["thickness"],
             "Likelihood": studies["score"] * 100,
             "Most likely subtype": studies["top_subtype"].where(studies["flagged"]).fillna("—"),
             "Flag": np.where(studies["flagged"], "⚠ above threshold", ""),

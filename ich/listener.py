@@ -203,7 +203,7 @@ class Listener:
         """Put one series folder on the worklist (or update its entry) and record what was scored."""
         files = _files(folder)
         started = time.perf_counter()
-        report = ingest(self.worklist, self.predictor, [folder])
+        report = ingest(self.worklist, self.predictor, [folder], source="dicom")
         for problem in report.problems:
             log.warning("series %s: %s", folder.name, problem.reason)
         for study_id in report.added:

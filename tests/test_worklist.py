@@ -12,10 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import pytest
+from pydicom.uid import generate_uid
 
 from ich import dicom
 from ich.labels import CLASSES
 from ich.worklist import STATUS_CLEAR, STATUS_HEMORRHAGE, STATUS_NEW, StudyRecord, Worklist, ingest, seed_demo
+from tests.dicom_factory import make_ct, to_bytes
 from tests.helpers import THRESHOLDS, FakePredictor, add, series_of, uploads
 
 
@@ -227,3 +229,24 @@ def test_a_version_1_store_keeps_the_meaning_of_its_reads(tmp_path):
     reopened = Worklist(tmp_path)
     assert reopened.study(study_id).read.others_clear
     assert reopened.slices(study_id)["y_any"].tolist() == [0, 1, 0]
+
+
+def test_the_worklist_shows_the_exam_not_the_patient(tmp_path):
+    wl = Worklist(tmp_path)
+    study, uid = generate_uid(), generate_uid()
+    header = {"StudyDate": "20261127", "StudyTime": "153012.123", "StudyDescription": "CT HEAD WO",
+              "SeriesDescription": "AXIAL 5mm", "SliceThickness": 5.0}  # fmt: skip
+    files = [
+        dicom.Upload(
+            f"{i}.dcm", to_bytes(make_ct(z=5.0 * i, series_uid=uid, study_uid=study, instance=i + 1, **header))
+        )
+        for i in range(3)
+    ]
+    ingest(wl, FakePredictor(), files, source="dicom")
+    row = wl.studies().iloc[0]
+    assert (
+        row["study_datetime"] == pd.Timestamp("2026-11-27 15:30:12") and row["description"] == "CT HEAD WO · AXIAL 5mm"
+    )
+    assert row["thickness"] == 5.0 and row["source"] == "dicom"
+    (problem,) = ingest(wl, FakePredictor(), uploads(2), source="fax").problems
+    assert "source must be one of" in problem.reason

@@ -254,6 +254,10 @@ def read_file(source: Source, pixels: bool = True) -> list[Slice]:
         window_width=_float(ds.get("WindowWidth")),
         transfer_syntax=syntax.name if syntax else "unknown",
         identifiers={key: str(ds.get(tag, "") or "") for key, tag in _IDENTIFYING.items()},
+        study_date=str(ds.get("StudyDate", "") or ""),
+        study_time=str(ds.get("StudyTime", "") or ""),
+        study_description=str(ds.get("StudyDescription", "") or ""),
+        series_description=str(ds.get("SeriesDescription", "") or ""),
         contrast_agent=str(ds.get("ContrastBolusAgent", "") or ""),
         patient_age=str(ds.get("PatientAge", "") or ""),
     )

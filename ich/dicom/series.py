@@ -65,6 +65,11 @@ class Slice:
     hu: np.ndarray | None = None  # float32 (rows, columns); None when read without pixels
     # Patient name, birth date, accession, institution: kept off every default output and log.
     identifiers: dict[str, str] = field(default_factory=dict, repr=False)
+    # What a worklist shows of the exam (no patient identifier): when, and what was asked for.
+    study_date: str = ""  # StudyDate, YYYYMMDD
+    study_time: str = ""  # StudyTime, HHMMSS(.ffffff)
+    study_description: str = ""
+    series_description: str = ""
     # What says whether a scan is like the ones the model learned from (see ich.scope).
     contrast_agent: str = ""  # ContrastBolusAgent
     patient_age: str = field(default="", repr=False)  # PatientAge, e.g. "045Y"

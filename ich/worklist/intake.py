@@ -87,6 +87,7 @@ def ingest(
     *,
     truth: str = "csv",
     demo: bool = False,
+    source: str = "upload",
     progress: Progress | None = None,
 ) -> IngestReport:
     """Read ``sources`` series by series, score each and put it on the worklist.
@@ -121,6 +122,7 @@ def ingest(
                     thresholds=predictor.thresholds,
                     model=predictor.name,
                     demo=demo,
+                    source=source,
                 )
             )
         except Exception as exc:  # one bad series must not sink the upload

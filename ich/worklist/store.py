@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import threading
 import zipfile
@@ -43,6 +44,7 @@ __all__ = [
     "STATUSES",
     "TRUTH_SOURCES",
     "data_dir",
+    "SOURCES",
     "StudyRecord",
     "Worklist",
 ]
@@ -53,7 +55,17 @@ STATUS_CLEAR = "reviewed: no hemorrhage"
 STATUSES = (STATUS_NEW, STATUS_HEMORRHAGE, STATUS_CLEAR)
 TRUTH_SOURCES = ("csv", "phantom", "review")
 
-_SCHEMA_VERSION = 2  # 2: reviews.others_clear
+_SCHEMA_VERSION = 3  # 2: reviews.others_clear; 3: what the worklist shows of the exam
+SOURCES = ("upload", "dicom", "demo")  # how a study reached the worklist
+# Columns added after version 1, with their definitions: an older store gets them on open.
+_ADDED_COLUMNS = {
+    "studies": {
+        "source": "TEXT NOT NULL DEFAULT 'upload'",
+        "study_datetime": "TEXT",
+        "description": "TEXT NOT NULL DEFAULT ''",
+        "thickness": "REAL",
+    },
+}
 _P = [f"p_{c}" for c in CLASSES]
 _Y = [f"y_{c}" for c in CLASSES]
 _SCHEMA = f"""
@@ -73,6 +85,10 @@ CREATE TABLE IF NOT EXISTS studies (
     thresholds TEXT NOT NULL,
     notes TEXT NOT NULL DEFAULT '[]',
     volume TEXT NOT NULL,
+    source TEXT NOT NULL DEFAULT 'upload',
+    study_datetime TEXT,
+    description TEXT NOT NULL DEFAULT '',
+    thickness REAL,
     UNIQUE (study_uid, series_uid)
 );
 CREATE TABLE IF NOT EXISTS slices (
@@ -95,6 +111,17 @@ CREATE TABLE IF NOT EXISTS reviews (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 PRAGMA user_version = {_SCHEMA_VERSION};
 """
+
+
+def _study_datetime(date: str, time: str) -> str | None:
+    """DICOM StudyDate + StudyTime as ISO text (no time zone: DICOM gives none), or ``None``."""
+    if not re.fullmatch(r"\d{8}", date.strip()):
+        return None
+    digits = re.sub(r"\D", "", time.split(".")[0])[:6].ljust(6, "0") if time.strip() else "000000"
+    try:
+        return dt.datetime.strptime(date.strip() + digits, "%Y%m%d%H%M%S").isoformat()
+    except ValueError:  # an impossible date or time in the header
+        return None
 
 
 def _now() -> str:
@@ -198,6 +225,11 @@ class Worklist:
             columns = {row["name"] for row in db.execute("PRAGMA table_info(reviews)")}
             if "others_clear" not in columns:  # a version 1 store: its reads left unmarked slices clear
                 db.execute("ALTER TABLE reviews ADD COLUMN others_clear INTEGER NOT NULL DEFAULT 1")
+            for table, added in _ADDED_COLUMNS.items():
+                present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                for column, definition in added.items():
+                    if column not in present:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         with self._read() as db:  # readers never wait for a writer (persistent, so set once)
             db.execute("PRAGMA journal_mode = WAL")
 
@@ -232,8 +264,11 @@ class Worklist:
         thresholds: dict[str, float] | None = None,
         model: str | None = None,
         demo: bool = False,
+        source: str = "upload",
     ) -> int:
         """Store a scored series (volume, slice probabilities, optional labels); returns the study id.
+
+        ``source`` says how it came (:data:`SOURCES`; a demo study is always "demo").
 
         ``labels`` are wide labels indexed by SOPInstanceUID (:mod:`ich.labels`); slices it does not
         list stay unlabelled. Uploading the same series again replaces its scores and volume but keeps
@@ -241,6 +276,8 @@ class Worklist:
         """
         if truth not in ("csv", "phantom"):  # "review" truth comes from save_review only
             raise ValueError(f"truth must be 'csv' or 'phantom', got {truth!r}")
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         probs = np.asarray(prediction.probs, dtype=np.float64)
         if probs.shape != (len(series), len(CLASSES)):
             raise ValueError(f"prediction has shape {probs.shape} for {len(series)} slices")
@@ -260,6 +297,12 @@ class Worklist:
             thresholds=json.dumps(thresholds or {}),
             notes=json.dumps(list(series.notes)),
             volume=key,
+            source="demo" if demo else source,
+            study_datetime=_study_datetime(series.slices[0].study_date, series.slices[0].study_time),
+            description=" · ".join(
+                d for d in (series.slices[0].study_description, series.slices[0].series_description) if d
+            ),
+            thickness=series.slices[0].thickness if series.slices[0].thickness is not None else series.spacing,
         )
         with self._write() as db:
             found = db.execute(
@@ -361,7 +404,8 @@ class Worklist:
         if status is not None and status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}")
         query = (
-            "SELECT id, label, received, n_slices, score, top_subtype, flagged, status, demo FROM studies"
+            "SELECT id, label, received, study_datetime, description, n_slices, thickness, source, score,"
+            " top_subtype, flagged, status, demo FROM studies"
             + (" WHERE status = ?" if status else "")
             + f" ORDER BY status != '{STATUS_NEW}', score IS NULL, score DESC, id"
         )
@@ -369,6 +413,7 @@ class Worklist:
             frame = pd.read_sql_query(query, db, params=(status,) if status else None)
         local = dt.datetime.now().astimezone().tzinfo
         frame["received"] = pd.to_datetime(frame["received"], utc=True).dt.tz_convert(local).dt.tz_localize(None)
+        frame["study_datetime"] = pd.to_datetime(frame["study_datetime"])  # the scanner's local time, as DICOM has it
         frame[["flagged", "demo"]] = frame[["flagged", "demo"]].astype(bool)
         return frame
 
