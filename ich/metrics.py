@@ -27,6 +27,7 @@ __all__ = [
     "youden_thresholds",
     "threshold_for_sensitivity",
     "bootstrap_auc",
+    "wilson_interval",
     "summarize",
 ]
 
@@ -242,3 +243,13 @@ def summarize(
             for i, c in enumerate(classes)
         },
     }
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion ``hits / n`` (sound at small ``n`` and near 0 or 1)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)

@@ -110,3 +110,24 @@ def test_grad_cam_follows_a_brain_window_checkpoint(tmp_path):
     outside = np.ones(hu.shape, bool)
     outside[max(top, 0) : top + side, max(left, 0) : left + side] = False
     assert cam.shape == hu.shape and not cam[outside].any()
+
+
+def test_pointing_game():
+    cam = np.zeros((20, 20), np.float32)
+    cam[5, 5] = 1.0
+    mask = np.zeros((20, 20), bool)
+    mask[5:8, 5:8] = True
+    assert explain.pointing_hit(cam, mask)
+    far = np.zeros_like(mask)
+    far[12:15, 12:15] = True
+    assert not explain.pointing_hit(cam, far) and explain.pointing_hit(cam, far, tolerance_px=8)
+    assert not explain.pointing_hit(np.zeros_like(cam), mask)  # a blank map points nowhere
+    with pytest.raises(ValueError, match="differ in size"):
+        explain.pointing_hit(cam, mask[:10])
+
+
+def test_the_map_stays_off_the_air(tmp_path):
+    pred = Predictor.from_checkpoint(make_checkpoint(tmp_path / "r", size=64), device="cpu")
+    hu = head()
+    cam = explain.grad_cam(pred, hu, "any")
+    assert not cam[hu < explain.OUTSIDE_HEAD_HU].any()

@@ -114,3 +114,14 @@ def test_threshold_for_sensitivity_catches_the_share_asked_for():
     sens, _ = m.sensitivity_specificity(y, s, t)
     assert sens[0] >= 0.95 and (s[y == 1] > t).sum() == 19  # the 19 highest of 20, not all 20
     assert m.threshold_for_sensitivity(y, s, 1.0) < 0.5
+
+
+def test_wilson_interval():
+    from ich.metrics import wilson_interval
+
+    low, high = wilson_interval(2, 26)
+    assert 0.02 < low < 0.03 and 0.24 < high < 0.25  # 2 of 26, as the PhysioNet pointing game
+    assert wilson_interval(0, 10)[0] == pytest.approx(0.0, abs=1e-12) and wilson_interval(10, 10)[1] == pytest.approx(
+        1.0
+    )
+    assert np.isnan(wilson_interval(0, 0)[0])

@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ich import checkpoint, dicom, evaluate
+from ich import checkpoint, datasets, dicom, evaluate, explain
 from ich.calibration import Platt, fit_platt, reliability
 from ich.checkpoint import json_ready
 from ich.files import data_dir
 from ich.inference import Predictor, aggregation_text
 from ich.labels import CLASSES, INDEX_NAME, SUBTYPES, read_rsna_csv
-from ich.metrics import bootstrap_auc, rsna_weights, summarize, weighted_log_loss, youden_thresholds
+from ich.metrics import bootstrap_auc, rsna_weights, summarize, weighted_log_loss, wilson_interval, youden_thresholds
 from ich.models import build_model
 from ich.windowing import BRAIN_INPUT
 from train import fit, prepare
@@ -53,6 +53,8 @@ VALIDATION_SET = "rsna-png"
 FOLDS = 5
 BUNDLE_RECORD = "bundle.json"  # in --work: the command, so a later stage can cite the one it continued
 FAILURES_SHOWN = 5
+POINTING_TOLERANCE_PX = 8  # the pointing game's usual slack: a peak this close to the mask still points at it
+POINTING_LIMIT = 300  # PHE-SICH bleed slices checked (it has 676; the model trained on all of them)
 # What a person saw looking at the worst cases of the run in weights/ (rewritten after each rebuild).
 FAILURE_NOTES = Path(__file__).with_name("failure_notes.md")
 PHYSIONET_SUBTYPES = {"Epidural": "epidural", "Intraparenchymal": "intraparenchymal", "Intraventricular": "intraventricular",
@@ -201,6 +203,23 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
                 lines.append(
                     f"- {c}: {m['slices']} slices, {m['caught_as_subtype']} called {c}, {m['caught_as_any']} called bleeding"
                 )
+        lines.append("")
+    if ev.get("heatmaps"):
+        lines += [
+            "## Does the heatmap point at the bleed?",
+            "",
+            "Grad-CAM of 'any' (ResNet `layer3`), cleared over air. Pointing game: the map's peak on the masked "
+            f"bleed, exactly or within {POINTING_TOLERANCE_PX} px; chance is the mask's share of the head.",
+            "",
+        ]
+        for name, r in ev["heatmaps"].items():
+            low, high = r["hit_ci"]
+            seen = ", **trained on**: optimistic" if r["trained_on"] else ", never trained on"
+            lines.append(
+                f"- `{name}` ({r['slices']} bleed slices{seen}): peak on the bleed {r['hits']} of {r['slices']} "
+                f"({_f(r['hit_rate'], 2)}, 95 % CI {_f(low, 2)}–{_f(high, 2)}), within {POINTING_TOLERANCE_PX} px "
+                f"{r['hits_near']} ({_f(r['hit_rate_near'], 2)}); chance {_f(r['chance'], 3)}"
+            )
         lines.append("")
     lines += [
         "## Known failure modes",
@@ -435,6 +454,46 @@ def external_checks(predictor: Predictor, shared: Path) -> dict[str, dict]:
     return reports
 
 
+def _pointing(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], trained_on: bool) -> dict:
+    """Pointing game of Grad-CAM ('any') over ``(cam, mask, hu)`` cases: exact and within 8 px, with chance.
+
+    Chance is where a point drawn at random in the head (HU > 0) lands on the mask: the mask's share of it.
+    """
+    n = len(cases)
+    exact = sum(explain.pointing_hit(cam, mask) for cam, mask, _ in cases)
+    near = sum(explain.pointing_hit(cam, mask, POINTING_TOLERANCE_PX) for cam, mask, _ in cases)
+    chance = float(np.mean([mask.sum() / max(1, (hu > 0).sum()) for _, mask, hu in cases])) if n else None
+    return {"slices": n, "hits": exact, "hit_rate": exact / n if n else None, "hit_ci": wilson_interval(exact, n),
+            "hits_near": near, "hit_rate_near": near / n if n else None, "chance": chance,
+            "trained_on": trained_on}  # fmt: skip
+
+
+def heatmap_checks(predictor: Predictor, shared: Path, limit: int = POINTING_LIMIT) -> dict[str, dict]:
+    """Does the heatmap point at the bleed? The pointing game on the masked sets (PhysioNet never trained on)."""
+    reports: dict[str, dict] = {}
+    folder = shared / "physionet-ctich"
+    if (folder / "Masks_subset").is_dir():
+        cases = []
+        for mask_file in sorted((folder / "Masks_subset").glob("*.dcm")):
+            hu = dicom.read_slice(folder / "hemo_subset" / mask_file.name).pixels
+            mask = dicom.read_slice(mask_file).pixels > 0
+            if mask.any():
+                cases.append((explain.grad_cam(predictor, hu, "any"), mask, hu))
+        reports["physionet-ctich"] = _pointing(cases, trained_on=False)
+    folder = shared / "phe-sich"
+    if folder.is_dir():
+        manifest = datasets.read_source(folder).manifest
+        rows = manifest[(manifest["any"] == 1) & manifest["mask"].notna()].head(limit)
+        cases = []
+        for row in rows.itertuples():
+            mask = datasets.load_image(row.mask, row.rotate) > 0
+            if mask.any():
+                hu = datasets.load_hu(row.path, row.rotate)
+                cases.append((explain.grad_cam(predictor, hu, "any"), mask, hu))
+        reports["phe-sich"] = _pointing(cases, trained_on=True)
+    return reports
+
+
 def write_checkpoint(final: Path, out: Path, platt: Platt, thresholds: dict[str, float], rule: dict, cv: dict) -> Path:
     """The final model's weights with the calibration, thresholds, study rule and CV metrics in its JSON."""
     state, meta = checkpoint.load(final)
@@ -476,7 +535,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         old.with_suffix(".json").unlink(missing_ok=True)
     meta_path = write_checkpoint(final, args.out, platt, thresholds, cv["series_rule"], cv)
     predictor = Predictor.from_checkpoint(meta_path, args.device)
-    reports = {"cross_validation": cv, "external": external_checks(predictor, args.shared)}
+    reports = {
+        "cross_validation": cv,
+        "external": external_checks(predictor, args.shared),
+        "heatmaps": heatmap_checks(predictor, args.shared),
+    }
     final_meta = json.loads(final.read_text())
     runs = [json.loads(p.read_text())["training"] for p in (final, *folds)]
     if args.init_run is not None:  # the earlier stage's runs, for the card's account of the whole recipe
