@@ -23,15 +23,15 @@ OUTSIDE_HEAD_HU = -300.0  # air and the scanner's padding: the map is cleared th
 
 
 def target_layer(model: nn.Module) -> nn.Module:
-    """ResNet ``layer3``; DenseNet, AlexNet, EfficientNet ``features`` (their last convolutional stage).
+    """ResNet ``layer2``; DenseNet, AlexNet, EfficientNet ``features`` (their last convolutional stage).
 
-    ResNet's ``layer4`` is 4x4 cells at 128 px: its map cannot point at a bleed. ``layer3`` has twice
-    the resolution and, on masked real bleeds, its peak lands on the bleed 2-3x as often (pointing
-    game in the model card, ``train.bundle``).
+    ResNet's last stage, ``layer4``, is 5x5 cells at 160 px: its map cannot point at a bleed. On the
+    bundled model, the map's peak lands within 8 px of the masked bleed on 43 of 326 real bleed slices
+    from ``layer4``, 85 from ``layer3`` and 155 from ``layer2`` (20x20 cells); see the model card.
     """
     net = unwrap(model)
     if isinstance(net, torchvision.models.ResNet):
-        return net.layer3
+        return net.layer2
     if isinstance(net, (torchvision.models.DenseNet, torchvision.models.AlexNet, torchvision.models.EfficientNet)):
         return net.features
     raise TypeError(f"no Grad-CAM layer known for {type(net).__name__}")

@@ -121,7 +121,8 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         "```bash",
         *_commands(ev),
         "```",
-        f"The six training runs (5 folds + the final model) took {tr['minutes']:.0f} min on {tr['device']} ({tr['amp']}); the final model trained at "
+        f"The six training runs (5 folds + the final model{', both stages' if 'first_stage' in ev else ''}) took "
+        f"{tr['minutes']:.0f} min on {tr['device']} ({tr['amp']}); the final model trained at "
         f"{tr['final_images_per_second']:.0f} img/s. Training data (never any DICOM series below):",
         "",
     ]
@@ -208,7 +209,7 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         lines += [
             "## Does the heatmap point at the bleed?",
             "",
-            "Grad-CAM of 'any' (ResNet `layer3`), cleared over air. Pointing game: the map's peak on the masked "
+            "Grad-CAM of 'any' (ResNet `layer2`), cleared over air. Pointing game: the map's peak on the masked "
             f"bleed, exactly or within {POINTING_TOLERANCE_PX} px; chance is the mask's share of the head.",
             "",
         ]
