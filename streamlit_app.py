@@ -413,8 +413,13 @@ def worklist_page() -> None:
         "Select a row, then open it."
         + (" Demo studies are synthetic phantoms with known labels." if studies["demo"].any() else "")
     )
+    table = studies_table(studies)
+    if identifiers_shown(wl):
+        ids = wl.identifiers().set_index("id").reindex(studies["id"])
+        table.insert(1, "Patient ID", ids["patient_id"].fillna("—").to_numpy())
+        table.insert(2, "Accession", ids["accession"].fillna("—").to_numpy())
     event = st.dataframe(
-        studies_table(studies),
+        table,
         hide_index=True,
         on_select="rerun",
         selection_mode="single-row",
@@ -622,6 +627,30 @@ def pred_metadata() -> dict:
     return pred.metadata if pred is not None else {}
 
 
+def identifiers_shown(wl: Worklist) -> bool:
+    """Patient ID and accession on screen: only when an admin turned them on, and only behind sign-in."""
+    return wl.identifiers_on and access.load_config() is not None
+
+
+def identifiers_ui(wl: Worklist) -> None:
+    """Admins (signed in): turn identifiers on or off for this worklist."""
+    if not user().is_admin or access.load_config() is None:
+        return
+
+    def changed() -> None:
+        on = bool(st.session_state["identifiers_on"])
+        wl.set_identifiers(on)
+        audit("identifiers-on" if on else "identifiers-off")
+
+    st.sidebar.toggle(
+        "Patient ID and accession",
+        value=wl.identifiers_on,
+        key="identifiers_on",
+        on_change=changed,
+        help="Kept and shown to signed-in users from the next study on; turning it off erases the stored ones.",
+    )
+
+
 def user() -> access.User:
     return st.session_state["ich_user"]
 
@@ -720,6 +749,7 @@ def main() -> None:
         st.error(f"The model could not be loaded, so uploads and heatmaps are off. {why}")
     else:
         st.sidebar.caption(f"Model: {pred.name}. Worklist and reads are stored on this server only.")
+    identifiers_ui(store())
     seed_demo_ui(store(), pred)
     arrivals_ui(store())
     page.run()

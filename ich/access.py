@@ -3,7 +3,8 @@
 - Sign-in: ``$ICH_AUTH`` or ``<data dir>/auth.yaml``, in the format ``streamlit-authenticator`` reads
   (bcrypt password hashes, a cookie name and secret key). Users are added with
   ``python -m ich user add NAME --role reader|admin`` (the password is asked, never stored in clear).
-- Roles: ``reader`` views studies and records reads; ``admin`` may also delete studies.
+- Roles: ``reader`` views studies and records reads; ``admin`` may also delete studies and turn
+  patient identifiers on (shown to signed-in users only; never without sign-in).
 - A server that listens beyond this machine must have sign-in (see :func:`refuse_reason`).
 - Audit: one JSON line per action (who, what, which worklist id, when) appended to
   ``<data dir>/audit.log``; never a patient identifier.
@@ -42,7 +43,7 @@ __all__ = [
 AUTH_ENV = "ICH_AUTH"
 INSECURE_ENV = "ICH_INSECURE"  # set to 1 to serve beyond this machine without sign-in (a trusted lab network)
 ROLES = ("reader", "admin")
-ACTIONS = ("sign-in", "open", "read", "export", "delete")
+ACTIONS = ("sign-in", "open", "read", "export", "delete", "identifiers-on", "identifiers-off")
 COOKIE_DAYS = 1.0  # a reading shift
 
 

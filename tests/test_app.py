@@ -266,3 +266,27 @@ def test_no_demo_studies_where_real_ones_already_arrived(tmp_path, monkeypatch, 
     add(Worklist(tmp_path / "data"), 0.8)  # e.g. from the DICOM listener
     start()
     assert len(Worklist(tmp_path / "data")) == 1
+
+
+def test_identifiers_only_for_signed_in_users_after_an_admin_turns_them_on(with_users, data_dir):
+    wl = Worklist(data_dir)
+    at = sign_in(start(), "adam", "admin-pass-1")
+    assert "Patient ID" not in at.dataframe[0].value.columns
+    at.toggle(key="identifiers_on").set_value(True).run()
+    add(wl, 0.99)  # a study arriving with identifiers on
+    at.run()
+    table = at.dataframe[0].value
+    assert "TEST-0001" in table["Patient ID"].tolist()
+    assert ("adam", "identifiers-on") in [(e["user"], e["action"]) for e in with_users.entries()]
+    reader = sign_in(start(), "rita", "reader-pass-1")
+    assert "TEST-0001" in reader.dataframe[0].value["Patient ID"].tolist()
+    assert not [t for t in reader.toggle if t.key == "identifiers_on"]  # readers cannot change it
+    assert "TEST-0001" not in shown(start())  # signed out: the sign-in form only
+
+
+def test_without_sign_in_identifiers_stay_hidden(data_dir):
+    Worklist(data_dir).set_identifiers(True)
+    at = start()
+    add(Worklist(data_dir), 0.99)
+    at.run()
+    assert "Patient ID" not in at.dataframe[0].value.columns and "TEST-0001" not in shown(at)

@@ -250,3 +250,18 @@ def test_the_worklist_shows_the_exam_not_the_patient(tmp_path):
     assert row["thickness"] == 5.0 and row["source"] == "dicom"
     (problem,) = ingest(wl, FakePredictor(), uploads(2), source="fax").problems
     assert "source must be one of" in problem.reason
+
+
+def test_identifiers_are_kept_only_while_an_admin_has_them_on(tmp_path):
+    wl = Worklist(tmp_path)
+    off, _ = add(wl, 0.5)  # make_ct writes PatientID TEST-0001 and an accession number
+    assert not wl.identifiers_on
+    with sqlite3.connect(wl.path) as db:
+        assert db.execute("SELECT patient_id, accession FROM studies").fetchall() == [(None, None)]
+    wl.set_identifiers(True)
+    on, _ = add(wl, 0.6)
+    kept = wl.identifiers().set_index("id")
+    assert kept.loc[on, "patient_id"] == "TEST-0001" and kept.loc[off].isna().all()
+    assert "patient_id" not in wl.studies().columns  # the default listing never carries them
+    wl.set_identifiers(False)
+    assert wl.identifiers()[["patient_id", "accession"]].isna().all().all()  # off erases them

@@ -5,8 +5,9 @@ checkout): ``worklist.sqlite3`` and ``volumes/<key>.npz`` (int16 HU, compressed,
 A :class:`Worklist` opens a new SQLite connection per call and serialises writes with a lock, so
 one object is safely shared by every Streamlit session (thread) of a server.
 
-No patient identifiers are stored: a study is shown as "Study 3 · 36 slices"; its DICOM UIDs are
-kept to recognise a re-upload and leave the store only when an export asks for them.
+No patient identifiers are stored unless an admin turns them on (:meth:`Worklist.set_identifiers`):
+a study is shown as "Study 3 · 36 slices"; its DICOM UIDs are kept to recognise a re-upload and
+leave the store only when an export asks for them.
 
 One study is read back as a :class:`StudyRecord`; the listings (:meth:`Worklist.studies`,
 :meth:`Worklist.slices`, :meth:`Worklist.reviews`) are tables (pandas DataFrames).
@@ -55,7 +56,7 @@ STATUS_CLEAR = "reviewed: no hemorrhage"
 STATUSES = (STATUS_NEW, STATUS_HEMORRHAGE, STATUS_CLEAR)
 TRUTH_SOURCES = ("csv", "phantom", "review")
 
-_SCHEMA_VERSION = 3  # 2: reviews.others_clear; 3: what the worklist shows of the exam
+_SCHEMA_VERSION = 4  # 2: reviews.others_clear; 3: what the worklist shows of the exam; 4: identifiers
 SOURCES = ("upload", "dicom", "demo")  # how a study reached the worklist
 # Columns added after version 1, with their definitions: an older store gets them on open.
 _ADDED_COLUMNS = {
@@ -64,8 +65,11 @@ _ADDED_COLUMNS = {
         "study_datetime": "TEXT",
         "description": "TEXT NOT NULL DEFAULT ''",
         "thickness": "REAL",
+        "patient_id": "TEXT",  # stored only while identifiers are on (see Worklist.identifiers_on)
+        "accession": "TEXT",
     },
 }
+IDENTIFIERS_KEY = "identifiers"  # meta key: "on" while an admin has identifiers shown
 _P = [f"p_{c}" for c in CLASSES]
 _Y = [f"y_{c}" for c in CLASSES]
 _SCHEMA = f"""
@@ -89,6 +93,8 @@ CREATE TABLE IF NOT EXISTS studies (
     study_datetime TEXT,
     description TEXT NOT NULL DEFAULT '',
     thickness REAL,
+    patient_id TEXT,
+    accession TEXT,
     UNIQUE (study_uid, series_uid)
 );
 CREATE TABLE IF NOT EXISTS slices (
@@ -303,6 +309,9 @@ class Worklist:
                 d for d in (series.slices[0].study_description, series.slices[0].series_description) if d
             ),
             thickness=series.slices[0].thickness if series.slices[0].thickness is not None else series.spacing,
+            # Identifiers reach the store only while an admin has them on; never otherwise.
+            patient_id=series.slices[0].patient_id or None if self.identifiers_on else None,
+            accession=series.slices[0].identifiers.get("accession_number") or None if self.identifiers_on else None,
         )
         with self._write() as db:
             found = db.execute(
@@ -387,6 +396,25 @@ class Worklist:
     def set_meta(self, key: str, value: str) -> None:
         with self._write() as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    @property
+    def identifiers_on(self) -> bool:
+        """Whether patient ID and accession are kept and shown (to signed-in users): off unless an admin turns it on."""
+        return self.get_meta(IDENTIFIERS_KEY) == "on"
+
+    def set_identifiers(self, on: bool) -> None:
+        """Turn identifiers on or off; off also erases every stored one."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (IDENTIFIERS_KEY, "on" if on else "off")
+            )
+            if not on:
+                db.execute("UPDATE studies SET patient_id = NULL, accession = NULL")
+
+    def identifiers(self) -> pd.DataFrame:
+        """``id``, ``patient_id``, ``accession`` of every study (empty values while identifiers are off)."""
+        with self._read() as db:
+            return pd.read_sql_query("SELECT id, patient_id, accession FROM studies", db)
 
     def get_meta(self, key: str) -> str | None:
         with self._read() as db:
