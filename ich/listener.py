@@ -164,8 +164,10 @@ class Listener:
             log.debug("refused SOP classes from AE %r: %s", requestor.ae_title, ", ".join(refused))
 
     def _on_rejected(self, event: evt.Event) -> None:
-        log.warning("association from AE %r (%s) refused: calling AE title not allowed",
-                    event.assoc.requestor.ae_title, event.assoc.requestor.address)  # fmt: skip
+        requestor = event.assoc.requestor
+        allowed = not self.ae.require_calling_aet or requestor.ae_title.strip() in self.ae.require_calling_aet
+        why = "too many associations at once" if allowed else "calling AE title not allowed"
+        log.warning("association from AE %r (%s) refused: %s", requestor.ae_title, requestor.address, why)
 
     def _on_closed(self, event: evt.Event) -> None:
         a = self._associations.pop(id(event.assoc), None)
