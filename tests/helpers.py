@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,3 +100,10 @@ def add(wl: Worklist, score: float, n: int = 4, labels: pd.DataFrame | None = No
     probs[:, 0] = score
     pred = FakePrediction(series.sop_uids, probs, score, "subdural", score >= 0.5)
     return wl.add_study(series, pred, labels, thresholds=THRESHOLDS, model="fake"), series
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

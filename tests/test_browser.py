@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -38,12 +37,6 @@ SLOW_MS = 180_000  # scoring uploads on a shared CPU
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} not found: install the Debian package 'chromium'", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

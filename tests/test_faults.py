@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import errno
+import os
+import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,7 +18,7 @@ import ich.worklist.store
 from ich import dicom
 from ich.listener import OUT_OF_RESOURCES, Inbox, Listener
 from ich.worklist import Worklist, ingest
-from tests.helpers import FakePredictor, add, uploads
+from tests.helpers import ROOT, FakePredictor, add, free_port, uploads
 from tests.test_listener import QUIET, send, series, wait_for
 
 
@@ -102,3 +106,44 @@ def test_listener_answers_out_of_resources_when_its_disk_is_full(tmp_path, monke
     finally:
         listener.stop()
     assert len(wl) == 0 and not np.any([p.is_file() for p in (tmp_path / "inbox").rglob("*.dcm")])
+
+
+@pytest.mark.slow
+def test_a_listener_killed_before_scoring_scores_on_restart(tmp_path, tiny_checkpoint):
+    """SIGKILL after the instances arrived but before the quiet period ended: the restart scores them."""
+    env = dict(os.environ, ICH_DATA_DIR=str(tmp_path), ICH_WEIGHTS=str(tiny_checkpoint), OMP_NUM_THREADS="1")
+
+    def listener(port: int, quiet: float) -> subprocess.Popen:
+        cmd = [
+            sys.executable,
+            "-m",
+            "ich",
+            "listen",
+            "--port",
+            str(port),
+            "--quiet-seconds",
+            str(quiet),
+            "--device",
+            "cpu",
+        ]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:  # ready once it says where it listens
+            if "listening as AE" in line:
+                return proc
+        raise AssertionError(f"listener did not start (exit {proc.wait()})")
+
+    port = free_port()
+    first = listener(port, quiet=600)  # would wait ten minutes before scoring
+    try:
+        assert send(port, series(3)) == [0, 0, 0]
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert len(Worklist(tmp_path)) == 0  # killed before it scored anything
+    second = listener(port, quiet=600)
+    try:
+        wait_for(lambda: len(Worklist(tmp_path)) == 1, seconds=120)
+    finally:
+        second.terminate()
+        second.wait(30)
+    assert Worklist(tmp_path).studies()["n_slices"].tolist() == [3]
