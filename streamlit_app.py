@@ -24,7 +24,7 @@ from PIL import Image
 from ich import access, dicom, explain, review, scope
 from ich.inference import STUDY_AGGREGATION, Predictor, default_weights
 from ich.labels import CLASSES, SUBTYPES, read_rsna_csv
-from ich.windowing import PRESETS, Window, apply_window
+from ich.windowing import PRESETS, Window
 from ich.worklist import STATUS_NEW, STATUSES, IngestReport, Worklist, data_dir, ingest, seed_demo
 
 NOTICE = "**Not a medical device — research use only.** The model's scores are not diagnoses."
@@ -119,12 +119,6 @@ def slice_findings(row: pd.Series, thresholds: Mapping[str, float]) -> tuple[fro
         review.predicted(row[[f"p_{c}" for c in CLASSES]].to_numpy(float), thresholds),
         review.actual(row[[f"y_{c}" for c in CLASSES]].to_numpy(float)),
     )
-
-
-def render_slice(hu: np.ndarray, window: Window, cam: np.ndarray | None = None) -> np.ndarray:
-    """uint8 grey (or RGB with the heatmap) of one slice through a display window."""
-    grey = apply_window(hu, window, np.uint8)
-    return grey if cam is None else explain.overlay(grey, cam)
 
 
 def probability_figure(slices: pd.DataFrame, index: int, thresholds: Mapping[str, float]) -> go.Figure:
@@ -333,7 +327,7 @@ def gallery_ui(
     probs = slices["p_any"].to_numpy(float)
     for col, i in zip(st.columns(GALLERY), np.argsort(-np.nan_to_num(probs, nan=-1.0), kind="stable")[:GALLERY]):
         with col:
-            st.image(render_slice(vol[i], window)[::2, ::2], output_format="PNG", width="stretch")
+            st.image(explain.render(vol[i], window)[::2, ::2], output_format="PNG", width="stretch")
             st.markdown(
                 f"**Slice {i + 1}** · any {pct(probs[i])}  \n"
                 + findings_markdown(*slice_findings(slices.iloc[i], thresholds), unknown=unknown)
@@ -528,7 +522,7 @@ def viewer_page() -> None:
             + findings_markdown(*slice_findings(row, thresholds), row["truth"], unassessed)
         )
         st.image(
-            render_slice(vol[index], window, cam),
+            explain.render(vol[index], window, cam),
             output_format="PNG",
             width="stretch",
             caption=f"{window.name} window L {window.level:g} / W {window.width:g}"

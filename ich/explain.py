@@ -15,8 +15,9 @@ import torchvision
 from torch import nn
 
 from ich.models import unwrap
+from ich.windowing import Window, apply_window
 
-__all__ = ["target_layer", "grad_cam", "overlay", "pointing_hit"]
+__all__ = ["target_layer", "grad_cam", "overlay", "pointing_hit", "render"]
 
 
 OUTSIDE_HEAD_HU = -300.0  # air and the scanner's padding: the map is cleared there
@@ -110,3 +111,9 @@ def pointing_hit(cam: np.ndarray, mask: np.ndarray, tolerance_px: int = 0) -> bo
     y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
     t = tolerance_px
     return bool(np.any(mask[max(0, y - t) : y + t + 1, max(0, x - t) : x + t + 1]))
+
+
+def render(hu: np.ndarray, window: Window, cam: np.ndarray | None = None) -> np.ndarray:
+    """What a reader sees of one slice: uint8 grey through ``window``, or RGB with ``cam`` over it."""
+    grey = apply_window(hu, window, np.uint8)
+    return grey if cam is None else overlay(grey, cam)

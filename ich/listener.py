@@ -34,10 +34,10 @@ from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verific
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ich import results
-from ich.explain import overlay
+from ich.explain import render
 from ich.files import atomic_write
 from ich.labels import CLASSES
-from ich.windowing import BRAIN, apply_window
+from ich.windowing import BRAIN
 from ich.worklist import Worklist, ingest
 from ich.worklist.intake import Scorer
 
@@ -293,8 +293,8 @@ class SendResults:
         )
         top = int(np.nanargmax(np.nan_to_num(probs[:, CLASSES.index("any")], nan=-1.0)))
         hu = self.worklist.volume(study_id)[top].astype(np.float32)
-        gray = apply_window(hu, BRAIN, np.uint8)
-        rgb = overlay(gray, self.heatmap(hu)) if self.heatmap else np.repeat(gray[..., None], 3, axis=2)
+        image = render(hu, BRAIN, self.heatmap(hu) if self.heatmap else None)
+        rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
         caption = f"slice {top + 1} of {len(slices)}: hemorrhage {probs[top, 0]:.2f}, series {entry.score or 0:.2f}"
         return [report, results.key_image(sources[top], rgb, caption)]
 

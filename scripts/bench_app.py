@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 logging.getLogger("streamlit").setLevel(logging.ERROR)  # importing the app outside `streamlit run` warns
 
-from ich import dicom, phantom  # noqa: E402
+from ich import dicom, explain, phantom  # noqa: E402
 from ich.inference import Predictor, default_weights  # noqa: E402
 from ich.windowing import BRAIN  # noqa: E402
 from ich.worklist import Worklist, ingest  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
 
         def move() -> None:
             i = next(indices) % len(vol)
-            app.render_slice(vol[i], BRAIN)
+            explain.render(vol[i], BRAIN)
             app.probability_figure(slices, i, thresholds).to_json()  # what st.plotly_chart serialises
 
         move()

@@ -68,6 +68,9 @@ _ADDED_COLUMNS = {
         "patient_id": "TEXT",  # stored only while identifiers are on (see Worklist.identifiers_on)
         "accession": "TEXT",
     },
+    # Version 1 reads took their marks as the complete list: their unmarked slices were clear. New
+    # reads always say which (the CREATE default, 0, is never relied on).
+    "reviews": {"others_clear": "INTEGER NOT NULL DEFAULT 1"},
 }
 IDENTIFIERS_KEY = "identifiers"  # meta key: "on" while an admin has identifiers shown
 _P = [f"p_{c}" for c in CLASSES]
@@ -228,9 +231,6 @@ class Worklist:
         self._lock = threading.Lock()
         with self._write() as db:
             db.executescript(_SCHEMA)
-            columns = {row["name"] for row in db.execute("PRAGMA table_info(reviews)")}
-            if "others_clear" not in columns:  # a version 1 store: its reads left unmarked slices clear
-                db.execute("ALTER TABLE reviews ADD COLUMN others_clear INTEGER NOT NULL DEFAULT 1")
             for table, added in _ADDED_COLUMNS.items():
                 present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
                 for column, definition in added.items():
