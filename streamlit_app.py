@@ -29,6 +29,7 @@ from ich.worklist import STATUS_NEW, STATUSES, IngestReport, Worklist, data_dir,
 
 NOTICE = "**Not a medical device — research use only.** The model's scores are not diagnoses."
 VIEW_WINDOWS = ("brain", "subdural", "bone", "stroke")
+SOURCE_NAMES = {"upload": "uploaded", "dicom": "received over DICOM", "demo": "synthetic demo study"}
 TRUTH_NAMES = {"csv": "label CSV", "phantom": "phantom labels", "review": "radiologist's read"}
 CLASS_COLOURS = dict(zip(CLASSES, ("#f2c12e", "#e377c2", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e")))
 GALLERY = 6
@@ -468,7 +469,7 @@ def viewer_page() -> None:
     flag = f":red[**flagged**] · most likely subtype **{info.top_subtype or '—'}**" if info.flagged else "not flagged"
     st.markdown(
         f"Likelihood **{pct(info.score)}** · {flag} · status **{info.status}** · "
-        f"{'synthetic demo study' if info.demo else 'uploaded'} · scored by {info.model or 'an unnamed model'}"
+        f"{SOURCE_NAMES[info.source]} · scored by {info.model or 'an unnamed model'}"
     )
     study_source = "review" if info.read else next(iter(slices["truth"].dropna()), None)
     unassessed = "not assessed by the read" if info.read else "not labelled"  # a slice the read says nothing of

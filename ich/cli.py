@@ -204,7 +204,6 @@ def _worklist(args: argparse.Namespace) -> int:
 
     frame = Worklist(Path(args.data_dir) if args.data_dir else data_dir()).studies()
     frame = frame.rename(columns={"score": "likelihood", "n_slices": "slices"})
-    frame["source"] = frame.pop("demo").map({True: "demo", False: "received"})
     columns = ["id", "source", "received", "slices", "likelihood", "flagged", "status"]
     if args.json:
         frame["received"] = frame["received"].astype(str)

@@ -64,11 +64,16 @@ def _from_positive(positive: Iterable[str]) -> frozenset[str]:
 
 
 def predicted(probs: Sequence[float], thresholds: Mapping[str, float] | None = None) -> frozenset[str]:
-    """The classes a probability row (``CLASSES`` order) calls positive; NaN (not predicted) never is."""
+    """The classes a probability row (``CLASSES`` order) calls positive; NaN (not predicted) never is.
+
+    Subtypes are named only where "any" is called too: the subtype thresholds are chosen low (for
+    sensitivity among bleeding slices), so alone they would name a subtype on a slice called clear.
+    """
     thresholds = thresholds or {}
-    return _from_positive(
-        c for c, p in zip(CLASSES, probs) if np.isfinite(p) and p >= thresholds.get(c, DEFAULT_THRESHOLD)
-    )
+    called = {c for c, p in zip(CLASSES, probs) if np.isfinite(p) and p >= thresholds.get(c, DEFAULT_THRESHOLD)}
+    if np.isfinite(probs[_ANY]) and "any" not in called:
+        return frozenset()
+    return _from_positive(called)
 
 
 def actual(labels: Sequence[float]) -> frozenset[str] | None:

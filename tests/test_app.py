@@ -150,6 +150,7 @@ def test_upload_scores_series_and_lists_bad_files(data_dir):
     at.selectbox(key="study").set_value(uploaded).run()
     assert not at.exception, at.exception
     assert "**Slice " in texts(at) and "(label CSV)" in texts(at)  # the viewer shows the uploaded study
+    assert "· uploaded ·" in texts(at)
     assert not [i for i in identifiers if i in shown(at)]
 
 

@@ -147,6 +147,7 @@ def test_worklist_command_prints_without_identifiers(tmp_path):
     ).stdout
     (row,) = json.loads(out)
     assert row["likelihood"] == pytest.approx(0.9) and row["flagged"] and row["slices"] == 4
+    assert row["source"] == "upload"  # how it came, as the store recorded it
     assert set(row) == {"id", "source", "received", "slices", "likelihood", "flagged", "status"}
     assert np.isfinite(row["likelihood"])
 

@@ -86,3 +86,11 @@ def test_read_truth_per_slice():
     assert (everything[[0, 2]] == 0).all() and everything[1].sum() == 2
     unmarked = review.read_truth(review.Read(True, ("subdural",)), 3)
     assert np.isnan(unmarked).all()  # a read without marks says nothing about single slices
+
+
+def test_no_subtype_is_named_on_a_slice_not_called_bleeding():
+    low_subtype_thresholds = {"any": 0.5, "epidural": 0.003, "subdural": 0.08}
+    assert review.predicted([0.33, 0.01, 0.0, 0.0, 0.0, 0.2], low_subtype_thresholds) == frozenset()
+    assert review.predicted([0.6, 0.01, 0.0, 0.0, 0.0, 0.2], low_subtype_thresholds) == {"epidural", "subdural"}
+    binary_free = [np.nan, 0.01, 0.0, 0.0, 0.0, 0.9]  # a checkpoint without "any": subtypes stand alone
+    assert review.predicted(binary_free, low_subtype_thresholds) == {"epidural", "subdural"}

@@ -92,7 +92,7 @@ def iter_series(
 
     headers = load(expanded(), pixels=False, progress=progress)
     problems += headers.problems
-    log.info("headers read: %d series, %d problems", len(headers.series), len(headers.problems))
+    log.debug("headers read: %d series, %d problems", len(headers.series), len(headers.problems))
     for number, series in enumerate(headers.series, 1):
         read: dict[str, list[Slice]] = {}  # a multi-frame file is read once for all its frames
         kept: list[Slice] = []

@@ -175,6 +175,7 @@ class StudyRecord:
     flagged: bool
     status: str  # one of STATUSES
     demo: bool
+    source: str  # how it came: one of SOURCES
     model: str | None  # the scoring checkpoint's name
     thresholds: Mapping[str, float]  # per class, as the scoring checkpoint had them (read-only)
     notes: tuple[str, ...]  # the series' reading notes (gaps, duplicate positions...)
@@ -196,6 +197,7 @@ class StudyRecord:
             flagged=bool(study["flagged"]),
             status=study["status"],
             demo=bool(study["demo"]),
+            source=study["source"],
             model=study["model"],
             thresholds=MappingProxyType({k: float(v) for k, v in json.loads(study["thresholds"]).items()}),
             notes=tuple(json.loads(study["notes"])),
