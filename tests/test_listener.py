@@ -71,8 +71,9 @@ def test_a_pushed_series_is_scored_once_and_rescored_when_it_grows(running, capl
         assert send(port, first[:1]) == [0]  # a repeated instance is accepted and ignored
         more = series(2, first[0].StudyInstanceUID, first[0].SeriesInstanceUID, start=3)
         assert send(port, more) == [0, 0]
-        wait_for(lambda: wl.study(study_id).n_slices == 5)
+        wait_for(lambda: len(scored) == 2)  # the callbacks run after the store commits: wait for them
     assert len(wl) == 1 and listener.predictor.calls == 2 and scored == [study_id, study_id]
+    assert wl.study(study_id).n_slices == 5
     text = caplog.text
     assert "3 stored, 0 duplicates" in text and "0 stored, 1 duplicates" in text and "FLAGGED" in text
     identifiers = [first[0].StudyInstanceUID, first[0].SeriesInstanceUID, first[0].PatientID, str(first[0].PatientName)]
