@@ -21,11 +21,12 @@ import streamlit as st
 import streamlit_authenticator as stauth
 from PIL import Image
 
-from ich import access, dicom, explain, review, scope
+from ich import access, dicom, explain, review, scope, viewer
 from ich.inference import STUDY_AGGREGATION, Predictor, default_weights
 from ich.labels import CLASSES, SUBTYPES, read_rsna_csv
+from ich.viewer.component import publish, slice_viewer
 from ich.windowing import PRESETS, Window
-from ich.worklist import STATUS_NEW, STATUSES, IngestReport, Worklist, data_dir, ingest, seed_demo
+from ich.worklist import STATUS_NEW, STATUSES, IngestReport, StudyRecord, Worklist, data_dir, ingest, seed_demo
 
 NOTICE = "**Not a medical device — research use only.** The model's scores are not diagnoses."
 VIEW_WINDOWS = ("brain", "subdural", "bone", "stroke")
@@ -33,6 +34,7 @@ SOURCE_NAMES = {"upload": "uploaded", "dicom": "received over DICOM", "demo": "s
 TRUTH_NAMES = {"csv": "label CSV", "phantom": "phantom labels", "review": "radiologist's read"}
 CLASS_COLOURS = dict(zip(CLASSES, ("#f2c12e", "#e377c2", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e")))
 GALLERY = 6
+SUBTYPE_ABBREVIATIONS = dict(zip(SUBTYPES, ("EDH", "IPH", "IVH", "SAH", "SDH")))  # as radiologists write them
 ARRIVALS_POLL_SECONDS = 10  # how often an open page checks for flagged studies from the listener or other readers
 log = logging.getLogger(__name__)
 PERCENT_BAR = st.column_config.ProgressColumn(format="%.0f%%", min_value=0, max_value=100)
@@ -66,9 +68,27 @@ def volume(directory: str, study_id: int, version: str) -> np.ndarray:
     return vol
 
 
-@st.cache_data(max_entries=256, show_spinner="Computing heatmap…")
-def heatmap(directory: str, study_id: int, version: str, index: int, target: str, weights: str) -> np.ndarray:
-    return explain.grad_cam(predictor(weights), volume(directory, study_id, version)[index], target)
+@st.cache_resource(max_entries=8, show_spinner=False)
+def viewer_volume(directory: str, study_id: int, version: str) -> tuple[str, list[float], list[float], bool]:
+    """The study as a served ``.nii.gz``: (URL, slice normal, slice positions, whether the headers gave them)."""
+    affine = worklist(directory).affine(study_id)
+    vol = volume(directory, study_id, version)
+    url = publish(f"volume:{directory}:{study_id}:{version}", lambda: viewer.volume_nifti(vol, affine))
+    normal, locations = viewer.slice_axis(affine, len(vol))
+    return url, normal, locations, affine is not None
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def viewer_heatmap(directory: str, study_id: int, version: str, target: str, weights: str) -> str:
+    """The study's Grad-CAM for ``target`` (one scale for the whole study) as a served ``.nii.gz`` URL."""
+    vol = volume(directory, study_id, version)
+    bar = st.progress(0.0, f"Computing the heatmap for {target} on {len(vol)} slices…")
+    cams = explain.study_heatmap(predictor(weights), vol, target, progress=bar.progress)
+    bar.empty()
+    affine = worklist(directory).affine(study_id)
+    return publish(
+        f"heatmap:{directory}:{study_id}:{version}:{target}:{weights}", lambda: viewer.heatmap_nifti(cams, affine)
+    )
 
 
 def store() -> Worklist:
@@ -122,6 +142,14 @@ def slice_findings(row: pd.Series, thresholds: Mapping[str, float]) -> tuple[fro
     )
 
 
+def slice_note(row: pd.Series, thresholds: Mapping[str, float]) -> str:
+    """The model's line for one slice, drawn on the image while the reader scrolls (short: it sits on the image)."""
+    called = slice_findings(row, thresholds)[0]
+    types = ", ".join(SUBTYPE_ABBREVIATIONS[c] for c in SUBTYPES if c in called)
+    verdict = "called hemorrhage" + (f" ({types})" if types else "") if called else "not called"
+    return f"model: any {pct(row['p_any'])} · {verdict}"
+
+
 def probability_figure(slices: pd.DataFrame, index: int, thresholds: Mapping[str, float]) -> go.Figure:
     """Per-slice probabilities along the series, the current slice, the "any" threshold and the actual."""
     x = slices["index"].to_numpy() + 1
@@ -159,11 +187,11 @@ def probability_figure(slices: pd.DataFrame, index: int, thresholds: Mapping[str
     )
     fig.add_vline(x=index + 1, line_color="#444", line_width=1)
     fig.update_layout(
-        height=320,
+        height=280,
         margin=dict(l=10, r=10, t=30, b=10),
-        xaxis_title="slice (click a point to jump)",
+        xaxis=dict(title=dict(text="slice (click a point to jump)", standoff=4)),
         yaxis=dict(range=[0, 1.1], tickformat=".0%", title=None),
-        legend=dict(orientation="h", y=-0.3),
+        legend=dict(orientation="h", y=-0.5),
         clickmode="event+select",
         dragmode=False,
     )
@@ -306,7 +334,10 @@ def study_picker_ui(studies: pd.DataFrame) -> int:
         st.session_state["study"] = (later or unread)[0]
 
     pick_col, next_col = st.columns([4, 1], vertical_alignment="bottom")
-    labels: dict[int, str] = dict(zip(ids, studies["label"]))
+    labels = {  # what a reader picks by: the likelihood, the flag and whether it is read yet
+        int(r.id): f"{r.label} — likelihood {pct(r.score)}{' · flagged' if r.flagged else ''} · {r.status}"
+        for r in studies.itertuples()
+    }
     study_id = pick_col.selectbox(
         "Study (worklist order)", ids, format_func=labels.__getitem__, key="study", persist_state="session"
     )
@@ -405,7 +436,7 @@ def worklist_page() -> None:
     st.caption(
         f"Unread studies first, each group by likelihood of hemorrhage, highest first. Likelihood = {pred.aggregation if (pred := model()) else STUDY_AGGREGATION}; "
         f"flagged at ≥ {thresholds.get('any', review.DEFAULT_THRESHOLD):.0%}. "
-        "Select a row, then open it."
+        "Open a study with its row's button, or select a row and open it below."
         + (" Demo studies are synthetic phantoms with known labels." if studies["demo"].any() else "")
     )
     table = studies_table(studies)
@@ -413,6 +444,8 @@ def worklist_page() -> None:
         ids = wl.identifiers().set_index("id").reindex(studies["id"])
         table.insert(1, "Patient ID", ids["patient_id"].fillna("—").to_numpy())
         table.insert(2, "Accession", ids["accession"].fillna("—").to_numpy())
+    table.insert(0, "Open", ":material/radiology: Open")
+    open_key = f"open-row-{status}"
     event = st.dataframe(
         table,
         hide_index=True,
@@ -420,12 +453,16 @@ def worklist_page() -> None:
         selection_mode="single-row",
         key=f"table-{status}",
         selection_default={"selection": {"rows": [0]}},
-        column_config=STUDY_COLUMNS,
+        column_config={
+            **STUDY_COLUMNS,
+            "Open": st.column_config.ButtonColumn("", type="tertiary", key=open_key, help="Open in the viewer"),
+        },
     )
-    rows = event.selection.rows or [0]
+    clicked = st.session_state.get(open_key)  # set only in the rerun a row's Open button caused
+    rows = [clicked["row"]] if clicked else event.selection.rows or [0]
     chosen = wl.study(int(studies["id"].iloc[rows[0]]))
     open_col, export_col, uid_col = st.columns([2, 1, 1], vertical_alignment="center")
-    if open_col.button(f"Open {chosen.label} in the viewer", type="primary", icon=":material/radiology:"):
+    if clicked or open_col.button(f"Open {chosen.label} in the viewer", type="primary", icon=":material/radiology:"):
         st.session_state["study"] = chosen.id
         st.switch_page(PAGES["viewer"])
     uids = uid_col.checkbox(
@@ -441,38 +478,18 @@ def worklist_page() -> None:
     )
 
 
-def viewer_page() -> None:
-    wl = store()
-    studies = wl.studies()
-    if studies.empty:
-        st.info("No studies yet. Add a series on the Upload page.")
-        return
-    study_id = study_picker_ui(studies)
-    st.query_params["study"] = str(study_id)  # the address is a link to this study
-    if st.session_state.get("opened") != study_id:  # audit each study a reader opens, once per switch
-        st.session_state["opened"] = study_id
-        audit("open", study_id)
-    if "flash" in st.session_state:
-        st.success(st.session_state.pop("flash"), icon=":material/check_circle:")
-    info, slices = wl.study(study_id), wl.slices(study_id)
-    directory, version, n, thresholds = str(data_dir()), info.received, info.n_slices, info.thresholds
-    try:
-        vol = volume(directory, study_id, version)
-    except (OSError, ValueError, KeyError) as exc:  # a damaged volume file spoils this study only
-        st.error(f"The images of {info.label} cannot be read ({type(exc).__name__}: {exc}). Upload the series again.")
-        return
+def study_summary_ui(info: StudyRecord, slices: pd.DataFrame, thresholds: Mapping[str, float]) -> None:
+    """The study's score, its predicted-vs-actual line, scope warnings and what the numbers mean."""
     probs, truth = (
         slices[[f"p_{c}" for c in CLASSES]].to_numpy(float),
         slices[[f"y_{c}" for c in CLASSES]].to_numpy(float),
     )
-
     flag = f":red[**flagged**] · most likely subtype **{info.top_subtype or '—'}**" if info.flagged else "not flagged"
     st.markdown(
         f"Likelihood **{pct(info.score)}** · {flag} · status **{info.status}** · "
         f"{SOURCE_NAMES[info.source]} · scored by {info.model or 'an unnamed model'}"
     )
     study_source = "review" if info.read else next(iter(slices["truth"].dropna()), None)
-    unassessed = "not assessed by the read" if info.read else "not labelled"  # a slice the read says nothing of
     st.markdown(
         "**Study** — "
         + findings_markdown(
@@ -497,13 +514,40 @@ def viewer_page() -> None:
                 "**Not a medical device.**"
             )
 
-    slice_key = f"slice-{study_id}"
+
+def viewer_page() -> None:
+    wl = store()
+    studies = wl.studies()
+    if studies.empty:
+        st.info("No studies yet. Add a series on the Upload page.")
+        return
+    study_id = study_picker_ui(studies)
+    st.query_params["study"] = str(study_id)  # the address is a link to this study
+    if st.session_state.get("opened") != study_id:  # audit each study a reader opens, once per switch
+        st.session_state["opened"] = study_id
+        audit("open", study_id)
+    if "flash" in st.session_state:
+        st.success(st.session_state.pop("flash"), icon=":material/check_circle:")
+    info, slices = wl.study(study_id), wl.slices(study_id)
+    directory, version, n, thresholds = str(data_dir()), info.received, info.n_slices, info.thresholds
+    try:
+        vol = volume(directory, study_id, version)
+    except (OSError, ValueError, KeyError) as exc:  # a damaged volume file spoils this study only
+        st.error(f"The images of {info.label} cannot be read ({type(exc).__name__}: {exc}). Upload the series again.")
+        return
+    probs = slices[[f"p_{c}" for c in CLASSES]].to_numpy(float)
+    thickness = studies.set_index("id")["thickness"].get(study_id)
+    thickness = None if thickness is None or pd.isna(thickness) else float(thickness)
+    unassessed = "not assessed by the read" if info.read else "not labelled"  # a slice the read says nothing of
+
+    slice_key, nonce_key, seen_key = f"slice-{study_id}", f"goto-{study_id}", f"viewer-seq-{study_id}"
     if slice_key not in st.session_state:  # open at the most suspicious slice
         st.session_state[slice_key] = int(np.argmax(np.nan_to_num(slices["p_any"].to_numpy(float), nan=-1.0))) + 1
 
-    # Callbacks run before the script, the only time a drawn slider's value may be set.
     def jump(to: int) -> None:
+        """Move the viewer to slice ``to`` (1-based): a new nonce tells the browser it is a request."""
         st.session_state[slice_key] = to
+        st.session_state[nonce_key] = st.session_state.get(nonce_key, 0) + 1
 
     def jump_to_clicked() -> None:
         points = st.session_state[f"curve-{study_id}"].selection.points
@@ -511,26 +555,44 @@ def viewer_page() -> None:
             jump(round(points[0]["x"]))
 
     pred = model()
-    image_col, side_col = st.columns([3, 2], gap="large")
-    with image_col:
+    image_col, side_col = st.columns([3, 2], gap="medium")
+    with side_col:  # filled top-down: the slice's numbers first, controls and the study's summary below
+        slice_panel, controls, summary = st.container(), st.container(), st.container()
+    with controls:
         window = window_ui()
         target = heatmap_ui(pred.model_classes if pred else ("any",), enabled=pred is not None)
-        index = st.slider("Slice", 1, n, key=slice_key) - 1
-        row = slices.iloc[index]
-        cam = heatmap(directory, study_id, version, index, target, str(default_weights())) if target else None
+    with image_col:
+        url, normal, locations, known = viewer_volume(directory, study_id, version)
+        shown = slice_viewer(
+            url,
+            n,
+            normal=normal,
+            locations=locations,
+            positions_known=known,
+            goto=st.session_state[slice_key],
+            goto_nonce=st.session_state.get(nonce_key, 0),
+            window=(window.name, window.level, window.width),
+            presets={name: (PRESETS[name].level, PRESETS[name].width) for name in VIEW_WINDOWS},
+            slice_notes=[slice_note(row, thresholds) for _, row in slices.iterrows()],
+            thickness=thickness,
+            heatmap_url=viewer_heatmap(directory, study_id, version, target, str(default_weights()))
+            if target
+            else None,
+            heatmap_label=target or "",
+            key=f"viewer-{study_id}",
+        )
+    if shown and shown.get("seq") != st.session_state.get(seen_key):  # the reader settled on a slice
+        st.session_state[seen_key] = shown["seq"]
+        st.session_state[slice_key] = int(np.clip(shown["slice"], 1, n))
+    index = st.session_state[slice_key] - 1
+    row = slices.iloc[index]
+    with summary:
+        study_summary_ui(info, slices, thresholds)
+    with slice_panel:
         st.markdown(
             f"**Slice {index + 1} / {n}** — "
             + findings_markdown(*slice_findings(row, thresholds), row["truth"], unassessed)
         )
-        st.image(
-            explain.render(vol[index], window, cam),
-            output_format="PNG",
-            width="stretch",
-            caption=f"{window.name} window L {window.level:g} / W {window.width:g}"
-            + (f" · heatmap for {target}" if target else ""),
-        )
-    with side_col:
-        st.markdown("**This slice**")
         st.dataframe(
             pd.DataFrame(
                 {
@@ -540,9 +602,8 @@ def viewer_page() -> None:
                 }
             ),
             hide_index=True,
-            column_config={"probability": PERCENT_BAR, "threshold": st.column_config.NumberColumn(format="%.0f%%")},
+            column_config={"probability": PERCENT_BAR, "threshold": st.column_config.NumberColumn(format="%.1f%%")},
         )
-        st.markdown("**Along the series**")
         st.plotly_chart(
             probability_figure(slices, index, thresholds),
             key=f"curve-{study_id}",
@@ -574,6 +635,7 @@ def viewer_page() -> None:
         on_click=audit,
         args=("export", study_id),
     )
+    results_ui(wl, study_id)
     if user().is_admin:
         delete_ui(wl, study_id, info.label)
 
@@ -588,6 +650,36 @@ def delete_ui(wl: Worklist, study_id: int, label: str) -> None:
             st.session_state.pop("study", None)
             st.session_state["flash"] = f"{label} deleted."
             st.rerun()
+
+
+def results_ui(wl: Worklist, study_id: int) -> None:
+    """The study's DICOM results (SR + key image, :func:`ich.results.study_results_zip`) for the reader's PACS.
+
+    Built only when clicked (a callable as data: Streamlit runs it on its own thread, so the model is
+    taken here, in the script run); audited like the CSV exports.
+    """
+    from ich import results  # highdicom, loaded once a study is shown rather than at every start
+
+    if wl.header(study_id) is None:
+        st.caption(f":material/info: {results.NO_HEADER}.")
+        return
+    pred = model()
+    cam = (lambda hu: explain.grad_cam(pred, hu, "any")) if pred and "any" in pred.model_classes else None
+    aggregation = pred.aggregation if pred else STUDY_AGGREGATION
+    st.download_button(
+        "Download results for PACS (DICOM SR + key image)",
+        lambda: results.study_results_zip(wl, study_id, cam, aggregation),
+        f"ich-study-{study_id}-results.zip",
+        "application/zip",
+        on_click=audit,
+        args=("export", study_id),
+        icon=":material/download:",
+    )
+    st.caption(
+        "Two DICOM files for the scanned study, as new series: a structured report and a key image. "
+        "**They carry the patient's identifiers from the original headers** (name, ID, birth date, "
+        "accession), so PACS files them with the scan. Not for diagnostic use."
+    )
 
 
 # --------------------------------------------------------------------------- app
@@ -732,10 +824,12 @@ def seed_demo_ui(wl: Worklist, pred: Predictor | None) -> None:
 
 def main() -> None:
     dicom.quiet_invalid_values()  # this server is an entry point: uploads of RSNA files must not warn per file
-    st.set_page_config(page_title="ich · hemorrhage triage", page_icon=page_icon(), layout="wide")
+    st.set_page_config(
+        page_title="ich · hemorrhage triage", page_icon=page_icon(), layout="wide", initial_sidebar_state="collapsed"
+    )
     st.warning(NOTICE, icon=":material/warning:")
     st.session_state["ich_user"] = signed_in = sign_in_ui()  # nothing below runs for a signed-out client
-    page = st.navigation(list(PAGES.values()))
+    page = st.navigation(list(PAGES.values()), position="top")  # the reading screen keeps its width
     deep_link_ui(page)
     if signed_in.username != "local":
         st.sidebar.caption(f"Signed in as **{signed_in.username}** ({signed_in.role}).")

@@ -170,7 +170,7 @@ def _listen(args: argparse.Namespace) -> int:
         after.append(Webhook(args.notify_url, worklist, flagged_only=not args.notify_all))
     if args.send_to:
         heatmap = (lambda hu: explain.grad_cam(predictor, hu, "any")) if "any" in predictor.model_classes else None
-        after.append(SendResults(worklist, inbox, args.send_to, heatmap, predictor.aggregation))
+        after.append(SendResults(worklist, args.send_to, heatmap, predictor.aggregation))
     listener = Listener(
         worklist,
         predictor,

@@ -8,6 +8,8 @@ lock, like every other use of the shared model.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import cv2
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from torch import nn
 from ich.models import unwrap
 from ich.windowing import Window, apply_window
 
-__all__ = ["target_layer", "grad_cam", "overlay", "pointing_hit", "render"]
+__all__ = ["target_layer", "grad_cam", "study_heatmap", "overlay", "pointing_hit", "render"]
 
 
 OUTSIDE_HEAD_HU = -300.0  # air and the scanner's padding: the map is cleared there
@@ -51,16 +53,16 @@ def _to_slice(cam: np.ndarray, shape: tuple[int, int], box: tuple[int, int, int]
     return out
 
 
-def grad_cam(predictor, hu: np.ndarray, target: str = "any") -> np.ndarray:
-    """Grad-CAM of ``target``'s logit for one HU slice: float32 ``hu.shape`` in [0, 1].
+def _cams(predictor, hus: Sequence[np.ndarray], target: str) -> list[np.ndarray]:
+    """Grad-CAM of ``target``'s logit for each HU slice, unscaled, on the slice's own grid and zero over air.
 
-    ``predictor`` is an :class:`ich.inference.Predictor`. All zeros when nothing in the slice raises
-    the logit.
+    One batched pass: in eval mode a slice's logit depends on that slice alone, so the gradient of
+    the batch's summed logits is each slice's own gradient.
     """
     if target not in predictor.model_classes:
         raise ValueError(f"the model does not predict {target!r}; it predicts {', '.join(predictor.model_classes)}")
     column = predictor.model_classes.index(target)
-    image = predictor.preprocess(hu)
+    images = np.stack([predictor.preprocess(hu) for hu in hus])
     layer = target_layer(predictor.model)
     captured: list[torch.Tensor] = []
     with predictor.lock:
@@ -68,22 +70,57 @@ def grad_cam(predictor, hu: np.ndarray, target: str = "any") -> np.ndarray:
         try:
             with torch.enable_grad():
                 # Parameters are frozen; a grad-requiring input still puts the activations on the graph.
-                x = predictor.to_input(image[None]).requires_grad_(True)
-                logit = predictor.model(x)[0, column]
-                (grads,) = torch.autograd.grad(logit, captured[-1])
+                x = predictor.to_input(images).requires_grad_(True)
+                logits = predictor.model(x)[:, column]
+                (grads,) = torch.autograd.grad(logits.sum(), captured[-1])
         finally:
             handle.remove()
-    activations = captured[-1].detach()
     weights = grads.float().mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * activations.float()).sum(dim=1))[0].cpu().numpy()
-    peak = float(cam.max())
-    cam = cam / peak if peak > 0 else np.zeros_like(cam)
+    cams = torch.relu((weights * captured[-1].detach().float()).sum(dim=1)).cpu().numpy()
     crop = predictor.preprocess.crop
-    box = crop.square(np.asarray(hu, np.float32)) if crop is not None else None
-    out = np.clip(_to_slice(cam.astype(np.float32), hu.shape[:2], box), 0.0, 1.0)
-    out = np.where(np.asarray(hu) > OUTSIDE_HEAD_HU, out, 0.0).astype(np.float32)  # no colour over air
-    peak = float(out.max())
-    return out / peak if peak > 0 else out  # scaled to its peak in the head
+    out = []
+    for cam, hu in zip(cams, hus):
+        hu = np.asarray(hu, np.float32)
+        box = crop.square(hu) if crop is not None else None
+        mapped = np.maximum(_to_slice(cam.astype(np.float32), hu.shape[:2], box), 0.0)
+        out.append(np.where(hu > OUTSIDE_HEAD_HU, mapped, 0.0).astype(np.float32))  # no colour over air
+    return out
+
+
+def _scaled(cam: np.ndarray, peak: float) -> np.ndarray:
+    return (cam / peak).astype(np.float32) if peak > 0 else np.zeros_like(cam)
+
+
+def grad_cam(predictor, hu: np.ndarray, target: str = "any") -> np.ndarray:
+    """Grad-CAM of ``target``'s logit for one HU slice: float32 ``hu.shape`` in [0, 1], scaled to its
+    peak in the head.
+
+    ``predictor`` is an :class:`ich.inference.Predictor`. All zeros when nothing in the slice raises
+    the logit.
+    """
+    (cam,) = _cams(predictor, [hu], target)
+    return _scaled(cam, float(cam.max()))
+
+
+def study_heatmap(
+    predictor,
+    volume: np.ndarray,
+    target: str = "any",
+    batch: int = 16,
+    progress: Callable[[float], object] | None = None,
+) -> np.ndarray:
+    """Grad-CAM of every slice of ``volume`` ``(N, H, W)``, scaled to the study's peak: float32 in [0, 1].
+
+    One scale for the study, so a slice the model barely looked at stays faint instead of being
+    stretched to full colour as a per-slice scale would.
+    """
+    cams: list[np.ndarray] = []
+    for start in range(0, len(volume), batch):
+        cams += _cams(predictor, list(volume[start : start + batch]), target)
+        if progress is not None:
+            progress(len(cams) / len(volume))
+    stack = np.stack(cams)
+    return _scaled(stack, float(stack.max()))
 
 
 def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.5, floor: float = 0.2) -> np.ndarray:

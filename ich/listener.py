@@ -27,17 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ich import results
-from ich.explain import render
 from ich.files import atomic_write
-from ich.labels import CLASSES
-from ich.windowing import BRAIN
 from ich.worklist import Worklist, ingest
 from ich.worklist.intake import Scorer
 
@@ -80,11 +76,6 @@ class Inbox:
         with self._lock:
             self._last[folder] = time.monotonic()
         return True
-
-    def files_of(self, study_uid: str, series_uid: str, sop_uids: Sequence[str]) -> list[Path]:
-        """The received files of these instances, in the order given."""
-        folder = self.root / _key(study_uid, series_uid)
-        return [folder / f"{_key(uid)}.dcm" for uid in sop_uids]
 
     def due(self, now: float | None = None) -> list[Path]:
         """Series quiet for ``quiet_seconds``: taken off the pending list and returned."""
@@ -264,7 +255,8 @@ class Listener:
 
 
 class SendResults:
-    """``on_scored`` callback: the SR and key image of a scored series, C-STORE'd to ``destination`` (AE@host:port).
+    """``on_scored`` callback: the SR and key image of a scored series (:func:`ich.results.study_objects`),
+    C-STORE'd to ``destination`` (AE@host:port).
 
     ``heatmap(hu)`` gives the key image's overlay (e.g. Grad-CAM of "any"); without it the slice is plain.
     """
@@ -272,31 +264,17 @@ class SendResults:
     def __init__(
         self,
         worklist: Worklist,
-        inbox: Inbox,
         destination: str,
         heatmap: Callable[[np.ndarray], np.ndarray] | None = None,
         aggregation: str = "",
     ) -> None:
         results.parse_destination(destination)  # refuse a malformed destination at start, not at the first study
-        self.worklist, self.inbox, self.destination = worklist, inbox, destination
+        self.worklist, self.destination = worklist, destination
         self.heatmap, self.aggregation = heatmap, aggregation
 
     def objects(self, study_id: int) -> list[Dataset]:
-        """``[SR, secondary capture]`` for one worklist entry received by this listener."""
-        entry = self.worklist.study(study_id)
-        slices = self.worklist.slices(study_id)
-        paths = self.inbox.files_of(entry.study_uid, entry.series_uid, list(slices["sop_uid"]))
-        sources = [dcmread(p, stop_before_pixels=True) for p in paths]
-        probs = slices[[f"p_{c}" for c in CLASSES]].to_numpy(np.float64)
-        report = results.structured_report(
-            sources, probs, entry.score or 0.0, entry.flagged, entry.thresholds, entry.model or "", self.aggregation
-        )
-        top = int(np.nanargmax(np.nan_to_num(probs[:, CLASSES.index("any")], nan=-1.0)))
-        hu = self.worklist.volume(study_id)[top].astype(np.float32)
-        image = render(hu, BRAIN, self.heatmap(hu) if self.heatmap else None)
-        rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
-        caption = f"slice {top + 1} of {len(slices)}: hemorrhage {probs[top, 0]:.2f}, series {entry.score or 0:.2f}"
-        return [report, results.key_image(sources[top], rgb, caption)]
+        """``[SR, secondary capture]`` for one worklist entry."""
+        return results.study_objects(self.worklist, study_id, self.heatmap, self.aggregation)
 
     def __call__(self, study_id: int) -> list[int]:
         return results.send(self.objects(study_id), self.destination)

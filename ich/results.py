@@ -9,6 +9,9 @@ source images by highdicom) as new series, so PACS files them with the scan:
   statement that this is not a diagnosis.
 - :func:`key_image`: the slice most likely to bleed, brain window, the model's heatmap over it and
   "NOT FOR DIAGNOSTIC USE" burned into the pixels (a secondary capture is seen without its header).
+- :func:`study_objects`: both for a worklist study, from the header copy the store keeps of each series
+  (:meth:`ich.worklist.Worklist.header`), its slice scores and its volume; :func:`study_results_zip`
+  packs them as two ``.dcm`` files for a download.
 - :func:`send`: C-STORE to ``AE@host:port`` (pynetdicom).
 
 Codes without a standard one use the private scheme :data:`SCHEME` ("99ICH").
@@ -16,20 +19,39 @@ Codes without a standard one use the private scheme :data:`SCHEME` ("99ICH").
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Mapping, Sequence
+import re
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
 
 from ich import __version__
+from ich.explain import render
 from ich.labels import CLASSES
+from ich.windowing import BRAIN
 
-__all__ = ["NOT_FOR_DIAGNOSIS", "SCHEME", "key_image", "parse_destination", "send", "structured_report"]
+if TYPE_CHECKING:
+    from ich.worklist import Worklist
+
+__all__ = [
+    "NOT_FOR_DIAGNOSIS",
+    "NO_HEADER",
+    "SCHEME",
+    "key_image",
+    "parse_destination",
+    "send",
+    "structured_report",
+    "study_objects",
+    "study_results_zip",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +62,11 @@ SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 KEY_SLICES = 3
 _UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
+NO_HEADER = (
+    "no DICOM results for this study: it was stored before headers were kept for them; "
+    "upload it again (or send it again over DICOM)"
+)
+_FRAME = re.compile(r"(.+)\[(\d+)\]")  # how ich.dicom names a frame of a multi-frame object: "<SOP UID>[k]"
 
 
 # Patient and study attributes that a new instance copies and that may be empty (type 2), but not absent;
@@ -61,6 +88,10 @@ def _completed(source: Dataset) -> Dataset:
     for keyword in _TYPE2:
         if keyword not in header:
             setattr(header, keyword, "")
+    if not header.get("SOPClassUID"):  # anonymised files (RSNA's) lack it; the reader took them as CT images
+        header.SOPClassUID = (
+            getattr(getattr(source, "file_meta", None), "MediaStorageSOPClassUID", None) or CTImageStorage
+        )
     return header
 
 
@@ -78,7 +109,11 @@ def structured_report(
         raise ValueError(f"{len(sources)} source images for {len(probs)} probability rows")
     sources = [_completed(s) for s in sources]
     p_any = np.nan_to_num(probs[:, CLASSES.index("any")], nan=-1.0)
-    key = [int(i) for i in np.argsort(-p_any, kind="stable")[:KEY_SLICES]]
+    key: dict[str, int] = {}  # the most suspicious slices, by SOP instance (the frames of one object count once)
+    for i in np.argsort(-p_any, kind="stable"):
+        key.setdefault(sources[i].SOPInstanceUID, int(i))
+        if len(key) == KEY_SLICES:
+            break
     items: list[hd.sr.ContentItem] = [
         hd.sr.TextContentItem(_code("disclaimer", "Disclaimer"), NOT_FOR_DIAGNOSIS, relationship_type="CONTAINS"),
         hd.sr.TextContentItem(codes.DCM.AlgorithmName, model, relationship_type="CONTAINS"),
@@ -113,7 +148,7 @@ def structured_report(
                     relationship_type="CONTAINS",
                 )
             )
-    for i in key:
+    for i in key.values():
         items.append(
             hd.sr.ImageContentItem(
                 codes.DCM.KeyImages,
@@ -125,7 +160,7 @@ def structured_report(
     root = hd.sr.ContainerContentItem(codes.LN.DiagnosticImagingReport)
     root.ContentSequence = hd.sr.ContentSequence(items)
     return hd.sr.ComprehensiveSR(
-        evidence=list(sources),
+        evidence=list({s.SOPInstanceUID: s for s in sources}.values()),
         content=root,
         series_instance_uid=generate_uid(),
         series_number=SR_SERIES_NUMBER,
@@ -172,6 +207,63 @@ def key_image(source: Dataset, rgb: np.ndarray, caption: str) -> hd.sc.SCImage:
     )
     sc.BurnedInAnnotation = "YES"  # the warning is in the pixels
     return sc
+
+
+def _slice_headers(header: Dataset, sop_uids: Sequence[str]) -> list[Dataset]:
+    """One header per slice: the series' first header with each slice's SOP Instance UID (a frame of a
+    multi-frame object, named ``<SOP UID>[k]`` by :mod:`ich.dicom`, stands for its object)."""
+    out = []
+    for uid in sop_uids:
+        ds = Dataset(dict(header.items()))
+        frame = _FRAME.fullmatch(uid)
+        ds.SOPInstanceUID = frame.group(1) if frame else uid
+        out.append(ds)
+    return out
+
+
+def study_objects(
+    worklist: Worklist,
+    study_id: int,
+    heatmap: Callable[[np.ndarray], np.ndarray] | None = None,
+    aggregation: str = "",
+) -> list[Dataset]:
+    """``[SR, secondary capture]`` of a worklist study, in its scanned study (new series).
+
+    Built from the header copy the store keeps of the series, its stored slice scores and its volume;
+    ``heatmap(hu)`` gives the key image's overlay (e.g. Grad-CAM of "any"), without it the slice is
+    plain. ``LookupError`` (:data:`NO_HEADER`) for a study stored before headers were kept.
+    """
+    header = worklist.header(study_id)
+    if header is None:
+        raise LookupError(NO_HEADER)
+    entry, slices = worklist.study(study_id), worklist.slices(study_id)
+    sources = _slice_headers(header, list(slices["sop_uid"]))
+    probs = slices[[f"p_{c}" for c in CLASSES]].to_numpy(np.float64)
+    report = structured_report(
+        sources, probs, entry.score or 0.0, entry.flagged, entry.thresholds, entry.model or "", aggregation
+    )
+    top = int(np.nanargmax(np.nan_to_num(probs[:, CLASSES.index("any")], nan=-1.0)))
+    hu = worklist.volume(study_id)[top].astype(np.float32)
+    image = render(hu, BRAIN, heatmap(hu) if heatmap else None)
+    rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    caption = f"slice {top + 1} of {len(slices)}: hemorrhage {probs[top, 0]:.2f}, series {entry.score or 0:.2f}"
+    return [report, key_image(sources[top], rgb, caption)]
+
+
+def study_results_zip(
+    worklist: Worklist,
+    study_id: int,
+    heatmap: Callable[[np.ndarray], np.ndarray] | None = None,
+    aggregation: str = "",
+) -> bytes:
+    """:func:`study_objects` as a ``.zip`` of two DICOM files (named by worklist id, no UIDs)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for ds, name in zip(study_objects(worklist, study_id, heatmap, aggregation), ("report-SR", "key-image-SC")):
+            encoded = io.BytesIO()
+            ds.save_as(encoded, enforce_file_format=True)
+            zf.writestr(f"ich-study-{study_id}-{name}.dcm", encoded.getvalue())
+    return buffer.getvalue()
 
 
 def parse_destination(text: str) -> tuple[str, str, int]:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import functools
+import gzip
 import io
+import json
+import re
 import sqlite3
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 from pydicom.uid import generate_uid
@@ -13,6 +19,7 @@ from streamlit.testing.v1 import AppTest
 
 import ich.worklist
 from ich.labels import CLASSES, write_rsna_csv
+from ich.viewer import component
 from ich.worklist import STATUS_HEMORRHAGE, Worklist
 from tests.dicom_factory import make_ct, to_bytes
 from tests.helpers import ROOT, add
@@ -67,7 +74,13 @@ def test_first_start_fills_demo_worklist_in_likelihood_order(data_dir):
     assert at.dataframe[0].value["Status"].tolist() == [STATUS_HEMORRHAGE]
 
 
-def test_viewer_slider_windows_heatmap_and_read(data_dir):
+def viewer_args(at: AppTest) -> dict:
+    """What the page handed the browser slice viewer (the component's arguments)."""
+    (viewer,) = [e for e in at.get("component_instance") if e.proto.component_name.endswith("slice_viewer")]
+    return json.loads(viewer.proto.json_args)
+
+
+def test_viewer_follows_the_browser_viewer_windows_heatmap_and_read(data_dir):
     at = start()
     top = at.dataframe[0].value.iloc[0]["Study"]
     study_id = int(Worklist(data_dir).studies().iloc[0]["id"])
@@ -78,16 +91,36 @@ def test_viewer_slider_windows_heatmap_and_read(data_dir):
 
     assert any(e.label == "What these numbers mean" for e in at.expander)
     assert "flagged at a likelihood of 50% or more" in texts(at)  # the tiny checkpoint's default threshold
-    at.slider(key=f"slice-{study_id}").set_value(3).run()
+    args = viewer_args(at)
+    assert args["n"] == n and len(args["locations"]) == n and len(args["notes"]) == n
+    assert args["window"] == {"name": "brain", "level": 40.0, "width": 80.0} and args["heatmap"] is None
+    assert args["notes"][0].startswith("model: any ") and "called" in args["notes"][0]
+    name = Path(args["volume"]).name
+    assert re.fullmatch(r"[0-9a-f]{40}\.nii\.gz", name)  # a keyed hash: no UID, no study number
+    served = nib.Nifti1Image.from_bytes(gzip.decompress((component._shelf()[0] / name).read_bytes()))
+    assert served.shape[2] == n and served.get_data_dtype() == np.int16
+
+    # The reader settles on slice 3 in the browser: the side panel follows, without moving the viewer.
+    at.session_state[f"viewer-{study_id}"] = {"slice": 3, "seq": 1}
+    at.run()
     assert "**Slice 3 / " in texts(at)
     assert "pred:" in texts(at) and "actual:" in texts(at)  # phantom labels give every slice an actual
+    assert viewer_args(at)["goto_nonce"] == args["goto_nonce"]
+    # "Show" on a gallery card is a request: the viewer is told to go there.
+    show = next(b for b in at.button if (b.key or "").startswith("go-"))
+    target = int(show.key.removeprefix("go-")) + 1
+    show.click().run()
+    moved = viewer_args(at)
+    assert moved["goto"] == target and moved["goto_nonce"] == args["goto_nonce"] + 1
+    assert f"**Slice {target} / " in texts(at)
 
     at.segmented_control(key="window").set_value("bone").run()
-    assert at.image[0].captions[0].startswith("bone window L 600 / W 2800")
+    assert viewer_args(at)["window"] == {"name": "bone", "level": 600.0, "width": 2800.0}
 
     at.toggle(key="heatmap").set_value(True).run()
     assert not at.exception, at.exception
-    assert "heatmap for any" in at.image[0].captions[0]
+    heat = viewer_args(at)
+    assert heat["heatmap"].endswith(".nii.gz") and heat["heatmap_label"] == "any"
 
     # A contradictory read is refused, and what made it contradictory does not linger into the next save.
     at.radio(key=f"hem-{study_id}").set_value("no")
@@ -291,3 +324,21 @@ def test_without_sign_in_identifiers_stay_hidden(data_dir):
     add(Worklist(data_dir), 0.99)
     at.run()
     assert "Patient ID" not in at.dataframe[0].value.columns and "TEST-0001" not in shown(at)
+
+
+def test_reader_downloads_dicom_results_and_it_is_audited(with_users, data_dir):
+    from ich.worklist.store import _header_key
+
+    at = sign_in(start(), "rita", "reader-pass-1")
+    next(b for b in at.button if b.label.startswith("Open ")).click().run()
+    study_id = at.selectbox(key="study").value
+    label = "Download results for PACS (DICOM SR + key image)"
+    button = next(b for b in at.download_button if b.label == label)
+    assert "identifiers from the original headers" in shown(at)
+    button.click().run()
+    assert not at.exception, at.exception
+    assert ("rita", "export", study_id) in [(e["user"], e["action"], e["study"]) for e in with_users.entries()]
+    record = Worklist(data_dir).study(study_id)
+    (data_dir / "headers" / _header_key(record.study_uid, record.series_uid)).unlink()  # stored before this change
+    at.run()
+    assert not [b for b in at.download_button if b.label == label] and "upload it again" in shown(at)

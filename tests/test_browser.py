@@ -2,19 +2,24 @@
 
 Needs the ``playwright`` Python package and a system Chromium at /usr/bin/chromium (Debian package
 ``chromium``; Playwright's own browser download is not used). Screenshots go to ``artifacts/browser/``
-(git-ignored) and the test's tmp_path.
+(git-ignored) and the test's tmp_path; the reading-screen ones are the source of ``docs/viewer-*.png``.
+Chromium runs without a GPU here: WebGL is software-rendered, so step times are an upper bound.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,24 +39,19 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = ROOT / "artifacts" / "browser"
 SLOW_MS = 180_000  # scoring uploads on a shared CPU
+VIEWER = "iframe[title$='slice_viewer']"  # the NiiVue slice viewer's frame
+READING_SCREENS = ((1440, 900), (1920, 1080))
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} not found: install the Debian package 'chromium'", allow_module_level=True)
 
 
-@pytest.fixture
-def server(tmp_path, tiny_checkpoint):
-    """``streamlit run`` on a free localhost port, with a demo worklist already in its data directory."""
-    from ich.inference import Predictor
-    from ich.worklist import Worklist, seed_demo
-
-    data = tmp_path / "data"
-    seed_demo(
-        Worklist(data), Predictor.from_checkpoint(tiny_checkpoint, device="cpu"), size=96
-    )  # fast stand-in for first start
+@contextlib.contextmanager
+def streamlit_server(data: Path, weights: Path, log_path: Path) -> Iterator[str]:
+    """``streamlit run`` on a free localhost port over ``data``; yields its URL."""
     port = free_port()
-    env = dict(os.environ, ICH_DATA_DIR=str(data), ICH_WEIGHTS=str(tiny_checkpoint))
-    log = (tmp_path / "streamlit.log").open("w")
+    env = dict(os.environ, ICH_DATA_DIR=str(data), ICH_WEIGHTS=str(weights))
+    log = log_path.open("w")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -78,7 +78,7 @@ def server(tmp_path, tiny_checkpoint):
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"streamlit did not start:\n{(tmp_path / 'streamlit.log').read_text()}")
+                    pytest.fail(f"streamlit did not start:\n{log_path.read_text()}")
                 time.sleep(0.5)
         yield url
     finally:
@@ -88,6 +88,55 @@ def server(tmp_path, tiny_checkpoint):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture
+def server(tmp_path, tiny_checkpoint):
+    """The dashboard with a demo worklist already in its data directory."""
+    from ich.inference import Predictor
+    from ich.worklist import Worklist, seed_demo
+
+    data = tmp_path / "data"
+    seed_demo(
+        Worklist(data), Predictor.from_checkpoint(tiny_checkpoint, device="cpu"), size=96
+    )  # fast stand-in for first start
+    with streamlit_server(data, tiny_checkpoint, tmp_path / "streamlit.log") as url:
+        yield url
+
+
+@pytest.fixture
+def thin_series_server(tmp_path, tiny_checkpoint, shared_data):
+    """The dashboard with one real 238-slice thin CQ500 series (0.6 mm) on its worklist, and no demo."""
+    from ich import dicom
+    from ich.inference import Predictor
+    from ich.worklist import Worklist, ingest
+
+    data = tmp_path / "data"
+    files = sorted((shared_data / "cq500" / "CQ500-CT-0").glob("*.dcm"))
+    report = ingest(
+        Worklist(data),
+        Predictor.from_checkpoint(tiny_checkpoint, device="cpu"),
+        [dicom.Upload(f.name, f.read_bytes()) for f in files],
+    )
+    assert len(report.added) == 1 and not report.problems, report.problems
+    with streamlit_server(data, tiny_checkpoint, tmp_path / "streamlit.log") as url:
+        yield url
+
+
+def local_only(page, server: str) -> list[str]:
+    """Block every request that leaves the server; returns the list the blocked URLs are added to."""
+    outside: list[str] = []  # a hospital network is offline: the page must ask nothing of the internet
+
+    def route(route) -> None:
+        url = route.request.url
+        if url.startswith((server, "data:", "blob:")):
+            route.continue_()
+        else:
+            outside.append(url)
+            route.abort()
+
+    page.route("**/*", route)
+    return outside
 
 
 @pytest.fixture
@@ -131,17 +180,7 @@ def test_upload_triage_view(server, uploads, tmp_path):
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 2400})
-            outside: list[str] = []  # a hospital network is offline: the page must ask nothing of the internet
-
-            def local_only(route) -> None:
-                url = route.request.url
-                if url.startswith((server, "data:", "blob:")):
-                    route.continue_()
-                else:
-                    outside.append(url)
-                    route.abort()
-
-            page.route("**/*", local_only)
+            outside = local_only(page, server)
             page.goto(f"{server}/worklist")  # a page's own address works as a link
             expect(page.get_by_text("Not a medical device")).to_be_visible(timeout=60_000)
             expect(page.get_by_role("heading", name="Worklist")).to_be_visible(timeout=60_000)
@@ -176,15 +215,119 @@ def test_upload_triage_view(server, uploads, tmp_path):
             expect(page.get_by_text(re.compile(r"^Slice 2 / \d+"))).to_be_visible(timeout=60_000)
 
             page.get_by_text("Heatmap (Grad-CAM)").click()
-            expect(page.get_by_text("heatmap for any")).to_be_visible(timeout=60_000)
+            expect(page.frame_locator(VIEWER).locator("#hud-window")).to_contain_text("heatmap any", timeout=SLOW_MS)
             shot(page, "5-viewer-heatmap")
 
             page.get_by_role("combobox", name="Study (worklist order)").click()
-            page.get_by_role("option", name=re.compile(rf"^Study \d+ · {n_rsna} slices$")).click()
+            page.get_by_role("option", name=re.compile(rf"^Study \d+ · {n_rsna} slices ")).click()
             expect(page.get_by_text("(label CSV)").first).to_be_visible(
                 timeout=60_000
             )  # the RSNA labels are the actual
             shot(page, "6-viewer-rsna-series")
             assert not outside, f"requests left the server: {outside}"
+        finally:
+            browser.close()
+
+
+def test_viewer_scrolls_windows_and_fits_a_reading_screen(thin_series_server, tmp_path):
+    """A 238-slice thin series: wheel and keys step through slices in the browser, drag windows, the
+    side panel follows the settled slice, and image, probabilities and curve share one screen."""
+    from playwright.sync_api import expect, sync_playwright
+
+    server = thin_series_server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            for width, height in READING_SCREENS:
+                page = browser.new_page(viewport={"width": width, "height": height})
+                outside = local_only(page, server)
+                page.goto(f"{server}/viewer?study=1")
+                frame = page.frame_locator(VIEWER)
+                expect(frame.locator("#hud-slice")).to_contain_text("/ 238", timeout=SLOW_MS)
+                viewer = page.frame(url=re.compile(r"slice_viewer"))
+                assert viewer is not None
+
+                def state(viewer=viewer) -> dict:
+                    return viewer.evaluate("JSON.parse(JSON.stringify(window.ichViewer))")
+
+                assert state()["loaded"] and not state()["errors"]
+                box = page.locator(VIEWER).bounding_box()
+                assert box is not None
+                # One screen: the image, this slice's probabilities and the curve all above the fold.
+                assert box["y"] + box["height"] <= height and box["height"] >= 0.55 * height
+                table = page.get_by_test_id("stDataFrame").first.bounding_box()
+                curve = page.locator(".js-plotly-plot").first.bounding_box()
+                assert table and curve and curve["y"] + curve["height"] * 0.6 <= height
+                expect(page.get_by_test_id("stStatusWidget")).to_be_hidden(timeout=SLOW_MS)
+                page.wait_for_timeout(1000)
+                page.screenshot(path=ARTIFACTS / f"viewer-{width}x{height}.png")
+                assert not outside, f"requests left the server: {outside}"
+                if (width, height) != READING_SCREENS[0]:
+                    page.close()
+                    continue
+
+                centre = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+                page.mouse.move(*centre)
+                canvas = frame.locator("#gl")
+                before = canvas.screenshot()
+                start = state()["slice"]
+                for _ in range(20):  # the mouse wheel, one notch at a time
+                    page.mouse.wheel(0, 100)
+                    page.wait_for_timeout(40)
+                after_wheel = state()["slice"]
+                assert abs(after_wheel - start) == 20, (start, after_wheel)
+                assert canvas.screenshot() != before  # another slice is drawn
+                expect(frame.locator("#hud-slice")).to_contain_text(f"Slice {after_wheel} / 238")
+
+                frame.locator("#stage").focus()
+                for _ in range(20):
+                    page.keyboard.press("ArrowDown")
+                    page.wait_for_timeout(40)
+                assert state()["slice"] == after_wheel + 20
+                page.keyboard.press("PageUp")
+                assert state()["slice"] == after_wheel + 10
+                page.keyboard.press("Home")
+                assert state()["slice"] == 1
+                page.keyboard.press("End")
+                assert state()["slice"] == 238
+                page.keyboard.press("PageUp")
+                settled = state()["slice"]
+                # The side panel follows the slice the reader stops on (one rerun after a short pause).
+                expect(page.get_by_text(f"Slice {settled} / 238 —")).to_be_visible(timeout=60_000)
+
+                steps = state()["stepMs"]
+                assert len(steps) >= 40
+                timing = {
+                    "steps": len(steps),
+                    "median_ms": round(statistics.median(steps), 1),
+                    "p90_ms": round(sorted(steps)[int(0.9 * len(steps))], 1),
+                    "max_ms": round(max(steps), 1),
+                    "load_ms": round(state()["loadMs"]),
+                    "viewport": f"{width}x{height}",
+                }
+
+                # Window/level: a left-drag changes it from the brain preset; key 3 is the bone preset.
+                assert (state()["level"], state()["width"]) == (40, 80)
+                page.mouse.move(*centre)
+                page.mouse.down()
+                page.mouse.move(centre[0] + 80, centre[1] + 40, steps=8)
+                page.mouse.up()
+                assert (state()["level"], state()["width"]) != (40, 80)
+                expect(frame.locator("#hud-window")).to_contain_text(f"W {state()['width']}")
+                page.keyboard.press("3")
+                assert (state()["level"], state()["width"]) == (600, 2800)
+                expect(frame.locator("#hud-window")).to_contain_text("(bone)")
+                timing["window_ms"] = round(state()["windowMs"][-1])  # recolouring the whole volume
+                (ARTIFACTS / "viewer-steps.json").write_text(json.dumps(timing, indent=1))
+                print(f"viewer timings (software WebGL): {timing}")
+                # The HU probe reads the voxel under the pointer.
+                page.keyboard.press("Home")
+                for _ in range(12):  # mid-series, where the probe point lies inside the scanned volume
+                    page.keyboard.press("PageDown")
+                page.mouse.move(centre[0] + 5, centre[1] + 5, steps=4)
+                expect(frame.locator("#hud-probe")).to_have_text(re.compile(r"^HU -?\d+$"), timeout=30_000)
+                assert not state()["errors"]
+                page.close()
         finally:
             browser.close()

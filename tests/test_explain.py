@@ -11,16 +11,7 @@ from ich.inference import Predictor
 from ich.labels import CLASSES
 from ich.models import head_module
 from ich.windowing import CropHead, crop_square
-from tests.helpers import make_checkpoint
-
-
-def head(shape=(160, 200), centre=(70, 90), radius=(50, 40)) -> np.ndarray:
-    """An elliptical "head" of brain with a bright blob, in air."""
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    inside = ((yy - centre[0]) / radius[0]) ** 2 + ((xx - centre[1]) / radius[1]) ** 2 < 1
-    hu = np.where(inside, 35.0, -1000.0).astype(np.float32)
-    hu[centre[0] - 8 : centre[0] + 8, centre[1] : centre[1] + 12] = 70.0
-    return hu
+from tests.helpers import head, make_checkpoint
 
 
 @pytest.mark.parametrize("centre", [(70, 90), (30, 20), (130, 180)])  # middle, and squares running off the edge

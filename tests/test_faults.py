@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage
+from pydicom.uid import CTImageStorage, generate_uid
 
 import ich.worklist.store
 from ich import dicom
 from ich.listener import OUT_OF_RESOURCES, Inbox, Listener
 from ich.worklist import Worklist, ingest
+from tests.dicom_factory import make_ct
 from tests.helpers import ROOT, FakePredictor, add, free_port, uploads
 from tests.test_listener import QUIET, send, series, wait_for
 
@@ -61,6 +66,76 @@ def test_four_senders_and_two_uploaders_at_once(tmp_path, shared_data):
     assert got == sorted([len(d) for d in pushed] + [6, 8])  # every study once, with every slice
 
 
+# One dashboard session in its own process (AppTest swaps global Streamlit state per run, so two cannot
+# share a process): opens the Upload page, puts the folder's files in the uploader, says "ready", waits
+# for a line on stdin, then scores them and prints what the page said.
+APP_SESSION = """
+import pathlib, sys
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file(sys.argv[1], default_timeout=300).run()
+next(b for b in at.button if b.label == "Upload studies").click().run()
+files = [(p.name, p.read_bytes(), "application/dicom") for p in sorted(pathlib.Path(sys.argv[2]).iterdir())]
+at.file_uploader[0].set_value(files).run()
+print("ready", flush=True)
+sys.stdin.readline()
+next(b for b in at.button if b.label == "Score and add to worklist").click().run()
+assert not at.exception, at.exception
+print("|".join(m.value for m in (*at.success, *at.warning, *at.error)), flush=True)
+"""
+
+
+def logs(folder: Path) -> str:
+    return "".join(p.read_text() for p in sorted(folder.glob("session-*.log")))
+
+
+@pytest.mark.slow
+def test_four_senders_and_two_dashboard_sessions_at_once(tmp_path, shared_data, tiny_checkpoint, caplog):
+    """The issue's load test: 4 associations push 4 real series while 2 dashboard sessions upload 2 others."""
+    real = real_series(shared_data, 6)
+    pushed, uploaded = real[:4], real[4:]
+    assert len(uploaded) == 2
+    env = dict(os.environ, ICH_DATA_DIR=str(tmp_path), ICH_WEIGHTS=str(tiny_checkpoint), ICH_DEMO="0")
+    sessions: list[subprocess.Popen] = []
+    wl = Worklist(tmp_path)
+    listener = Listener(wl, FakePredictor({"any": 0.7}), Inbox(tmp_path / "inbox", QUIET))
+    try:
+        for i, datasets in enumerate(uploaded):
+            folder = tmp_path / f"upload-{i}"
+            folder.mkdir()
+            for k, ds in enumerate(datasets):
+                ds.save_as(folder / f"{k}.dcm", enforce_file_format=True)
+            cmd = [sys.executable, "-c", APP_SESSION, str(ROOT / "streamlit_app.py"), str(folder)]
+            with open(tmp_path / f"session-{i}.log", "w") as log:  # its Streamlit warnings and any traceback
+                sessions.append(
+                    subprocess.Popen(
+                        cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+                    )
+                )
+        for session in sessions:  # both on the Upload page with their files chosen
+            assert session.stdout.readline().strip() == "ready", session.communicate()[0] + logs(tmp_path)
+        port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
+        with caplog.at_level(logging.INFO), ThreadPoolExecutor(4) as pool:
+            jobs = [pool.submit(send, port, datasets, f"CT{i}") for i, datasets in enumerate(pushed)]
+            for session in sessions:  # "Score and add to worklist" while the senders connect
+                session.stdin.write("go\n")
+                session.stdin.flush()
+            statuses = [job.result() for job in jobs]
+            pages = [session.communicate(timeout=300)[0] for session in sessions]
+            wait_for(lambda: len(wl) == 6, seconds=120)
+    finally:
+        listener.stop()
+        for session in sessions:
+            if session.poll() is None:
+                session.kill()
+    assert all(set(s) == {0} for s in statuses)
+    for page, session in zip(pages, sessions):
+        assert session.returncode == 0 and "1 series added" in page and "could not" not in page, page + logs(tmp_path)
+    assert "database is locked" not in caplog.text + "".join(pages) + logs(tmp_path)
+    got = sorted(int(n) for n in wl.studies()["n_slices"])
+    assert got == sorted(len(d) for d in real)  # every study once, with every slice
+    assert sorted(wl.studies()["source"]) == ["dicom"] * 4 + ["upload"] * 2
+
+
 def test_a_crash_inside_the_database_write_leaves_no_half_study(tmp_path, monkeypatch):
     wl = Worklist(tmp_path)
     kept, _ = add(wl, 0.3)
@@ -81,7 +156,7 @@ def test_a_full_disk_gives_a_clear_problem_and_keeps_earlier_studies(tmp_path, m
     wl = Worklist(tmp_path)
     earlier, _ = add(wl, 0.4)
 
-    def disk_full(path, volume) -> None:
+    def disk_full(path, volume, affine=None) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ich.worklist.store, "_write_npz", disk_full)
@@ -108,42 +183,108 @@ def test_listener_answers_out_of_resources_when_its_disk_is_full(tmp_path, monke
     assert len(wl) == 0 and not np.any([p.is_file() for p in (tmp_path / "inbox").rglob("*.dcm")])
 
 
+class ListenerProcess:
+    """``python -m ich -vv listen`` on ``port`` with the tiny checkpoint, started and ready; ``lines`` is its log."""
+
+    def __init__(self, data: Path, weights: Path, port: int, quiet: float) -> None:
+        env = dict(os.environ, ICH_DATA_DIR=str(data), ICH_WEIGHTS=str(weights), OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "ich", "-vv", "listen", "--port", str(port), "--quiet-seconds", str(quiet)]
+        self.proc = subprocess.Popen([*cmd, "--device", "cpu"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()  # also keeps a full pipe from blocking it
+        wait_for(lambda: self.said("listening as AE") or self.proc.poll() is not None, seconds=120)
+        assert self.proc.poll() is None, f"listener did not start (exit {self.proc.returncode})"
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def said(self, text: str, since: int = 0) -> bool:
+        return any(text in line for line in self.lines[since:])
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
 @pytest.mark.slow
 def test_a_listener_killed_before_scoring_scores_on_restart(tmp_path, tiny_checkpoint):
     """SIGKILL after the instances arrived but before the quiet period ended: the restart scores them."""
-    env = dict(os.environ, ICH_DATA_DIR=str(tmp_path), ICH_WEIGHTS=str(tiny_checkpoint), OMP_NUM_THREADS="1")
-
-    def listener(port: int, quiet: float) -> subprocess.Popen:
-        cmd = [
-            sys.executable,
-            "-m",
-            "ich",
-            "listen",
-            "--port",
-            str(port),
-            "--quiet-seconds",
-            str(quiet),
-            "--device",
-            "cpu",
-        ]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-        for line in proc.stderr:  # ready once it says where it listens
-            if "listening as AE" in line:
-                return proc
-        raise AssertionError(f"listener did not start (exit {proc.wait()})")
-
     port = free_port()
-    first = listener(port, quiet=600)  # would wait ten minutes before scoring
+    first = ListenerProcess(tmp_path, tiny_checkpoint, port, quiet=600)  # would wait ten minutes before scoring
     try:
         assert send(port, series(3)) == [0, 0, 0]
     finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
+        first.kill()
     assert len(Worklist(tmp_path)) == 0  # killed before it scored anything
-    second = listener(port, quiet=600)
+    second = ListenerProcess(tmp_path, tiny_checkpoint, port, quiet=600)
     try:
         wait_for(lambda: len(Worklist(tmp_path)) == 1, seconds=120)
     finally:
-        second.terminate()
-        second.wait(30)
+        second.stop()
     assert Worklist(tmp_path).studies()["n_slices"].tolist() == [3]
+
+
+def no_half_study(data: Path) -> list[int]:
+    """Every listed study has all its slice rows and a readable volume of that many slices; their sizes."""
+    wl = Worklist(data)
+    sizes = []
+    for study_id in wl.studies()["id"]:
+        n = wl.study(int(study_id)).n_slices
+        assert len(wl.slices(int(study_id))) == n and wl.volume(int(study_id)).shape[0] == n
+        assert wl.header(int(study_id)) is not None
+        sizes.append(n)
+    return sorted(sizes)
+
+
+def noisy_series(n: int) -> list:
+    """``n`` 512x512 slices of noise: a volume that takes a while to compress, so a kill can land in its write."""
+    rng, study, uid = np.random.default_rng(n), generate_uid(), generate_uid()
+    return [
+        make_ct(rng.normal(30, 300, (512, 512)).round(), z=5.0 * i, series_uid=uid, study_uid=study, instance=i + 1)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.slow
+def test_a_listener_killed_while_it_scores_or_writes_loses_nothing(tmp_path, tiny_checkpoint):
+    """SIGKILL of a real listener process while it scores a series, and while it writes the series' volume.
+
+    Each round restarts the listener (which first rescores what the last kill interrupted), sends a new
+    series and kills the process as it starts scoring (its log says the slices were read) or once the
+    volume's temporary file appears. A round counts where the disk shows the kill landed there (the
+    series not stored; a temporary file left or not); one that finished first is repeated. After every
+    kill no half study is listed, and every series killed earlier is complete.
+    """
+    port, volumes, sent = free_port(), tmp_path / "volumes", []
+    landed: set[str] = set()
+    deadline = time.monotonic() + 300
+    while landed != {"scoring", "volume write"}:
+        assert time.monotonic() < deadline, f"kills landed only in {landed}"
+        target = "volume write" if "volume write" not in landed else "scoring"
+        listener = ListenerProcess(tmp_path, tiny_checkpoint, port, quiet=QUIET)
+        try:
+            wait_for(lambda: no_half_study(tmp_path) == sorted(sent), seconds=120)  # the interrupted one rescored
+            before, mark = set(volumes.glob(".*.tmp")), len(listener.lines)
+            datasets = noisy_series(30 + len(sent))
+            assert set(send(port, datasets)) == {0}
+            if target == "scoring":  # ich.dicom.iter_series logs this as it hands the series to the model
+                wait_for(lambda at=listener, mark=mark: at.said("slices read", since=mark), seconds=60)
+            else:
+                wait_for(lambda before=before: bool(set(volumes.glob(".*.tmp")) - before), seconds=60)
+        finally:
+            listener.kill()
+        sent.append(len(datasets))
+        if len(datasets) not in no_half_study(tmp_path):  # else it finished before the kill: another round
+            landed.add("volume write" if set(volumes.glob(".*.tmp")) - before else "scoring")
+    last = ListenerProcess(tmp_path, tiny_checkpoint, port, quiet=QUIET)
+    try:
+        wait_for(lambda: no_half_study(tmp_path) == sorted(sent), seconds=120)
+        wait_for(lambda: not Inbox(tmp_path / "inbox").unscored(), seconds=30)
+    finally:
+        last.stop()

@@ -181,7 +181,7 @@ def test_results_go_back_to_pacs_in_the_scanned_study(tmp_path, pacs):
         cam[:, : hu.shape[1] // 2] = 1.0
         return cam
 
-    sender = SendResults(wl, inbox, destination, heatmap=left_half, aggregation="top-2")
+    sender = SendResults(wl, destination, heatmap=left_half, aggregation="top-2")
     listener = Listener(wl, FakePredictor({"any": 0.9, "subdural": 0.7}), inbox, on_scored=[sender])
     port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
     try:

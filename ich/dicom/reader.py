@@ -25,6 +25,7 @@ from ich.dicom.sources import Source, open_source
 MAX_DIM = 4096
 MAX_FRAMES = 2048
 HEADER_DEFER_BYTES = 4096  # values above this stay unread in a header-only pass (the pixel data)
+PIXEL_DATA = 0x7FE00010
 
 # Undoing the RSNA 2019 wrap (see :func:`ich.dicom.series.is_wrapped`): shift by the offset, modulo 4096.
 _WRAP_MODULUS = 4096
@@ -205,6 +206,14 @@ def _decode(ds: Dataset, name: str) -> np.ndarray:
         raise DicomError(name, f"cannot decode pixel data ({syntax.name if syntax else '?'}): {exc}") from None
 
 
+def _header(ds: Dataset) -> Dataset:
+    """The header without its pixel data, in a new dataset: ``ds`` itself holds the whole file's bytes."""
+    header = Dataset({tag: element for tag, element in ds.items() if tag != PIXEL_DATA})
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    return header
+
+
 def _frame_items(ds: Dataset, index: int, attr: str) -> Dataset | None:
     """The functional-group item for ``attr`` of frame ``index`` (per-frame first, then shared)."""
     for group in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
@@ -271,6 +280,8 @@ def read_file(source: Source, pixels: bool = True) -> list[Slice]:
         notes.append("MATLAB export: image transposed back to radiological orientation")
 
     raw = _decode(ds, name) if pixels else None
+    if raw is not None:
+        base["header"] = _header(ds)
     if frames == 1:
         hu = None if raw is None else _to_hu(raw, slope, intercept, bits_stored, pixel_representation)
         if hu is not None and transposed:

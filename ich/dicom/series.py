@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class Slice:
     # What says whether a scan is like the ones the model learned from (see ich.scope).
     contrast_agent: str = ""  # ContrastBolusAgent
     patient_age: str = field(default="", repr=False)  # PatientAge, e.g. "045Y"
+    # The file's header without its pixel data (read with pixels only): what results sent back to PACS copy.
+    header: Dataset | None = field(default=None, repr=False, compare=False)
 
     @property
     def pixels(self) -> np.ndarray:
@@ -152,6 +155,25 @@ class Series:
     @property
     def sop_uids(self) -> list[str]:
         return [s.sop_uid for s in self.slices]
+
+    def affine(self) -> np.ndarray | None:
+        """4x4 from voxel (column, row, slice) to patient LPS mm, or ``None`` without position,
+        orientation and pixel spacing. The slice step is the mean step first to last, so a gap shows."""
+        first, last = self.slices[0], self.slices[-1]
+        if first.position is None or first.orientation is None or first.pixel_spacing is None:
+            return None
+        row_spacing, column_spacing = first.pixel_spacing
+        if len(self) > 1 and last.position is not None:
+            step = (last.position - first.position) / (len(self) - 1)
+        else:
+            normal = first.normal if first.normal is not None else np.array([0.0, 0.0, 1.0])
+            step = normal * (self.spacing or first.thickness or 1.0)
+        affine = np.eye(4)
+        affine[:3, 0] = first.orientation[:3] * column_spacing  # along a row: the next column
+        affine[:3, 1] = first.orientation[3:] * row_spacing
+        affine[:3, 2] = step
+        affine[:3, 3] = first.position
+        return affine
 
     def volume(self) -> np.ndarray:
         """float32 ``(N, H, W)`` HU. Raises ``ValueError`` if slices differ in size or lack pixels."""

@@ -1,13 +1,16 @@
 """The worklist store: scored studies, their slices, volumes and radiologists' reads, kept on disk.
 
 Everything lives in one data directory (:func:`ich.files.data_dir`: ``$ICH_DATA_DIR``, default ``.ich-data/`` in a
-checkout): ``worklist.sqlite3`` and ``volumes/<key>.npz`` (int16 HU, compressed, read without pickle).
+checkout): ``worklist.sqlite3``, ``volumes/<key>.npz`` (int16 HU, compressed, read without pickle) and
+``headers/<key>.dcm`` (each series' first header without pixels, for the results sent back to PACS).
 A :class:`Worklist` opens a new SQLite connection per call and serialises writes with a lock, so
 one object is safely shared by every Streamlit session (thread) of a server.
 
-No patient identifiers are stored unless an admin turns them on (:meth:`Worklist.set_identifiers`):
-a study is shown as "Study 3 · 36 slices"; its DICOM UIDs are kept to recognise a re-upload and
-leave the store only when an export asks for them.
+No patient identifiers are stored in the database unless an admin turns them on
+(:meth:`Worklist.set_identifiers`): a study is shown as "Study 3 · 36 slices"; its DICOM UIDs are kept
+to recognise a re-upload and leave the store only when an export asks for them. The header copies hold
+the patient's identifiers as received (as the listener's inbox does), are read only to build results
+for PACS and are deleted with their study.
 
 One study is read back as a :class:`StudyRecord`; the listings (:meth:`Worklist.studies`,
 :meth:`Worklist.slices`, :meth:`Worklist.reviews`) are tables (pandas DataFrames).
@@ -19,6 +22,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -32,6 +36,9 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from ich import dicom
 from ich.files import atomic_write, data_dir
@@ -49,6 +56,8 @@ __all__ = [
     "StudyRecord",
     "Worklist",
 ]
+
+log = logging.getLogger(__name__)
 
 STATUS_NEW = "new"
 STATUS_HEMORRHAGE = "reviewed: hemorrhage"
@@ -142,20 +151,42 @@ def _volume_key(study_uid: str, series_uid: str) -> str:
     return hashlib.sha256(f"{study_uid}\0{series_uid}".encode()).hexdigest()[:20] + ".npz"
 
 
+def _header_key(study_uid: str, series_uid: str) -> str:
+    """File name for a series' header copy: a hash (not the volume's), so UIDs never appear in paths."""
+    return hashlib.sha256(f"header\0{study_uid}\0{series_uid}".encode()).hexdigest()[:20] + ".dcm"
+
+
+def _write_header(path: Path, header: Dataset) -> None:
+    """The first slice's header (no pixels) as a DICOM file: what results for PACS copy the patient and
+    study from. Written in Explicit VR Little Endian whatever the image's transfer syntax was."""
+    meta = FileMetaDataset()
+    # Anonymised files (RSNA's) may lack the SOP Class UID; the reader accepted them as CT images.
+    meta.MediaStorageSOPClassUID = header.get("SOPClassUID") or CTImageStorage
+    meta.MediaStorageSOPInstanceUID = header.get("SOPInstanceUID", "")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    copy = Dataset(dict(header.items()))
+    copy.file_meta = meta
+    atomic_write(path, lambda tmp: copy.save_as(tmp, enforce_file_format=True))
+
+
 def _nullable(values: np.ndarray) -> list[float | None]:
     """SQLite NULL for NaN (a class the model does not predict, a slice without a label)."""
     return [None if np.isnan(v) else float(v) for v in values]
 
 
-def _write_npz(path: Path, volume: np.ndarray) -> None:
-    """int16 HU as a standard ``.npz`` (key ``hu``); deflate level 1 is 4x faster than numpy's default
-    for 5 % more bytes, which keeps an upload within its time budget. Written then renamed."""
-    hu = np.clip(np.rint(volume), -32768, 32767).astype(np.int16)
+def _write_npz(path: Path, volume: np.ndarray, affine: np.ndarray | None = None) -> None:
+    """int16 HU as a standard ``.npz`` (key ``hu``, and ``affine``: voxel to patient LPS mm, when the
+    headers gave one); deflate level 1 is 4x faster than numpy's default for 5 % more bytes, which keeps
+    an upload within its time budget. Written then renamed."""
+    arrays = {"hu": np.clip(np.rint(volume), -32768, 32767).astype(np.int16)}
+    if affine is not None:
+        arrays["affine"] = np.asarray(affine, np.float64)
 
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-            with zf.open("hu.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, hu, allow_pickle=False)
+            for name, array in arrays.items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
 
     atomic_write(path, write)
 
@@ -229,6 +260,8 @@ class Worklist:
         self.directory = Path(directory) if directory is not None else data_dir()
         self.volumes = self.directory / "volumes"
         self.volumes.mkdir(parents=True, exist_ok=True)
+        self.headers = self.directory / "headers"  # one pixel-free header copy per series (see header())
+        self.headers.mkdir(exist_ok=True)
         self.path = self.directory / "worklist.sqlite3"
         self._lock = threading.Lock()
         with self._write() as db:
@@ -290,7 +323,8 @@ class Worklist:
         if probs.shape != (len(series), len(CLASSES)):
             raise ValueError(f"prediction has shape {probs.shape} for {len(series)} slices")
         key = _volume_key(series.study_uid, series.series_uid)
-        _write_npz(self.volumes / key, series.volume())
+        _write_npz(self.volumes / key, series.volume(), series.affine())
+        self._keep_header(series)
         score = None if not np.isfinite(prediction.score) else float(prediction.score)
         fields = dict(
             study_uid=series.study_uid,
@@ -363,6 +397,21 @@ class Worklist:
             )
         return int(study_id)
 
+    def _keep_header(self, series: dicom.Series) -> None:
+        """Keep the series' first header for :meth:`header`. A header pydicom cannot write back costs only
+        the results download (logged by type alone: its message may quote a patient's name); a full disk
+        fails the series like its volume does."""
+        path = self.headers / _header_key(series.study_uid, series.series_uid)
+        if series.slices[0].header is None:  # read without pixels (a caller's own Series): nothing to keep
+            return
+        try:
+            _write_header(path, series.slices[0].header)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on values it cannot encode
+            path.unlink(missing_ok=True)
+            log.warning("the header of a series could not be kept (%s): no results download for it", type(exc).__name__)
+
     def save_review(
         self,
         study_id: int,
@@ -390,10 +439,12 @@ class Worklist:
 
     def delete_study(self, study_id: int) -> None:
         """Remove a study with its slices, reads and volume file (the rows first: a crash leaves no visible half)."""
-        volume = self.volumes / self.study(study_id).volume_file
+        record = self.study(study_id)
+        volume = self.volumes / record.volume_file
         with self._write() as db:
             db.execute("DELETE FROM studies WHERE id = ?", (study_id,))  # slices and reads cascade
         volume.unlink(missing_ok=True)
+        (self.headers / _header_key(record.study_uid, record.series_uid)).unlink(missing_ok=True)
 
     def set_meta(self, key: str, value: str) -> None:
         with self._write() as db:
@@ -483,6 +534,21 @@ class Worklist:
         """int16 ``(N, H, W)`` HU."""
         with np.load(self.volumes / self.study(study_id).volume_file, allow_pickle=False) as npz:
             return npz["hu"]
+
+    def affine(self, study_id: int) -> np.ndarray | None:
+        """4x4 voxel (column, row, slice) to patient LPS mm; ``None`` for a volume stored without one."""
+        with np.load(self.volumes / self.study(study_id).volume_file, allow_pickle=False) as npz:
+            return npz["affine"] if "affine" in npz.files else None
+
+    def header(self, study_id: int) -> Dataset | None:
+        """The study's first slice header as received (no pixel data; patient identifiers included, which is
+        why it is only ever read for results sent to PACS), or ``None`` for a study stored before headers
+        were kept. The SOPInstanceUIDs of all slices are in :meth:`slices`."""
+        record = self.study(study_id)
+        try:
+            return dcmread(self.headers / _header_key(record.study_uid, record.series_uid))
+        except FileNotFoundError:
+            return None
 
     def reviews(self, study_id: int) -> pd.DataFrame:
         with self._read() as db:

@@ -1,0 +1,361 @@
+// The ich slice viewer: NiiVue draws the study; this file wires it to Streamlit and to PACS-like
+// controls. Everything here runs in the browser: a step costs one WebGL draw, no server round trip.
+// Only the slice the reader settles on goes back to Python (debounced), for the panels beside it.
+"use strict";
+
+(function () {
+  const REPORT_DELAY_MS = 300; // after the last step: a reader scrolling through does not rerun the app
+  const CINE_MS = 100; // 10 slices per second
+  const HEATMAP_FLOOR = 51; // of 255: weaker attention stays transparent, as in the key image
+  const HEATMAP_OPACITY = 0.5;
+
+  const stage = document.getElementById("stage");
+  const canvas = document.getElementById("gl");
+  const hud = {
+    slice: document.getElementById("hud-slice"),
+    window: document.getElementById("hud-window"),
+    probe: document.getElementById("hud-probe"),
+    model: document.getElementById("hud-model"),
+    status: document.getElementById("hud-status"),
+  };
+
+  const state = {
+    nv: null,
+    args: null,
+    volumeUrl: null,
+    heatmapUrl: null,
+    heatmapOn: true,
+    gotoNonce: null,
+    windowKey: null,
+    windowName: "",
+    slice: -1,
+    reported: -1,
+    seq: 0,
+    reportTimer: null,
+    cine: null,
+    inputAt: null, // when the input that caused the pending step arrived (performance.now())
+    loading: null,
+  };
+  // Read by the browser test: per-step latency and the drawn slice, without scraping pixels.
+  const probe = { stepMs: [], windowMs: [], loadMs: null, slice: null, level: null, width: null, loaded: false, errors: [] };
+  window.ichViewer = probe;
+
+  // ------------------------------------------------------------------ Streamlit component protocol
+  function send(type, data) {
+    window.parent.postMessage(Object.assign({ isStreamlitMessage: true, type: type }, data), "*");
+  }
+  function setHeight() {
+    send("streamlit:setFrameHeight", { height: document.body.scrollHeight });
+  }
+  function report() {
+    if (state.slice === state.reported) return;
+    state.reported = state.slice;
+    state.seq += 1;
+    send("streamlit:setComponentValue", {
+      value: { slice: state.slice + 1, seq: state.seq },
+      dataType: "json",
+    });
+  }
+
+  // ------------------------------------------------------------------ geometry: slices by position
+  function dot(a, b) {
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+  }
+  // NiiVue works in RAS millimetres; a slice is found by its position along the series normal, so
+  // the index is the stored one whatever order NiiVue keeps the voxels in.
+  function currentSlice() {
+    const args = state.args;
+    const loc = dot(state.nv.frac2mm(state.nv.scene.crosshairPos), args.normal);
+    let best = 0;
+    for (let k = 1; k < args.locations.length; k++) {
+      if (Math.abs(args.locations[k] - loc) < Math.abs(args.locations[best] - loc)) best = k;
+    }
+    return best;
+  }
+  function goSlice(k) {
+    const args = state.args;
+    k = Math.max(0, Math.min(args.n - 1, k));
+    const mm = state.nv.frac2mm(state.nv.scene.crosshairPos);
+    const d = args.locations[k] - dot(mm, args.normal);
+    const target = [mm[0] + d * args.normal[0], mm[1] + d * args.normal[1], mm[2] + d * args.normal[2]];
+    state.nv.scene.crosshairPos = state.nv.mm2frac(target);
+    state.nv.drawScene();
+    sliceChanged();
+  }
+  function step(delta) {
+    goSlice(currentSlice() + delta);
+  }
+
+  // ------------------------------------------------------------------ what the overlays say
+  function fmt(x, digits) {
+    return x === null || x === undefined ? "?" : Number(x).toFixed(digits);
+  }
+  function showSlice() {
+    const args = state.args;
+    const k = state.slice;
+    const where = args.positions[k] === null ? "" : `  ·  ${fmt(args.positions[k], 1)} mm`;
+    const thick = args.thickness ? `  ·  ${fmt(args.thickness, 1)} mm thick` : "";
+    hud.slice.textContent = `Slice ${k + 1} / ${args.n}${where}${thick}`;
+    hud.model.textContent = args.notes[k] || "";
+    probe.slice = k + 1;
+  }
+  function showWindow() {
+    const v = state.nv.volumes[0];
+    const width = v.cal_max - v.cal_min;
+    const level = (v.cal_max + v.cal_min) / 2;
+    probe.level = Math.round(level);
+    probe.width = Math.round(width);
+    const preset = Object.entries(state.args.presets).find(
+      ([, p]) => Math.abs(p.level - level) < 0.5 && Math.abs(p.width - width) < 0.5
+    );
+    const heat = state.heatmapUrl ? `\nheatmap ${state.args.heatmap_label}${state.heatmapOn ? "" : " (hidden: H)"}` : "";
+    hud.window.textContent = `W ${Math.round(width)}  L ${Math.round(level)}${preset ? `  (${preset[0]})` : ""}${heat}`;
+  }
+  function sliceChanged() {
+    const k = currentSlice();
+    if (state.inputAt !== null) {
+      const t0 = state.inputAt;
+      state.inputAt = null;
+      // Two frames: the step is counted once the new slice has been handed to the compositor.
+      requestAnimationFrame(() => requestAnimationFrame(() => probe.stepMs.push(performance.now() - t0)));
+    }
+    if (k === state.slice) return;
+    state.slice = k;
+    showSlice();
+    clearTimeout(state.reportTimer);
+    state.reportTimer = setTimeout(report, REPORT_DELAY_MS);
+  }
+
+  // ------------------------------------------------------------------ window / level, heatmap
+  function setWindow(level, width) {
+    const started = performance.now();
+    const v = state.nv.volumes[0];
+    v.cal_min = level - width / 2;
+    v.cal_max = level + width / 2;
+    // As NiiVue's own drag-windowing does: recolour the base layer only, not a full volume upload.
+    state.nv.refreshLayers(v, 0);
+    state.nv.drawScene();
+    probe.windowMs.push(performance.now() - started);
+    showWindow();
+  }
+  function preset(i) {
+    const entries = Object.values(state.args.presets);
+    if (i < entries.length) setWindow(entries[i].level, entries[i].width);
+  }
+  async function setHeatmap(url) {
+    const nv = state.nv;
+    while (nv.volumes.length > 1) nv.removeVolumeByIndex(1);
+    state.heatmapUrl = url;
+    if (url) {
+      await nv.addVolumeFromUrl({
+        url: url,
+        name: "heatmap.nii.gz",
+        colormap: "inferno",
+        cal_min: HEATMAP_FLOOR,
+        cal_max: 255,
+        opacity: state.heatmapOn ? HEATMAP_OPACITY : 0,
+      });
+    }
+    showWindow();
+  }
+  function toggleHeatmap() {
+    if (!state.heatmapUrl || state.nv.volumes.length < 2) return;
+    state.heatmapOn = !state.heatmapOn;
+    state.nv.setOpacity(1, state.heatmapOn ? HEATMAP_OPACITY : 0);
+    showWindow();
+  }
+  function zoom(factor) {
+    const pan = state.nv.scene.pan2Dxyzmm;
+    pan[3] = Math.max(0.5, Math.min(8, pan[3] * factor));
+    state.nv.drawScene();
+  }
+  function resetView() {
+    state.nv.scene.pan2Dxyzmm = [0, 0, 0, 1];
+    state.nv.drawScene();
+  }
+  function toggleCine() {
+    if (state.cine) {
+      clearInterval(state.cine);
+      state.cine = null;
+      return;
+    }
+    state.cine = setInterval(() => goSlice(currentSlice() + 1 >= state.args.n ? 0 : currentSlice() + 1), CINE_MS);
+  }
+
+  // ------------------------------------------------------------------ input
+  const KEYS = {
+    ArrowDown: () => step(1),
+    ArrowRight: () => step(1),
+    ArrowUp: () => step(-1),
+    ArrowLeft: () => step(-1),
+    PageDown: () => step(10),
+    PageUp: () => step(-10),
+    Home: () => goSlice(0),
+    End: () => goSlice(state.args.n - 1),
+    " ": toggleCine,
+    "1": () => preset(0),
+    "2": () => preset(1),
+    "3": () => preset(2),
+    h: toggleHeatmap,
+    "+": () => zoom(1.25),
+    "=": () => zoom(1.25),
+    "-": () => zoom(0.8),
+    "0": resetView,
+    a: () => state.nv.setSliceType(state.nv.sliceTypeAxial),
+    c: () => state.nv.setSliceType(state.nv.sliceTypeCoronal),
+    s: () => state.nv.setSliceType(state.nv.sliceTypeSagittal),
+  };
+  window.addEventListener(
+    "keydown",
+    (e) => {
+      const action = KEYS[e.key.length === 1 ? e.key.toLowerCase() : e.key];
+      if (!action || !probe.loaded || e.ctrlKey || e.metaKey || e.altKey) return;
+      e.preventDefault();
+      e.stopPropagation(); // NiiVue's own hotkeys (clip planes, 3-D) are not for this reading screen
+      state.inputAt = performance.now();
+      action();
+    },
+    true
+  );
+  stage.addEventListener(
+    "wheel",
+    (e) => {
+      if (!probe.loaded) return;
+      if (e.ctrlKey) {
+        e.preventDefault();
+        e.stopPropagation();
+        zoom(e.deltaY < 0 ? 1.1 : 1 / 1.1);
+        return;
+      }
+      state.inputAt = performance.now(); // NiiVue scrolls one slice per wheel event
+    },
+    { capture: true, passive: false }
+  );
+  stage.addEventListener("pointerdown", () => stage.focus({ preventScroll: true }));
+  stage.addEventListener("pointermove", (e) => {
+    if (!probe.loaded) return;
+    if (e.buttons & 1) showWindow(); // left-drag windows (NiiVue's windowing mode)
+    const nv = state.nv;
+    const rect = canvas.getBoundingClientRect();
+    const dpr = nv.uiData.dpr || window.devicePixelRatio || 1;
+    const frac = nv.canvasPos2frac([(e.clientX - rect.left) * dpr, (e.clientY - rect.top) * dpr]);
+    probe.pointer = { x: e.clientX, y: e.clientY, frac: frac ? Array.from(frac) : null };
+    if (!frac || frac[0] < 0) {
+      hud.probe.textContent = "";
+      return;
+    }
+    const vox = nv.frac2vox(frac);
+    const hu = nv.volumes[0].getValue(vox[0], vox[1], vox[2]);
+    hud.probe.textContent = Number.isFinite(hu) ? `HU ${Math.round(hu)}` : "";
+  });
+  stage.addEventListener("pointerup", () => probe.loaded && showWindow());
+  stage.addEventListener("pointerleave", () => (hud.probe.textContent = ""));
+
+  // ------------------------------------------------------------------ rendering the component's args
+  async function load(args) {
+    if (!state.nv) {
+      const nv = new niivue.Niivue({
+        isRadiologicalConvention: true, // the patient's right on the screen's left, as in PACS
+        isOrientationTextVisible: true,
+        showAllOrientationMarkers: true,
+        crosshairWidth: 0,
+        show3Dcrosshair: false,
+        backColor: [0, 0, 0, 1],
+        dragModePrimary: niivue.DRAG_MODE.windowing,
+        dragMode: niivue.DRAG_MODE.windowing, // the wheel's fallback: scroll slices, never zoom
+        mouseEventConfig: {
+          leftButton: { primary: niivue.DRAG_MODE.windowing },
+          rightButton: niivue.DRAG_MODE.pan,
+          centerButton: niivue.DRAG_MODE.pan,
+        },
+        isResizeCanvas: true,
+        logLevel: "error",
+        dragAndDropEnabled: false,
+      });
+      await nv.attachToCanvas(canvas);
+      nv.onLocationChange = () => probe.loaded && sliceChanged();
+      state.nv = nv;
+    }
+    const nv = state.nv;
+    hud.status.textContent = "Loading the study…";
+    probe.loaded = false;
+    while (nv.volumes.length) nv.removeVolumeByIndex(0);
+    const started = performance.now();
+    await nv.loadVolumes([
+      {
+        url: args.volume,
+        name: "study.nii.gz",
+        colormap: "gray",
+        cal_min: args.window.level - args.window.width / 2,
+        cal_max: args.window.level + args.window.width / 2,
+        trustCalMinMax: true,
+      },
+    ]);
+    nv.setSliceType(nv.sliceTypeAxial);
+    probe.loadMs = performance.now() - started;
+    state.heatmapUrl = null;
+    state.slice = -1;
+    state.reported = args.goto - 1; // Python already shows this one
+    state.windowKey = null;
+    hud.status.textContent = "";
+    probe.loaded = true;
+  }
+
+  // As tall as the screen allows below the viewer's top (measured once, unscrolled), never taller
+  // than wide: a reading screen shows the whole slice without scrolling the page.
+  function fitHeight() {
+    let height = state.args.height;
+    try {
+      const top = window.frameElement.getBoundingClientRect().top;
+      const help = document.getElementById("help").offsetHeight;
+      height = Math.max(state.args.height, Math.min(window.parent.innerHeight - top - help - 12, stage.clientWidth));
+    } catch (err) {
+      // not same-origin (a proxy in between): keep the height Python asked for
+    }
+    stage.style.height = `${Math.round(height)}px`;
+    setHeight();
+  }
+
+  async function render(args) {
+    const first = state.args === null;
+    state.args = args;
+    if (first) fitHeight();
+    try {
+      if (args.volume !== state.volumeUrl) {
+        state.volumeUrl = args.volume; // renders arriving while it loads wait for this load
+        state.gotoNonce = null;
+        state.loading = load(args);
+      }
+      await state.loading;
+      if (state.args !== args) return; // a newer render arrived meanwhile: it finishes the job
+      const windowKey = `${args.window.name}:${args.window.level}:${args.window.width}`;
+      if (windowKey !== state.windowKey) {
+        state.windowKey = windowKey;
+        setWindow(args.window.level, args.window.width);
+      }
+      if ((args.heatmap || null) !== state.heatmapUrl) await setHeatmap(args.heatmap || null);
+      if (args.goto_nonce !== state.gotoNonce) {
+        const first = state.gotoNonce === null;
+        state.gotoNonce = args.goto_nonce;
+        goSlice(args.goto - 1);
+        if (!first && window.frameElement) window.frameElement.scrollIntoView({ block: "center" });
+      }
+      showSlice();
+      showWindow();
+    } catch (err) {
+      probe.errors.push(String(err));
+      hud.status.textContent = `The study could not be shown: ${err}`;
+    }
+  }
+
+  window.addEventListener("message", (event) => {
+    if (event.data && event.data.type === "streamlit:render") render(event.data.args);
+  });
+  window.addEventListener("resize", setHeight);
+  try {
+    window.parent.addEventListener("resize", () => state.args && fitHeight());
+  } catch (err) {
+    // see fitHeight
+  }
+  send("streamlit:componentReady", { apiVersion: 1 });
+})();
