@@ -68,7 +68,6 @@ def volume(directory: str, study_id: int, version: str) -> np.ndarray:
     return vol
 
 
-@st.cache_resource(max_entries=8, show_spinner=False)
 def viewer_volume(directory: str, study_id: int, version: str) -> tuple[str, list[float], list[float], bool]:
     """The study as a served ``.nii.gz``: (URL, slice normal, slice positions, whether the headers gave them)."""
     affine = worklist(directory).affine(study_id)
@@ -78,17 +77,20 @@ def viewer_volume(directory: str, study_id: int, version: str) -> tuple[str, lis
     return url, normal, locations, affine is not None
 
 
+# The NIfTI bytes, not the float maps: a 238-slice study's maps are 250 MB, its compressed file a few MB.
 @st.cache_resource(max_entries=8, show_spinner=False)
-def viewer_heatmap(directory: str, study_id: int, version: str, target: str, weights: str) -> str:
-    """The study's Grad-CAM for ``target`` (one scale for the whole study) as a served ``.nii.gz`` URL."""
+def heatmap_file(directory: str, study_id: int, version: str, target: str, weights: str) -> bytes:
+    """The study's Grad-CAM for ``target`` (one scale for the whole study) as ``.nii.gz`` bytes."""
     vol = volume(directory, study_id, version)
     bar = st.progress(0.0, f"Computing the heatmap for {target} on {len(vol)} slices…")
     cams = explain.study_heatmap(predictor(weights), vol, target, progress=bar.progress)
     bar.empty()
-    affine = worklist(directory).affine(study_id)
-    return publish(
-        f"heatmap:{directory}:{study_id}:{version}:{target}:{weights}", lambda: viewer.heatmap_nifti(cams, affine)
-    )
+    return viewer.heatmap_nifti(cams, worklist(directory).affine(study_id))
+
+
+def viewer_heatmap(directory: str, study_id: int, version: str, target: str, weights: str) -> str:
+    key = f"heatmap:{directory}:{study_id}:{version}:{target}:{weights}"
+    return publish(key, lambda: heatmap_file(directory, study_id, version, target, weights))
 
 
 def store() -> Worklist:

@@ -204,7 +204,11 @@ def test_upload_triage_view(server, uploads, tmp_path):
             expect(uploaded.filter(has_text=f"· {n_rsna} slices").first).to_be_attached()
             shot(page, "3-worklist-after-upload")
 
-            page.get_by_role("button", name="in the viewer").click()
+            # Each row has its own Open button (the grid is a canvas: click where the first row's button is).
+            grid = page.get_by_test_id("stDataFrame").first.bounding_box()
+            assert grid is not None
+            page.mouse.click(grid["x"] + 80, grid["y"] + 36 + 18)
+            expect(page).to_have_url(re.compile(r"/viewer\?study=\d+$"), timeout=60_000)
             expect(page.get_by_text("Most suspicious slices")).to_be_visible(timeout=60_000)
             expect(page.get_by_text("pred:").first).to_be_visible()
             expect(page.get_by_text("actual:").first).to_be_visible()

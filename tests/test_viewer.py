@@ -123,6 +123,9 @@ def test_publish_serves_each_study_once_under_an_unguessable_name():
     for i in range(component.KEEP_FILES + 3):  # old files go: the folder stays small
         component.publish(f"volume:other {i}", make)
     assert len(list(folder.glob("*.nii.gz"))) == component.KEEP_FILES
+    before = len(made)
+    assert component.publish("volume:study 1", make) == url and len(made) == before + 1  # pruned: rebuilt
+    assert (folder / name).read_bytes() == b"nifti"
 
 
 @pytest.mark.parametrize("n_notes", [2, 4])

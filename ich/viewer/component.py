@@ -24,6 +24,8 @@ from typing import Any
 
 import streamlit.components.v1 as components
 
+from ich.files import atomic_write
+
 __all__ = ["publish", "slice_viewer"]
 
 FRONTEND = Path(__file__).with_name("frontend")
@@ -45,18 +47,21 @@ def _shelf() -> tuple[Path, str, bytes]:
 
 
 def publish(key: str, make: Callable[[], bytes], suffix: str = ".nii.gz") -> str:
-    """Serve ``make()`` under a keyed-hash name for ``key`` (built once) and return its URL for the viewer."""
+    """Serve ``make()`` under a keyed-hash name for ``key`` and return its URL for the viewer.
+
+    ``make`` runs only when the file is not there (first use, or pruned since): call this on every
+    rerun, not from inside a cache, so a URL handed to the browser always names a file that exists.
+    """
     folder, url, secret = _shelf()
     name = hashlib.sha256(secret + key.encode()).hexdigest()[:40] + suffix
     path = folder / name
-    if not path.exists():
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(make())
-        tmp.replace(path)
+    try:
+        os.utime(path)  # recently used: pruned last
+    except FileNotFoundError:  # new, or pruned since: (re)build it
+        data = make()
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))  # every session shares the folder
         for old in sorted(folder.glob(f"*{suffix}"), key=lambda p: p.stat().st_mtime)[:-KEEP_FILES]:
             old.unlink(missing_ok=True)
-    else:
-        path.touch()  # recently used: kept longest
     return f"{url}/{name}"
 
 
