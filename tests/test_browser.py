@@ -331,6 +331,16 @@ def test_viewer_scrolls_windows_and_fits_a_reading_screen(thin_series_server, tm
                     page.keyboard.press("PageDown")
                 page.mouse.move(centre[0] + 5, centre[1] + 5, steps=4)
                 expect(frame.locator("#hud-probe")).to_have_text(re.compile(r"^HU -?\d+$"), timeout=30_000)
+
+                # "Show" under a gallery slice, far below the fold, moves the viewer and brings it into view.
+                card = page.locator("[class*='st-key-go-']").nth(1)  # the button's key names its slice (0-based)
+                wanted = int(re.search(r"st-key-go-(\d+)", card.get_attribute("class") or "")[1]) + 1
+                show = card.get_by_role("button", name="Show")
+                show.scroll_into_view_if_needed()
+                expect(page.locator(VIEWER)).not_to_be_in_viewport()
+                show.click()
+                expect(frame.locator("#hud-slice")).to_contain_text(f"Slice {wanted} / 238", timeout=60_000)
+                expect(page.locator(VIEWER)).to_be_in_viewport(ratio=0.5)
                 assert not state()["errors"]
                 page.close()
         finally:
