@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 import sqlite3
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -265,3 +267,15 @@ def test_identifiers_are_kept_only_while_an_admin_has_them_on(tmp_path):
     assert "patient_id" not in wl.studies().columns  # the default listing never carries them
     wl.set_identifiers(False)
     assert wl.identifiers()[["patient_id", "accession"]].isna().all().all()  # off erases them
+
+
+def test_opening_the_store_removes_files_a_killed_writer_left_but_not_live_ones(tmp_path):
+    Worklist(tmp_path)
+    stale = tmp_path / "volumes" / ".abc.npz.x1.tmp"
+    live = tmp_path / "headers" / ".def.dcm.x2.tmp"  # another process may be writing it now
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    Worklist(tmp_path)
+    assert not stale.exists() and live.exists()

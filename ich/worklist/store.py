@@ -81,6 +81,7 @@ _ADDED_COLUMNS = {
     # reads always say which (the CREATE default, 0, is never relied on).
     "reviews": {"others_clear": "INTEGER NOT NULL DEFAULT 1"},
 }
+STALE_PARTIAL_S = 3600.0  # a half-written volume older than this belongs to a writer that died
 IDENTIFIERS_KEY = "identifiers"  # meta key: "on" while an admin has identifiers shown
 _P = [f"p_{c}" for c in CLASSES]
 _Y = [f"y_{c}" for c in CLASSES]
@@ -167,6 +168,19 @@ def _write_header(path: Path, header: Dataset) -> None:
     copy = Dataset(dict(header.items()))
     copy.file_meta = meta
     atomic_write(path, lambda tmp: copy.save_as(tmp, enforce_file_format=True))
+
+
+def _remove_stale_partials(folder: Path, older_than_s: float = STALE_PARTIAL_S) -> None:
+    """Remove temporary files a killed writer left (``atomic_write``'s ``.<name>.*.tmp``).
+
+    Only old ones: another process sharing the store (the listener, a second server) may be writing
+    one right now, and its rename must still find it.
+    """
+    cutoff = dt.datetime.now().timestamp() - older_than_s
+    for tmp in folder.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
 
 
 def _nullable(values: np.ndarray) -> list[float | None]:
@@ -262,6 +276,8 @@ class Worklist:
         self.volumes.mkdir(parents=True, exist_ok=True)
         self.headers = self.directory / "headers"  # one pixel-free header copy per series (see header())
         self.headers.mkdir(exist_ok=True)
+        for folder in (self.volumes, self.headers):
+            _remove_stale_partials(folder)
         self.path = self.directory / "worklist.sqlite3"
         self._lock = threading.Lock()
         with self._write() as db:
