@@ -11,12 +11,8 @@ Needs ``../shared/data`` and Chromium at /usr/bin/chromium (as ``tests/test_brow
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from ich import dicom  # noqa: E402
 from ich.inference import Predictor, default_weights  # noqa: E402
 from ich.worklist import Worklist, ingest  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
+from tests.helpers import streamlit_server  # noqa: E402
 
 SERIES = ROOT.parent / "shared" / "data" / "cq500" / "CQ500-CT-0"
 SIZES = ((1440, 900), (1920, 1080))
@@ -43,40 +39,20 @@ def main() -> None:
         files = [dicom.Upload(f.name, f.read_bytes()) for f in sorted(SERIES.glob("*.dcm"))]
         report = ingest(Worklist(data), Predictor.from_checkpoint(default_weights()), files)
         assert report.added, report.problems
-        port = free_port()
-        env = dict(os.environ, ICH_DATA_DIR=str(data), ICH_DEMO="0")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(120):
-                try:
-                    urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
-                    break
-                except OSError:
-                    time.sleep(0.5)
-            with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-                for width, height in SIZES:
-                    page = browser.new_page(viewport={"width": width, "height": height})
-                    page.goto(f"{url}/viewer?study={report.added[0]}")
-                    hud = page.frame_locator("iframe[title$='slice_viewer']").locator("#hud-slice")
-                    hud.filter(has_text="/ 238").wait_for(timeout=180_000)
-                    page.get_by_test_id("stStatusWidget").wait_for(state="hidden", timeout=180_000)
-                    page.wait_for_timeout(1500)
-                    out = args.out / f"viewer-{width}x{height}.png"
-                    page.screenshot(path=out)
-                    print(f"wrote {out}")
-                    page.close()
-                browser.close()
-        finally:
-            server.terminate()
-            server.wait(10)
+        with streamlit_server(data, None, Path(tmp) / "streamlit.log", ICH_DEMO="0") as url, sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            for width, height in SIZES:
+                page = browser.new_page(viewport={"width": width, "height": height})
+                page.goto(f"{url}/viewer?study={report.added[0]}")
+                hud = page.frame_locator("iframe[title$='slice_viewer']").locator("#hud-slice")
+                hud.filter(has_text="/ 238").wait_for(timeout=180_000)
+                page.get_by_test_id("stStatusWidget").wait_for(state="hidden", timeout=180_000)
+                page.wait_for_timeout(1500)
+                out = args.out / f"viewer-{width}x{height}.png"
+                page.screenshot(path=out)
+                print(f"wrote {out}")
+                page.close()
+            browser.close()
 
 
 if __name__ == "__main__":

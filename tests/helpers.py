@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,3 +123,37 @@ def head(shape=(160, 200), centre=(70, 90), radius=(50, 40)) -> np.ndarray:
     hu = np.where(inside, 35.0, -1000.0).astype(np.float32)
     hu[centre[0] - 8 : centre[0] + 8, centre[1] : centre[1] + 12] = 70.0
     return hu
+
+
+@contextlib.contextmanager
+def streamlit_server(data: Path, weights: Path | None, log_path: Path, **env: str) -> Iterator[str]:
+    """``streamlit run streamlit_app.py`` on a free localhost port over ``data``; yields its URL.
+
+    ``weights`` None: the bundled checkpoint. Extra ``env`` (e.g. ``ICH_DEMO="0"``) goes to the server.
+    """
+    port = free_port()
+    env = dict(os.environ, ICH_DATA_DIR=str(data), **env)
+    if weights is not None:
+        env["ICH_WEIGHTS"] = str(weights)
+    command = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port)]
+    command += ["--server.address", "127.0.0.1"]
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                        break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()}") from None
+                    time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

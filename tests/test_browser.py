@@ -8,23 +8,16 @@ Chromium runs without a GPU here: WebGL is software-rendered, so step times are 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
 import statistics
-import subprocess
-import sys
-import time
-import urllib.request
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, streamlit_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -44,50 +37,6 @@ READING_SCREENS = ((1440, 900), (1920, 1080))
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} not found: install the Debian package 'chromium'", allow_module_level=True)
-
-
-@contextlib.contextmanager
-def streamlit_server(data: Path, weights: Path, log_path: Path) -> Iterator[str]:
-    """``streamlit run`` on a free localhost port over ``data``; yields its URL."""
-    port = free_port()
-    env = dict(os.environ, ICH_DATA_DIR=str(data), ICH_WEIGHTS=str(weights))
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "streamlit_app.py",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"streamlit did not start:\n{log_path.read_text()}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture

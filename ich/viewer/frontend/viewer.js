@@ -239,7 +239,6 @@
     const rect = canvas.getBoundingClientRect();
     const dpr = nv.uiData.dpr || window.devicePixelRatio || 1;
     const frac = nv.canvasPos2frac([(e.clientX - rect.left) * dpr, (e.clientY - rect.top) * dpr]);
-    probe.pointer = { x: e.clientX, y: e.clientY, frac: frac ? Array.from(frac) : null };
     if (!frac || frac[0] < 0) {
       hud.probe.textContent = "";
       return;
