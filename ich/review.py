@@ -66,8 +66,8 @@ def _from_positive(positive: Iterable[str]) -> frozenset[str]:
 def predicted(probs: Sequence[float], thresholds: Mapping[str, float] | None = None) -> frozenset[str]:
     """The classes a probability row (``CLASSES`` order) calls positive; NaN (not predicted) never is.
 
-    Subtypes are named only where "any" is called too: the subtype thresholds are chosen low (for
-    sensitivity among bleeding slices), so alone they would name a subtype on a slice called clear.
+    Subtypes are named only where "any" is called too: the subtype thresholds are chosen among
+    bleeding slices (to tell subtypes apart), so alone they would name a subtype on a slice called clear.
     """
     thresholds = thresholds or {}
     called = {c for c, p in zip(CLASSES, probs) if np.isfinite(p) and p >= thresholds.get(c, DEFAULT_THRESHOLD)}

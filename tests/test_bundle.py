@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from ich.labels import CLASSES
+from ich.metrics import youden_thresholds
 from train import bundle
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
@@ -46,6 +47,44 @@ def test_calibrate_sets_thresholds_and_lowers_log_loss():
     rule = report["series_rule"]
     assert rule["sensitivity"] >= rule["target_sensitivity"] and thresholds["any"] == rule["threshold"]
     assert all(np.isfinite(report["slice"]["per_class"][c]["auc_ci"]).all() for c in CLASSES)
+
+
+def test_subtype_thresholds_tell_subtypes_apart_among_bleeding_slices():
+    """Subtype scores that rise on any bleed and barely more on their own (as a weak model's do): over all
+    slices Youden's J would name every subtype on every called slice; chosen among bleeding slices, a
+    subtype is named on fewer slices and more often where it is."""
+    oof = synthetic_oof(3000, seed=1)
+    rng = np.random.default_rng(2)
+    for c in CLASSES[1:]:
+        z = 4 * oof["any"] + 0.6 * oof[c] + rng.normal(0, 0.5, len(oof)) - 4
+        oof[f"p_{c}"] = 1 / (1 + np.exp(-z))
+    platt, thresholds, report = bundle.calibrate(oof, [1, 3, 5, 8])
+    y = oof[list(CLASSES)].to_numpy(float)
+    cal = platt(oof[[f"p_{c}" for c in CLASSES]].to_numpy(float))
+    named = report["subtypes_named"]
+    for i, c in enumerate(CLASSES[1:], 1):
+        assert thresholds[c] > youden_thresholds(y[:, i : i + 1], cal[:, i : i + 1])[0]
+        share = named[c]["positives_called"] / named["called"]  # what naming it everywhere would get right
+        assert named[c]["named"] < named["called"] / 2 and named[c]["correct"] / named[c]["named"] > 1.5 * share
+
+
+def test_earlier_stages_follow_the_init_run_chain(tmp_path):
+    """A third stage's card cites both bundles it continued, oldest first, with their runs' wall time."""
+    previous = None
+    for size, seconds in ((128, 600), (160, 300)):
+        work = tmp_path / f"stage-{size}"
+        (work / "run").mkdir(parents=True)
+        command = [] if previous is None else ["--init-run", str(previous), "--size", str(size)]
+        (work / bundle.BUNDLE_RECORD).write_text(json.dumps({"command": command}))
+        training = {"epochs": 8, "lr": 1e-3, "wall_seconds": seconds}
+        (work / "run" / "final.json").write_text(json.dumps({"input_size": size, "training": training}))
+        previous = work / "run"
+    stages = bundle.earlier_stages(previous, ["final"])
+    assert [(s["input_size"], s["minutes"], s["command"][:1]) for s in stages] == [
+        (128, 10.0, []),
+        (160, 5.0, ["--init-run"]),
+    ]
+    assert bundle.earlier_stages(None, ["final"]) == []
 
 
 def test_out_of_fold_refuses_folds_that_overlap(tmp_path):

@@ -75,21 +75,26 @@ def _failure_lines(failures: dict) -> list[str]:
 
 
 def _commands(ev: dict) -> list[str]:
-    """The bundle command(s) that made the model: one, or a first stage and the run that continued it."""
-    last = ("python -m train.bundle " + " ".join(ev["training"]["command"])).rstrip()
-    first = ev.get("first_stage")
-    if first is None:
-        return [last]
-    return [
-        (f"python -m train.bundle {' '.join(first['command'])}").rstrip()
-        + f"  # stage 1: {first['input_size']} px, {first['epochs']} epochs, peak lr {first['lr']}, {first['minutes']:.0f} min",
-        last + "  # stage 2: each run continued at a larger size",
+    """The bundle commands that made the model: the first stage, then each run that continued the one before."""
+    earlier = ev.get("earlier_stages", [])
+    lines = [
+        (f"python -m train.bundle {' '.join(s['command'])}").rstrip()
+        + f"  # stage {i}: {s['input_size']} px, {s['epochs']} epochs, peak lr {s['lr']}, {s['minutes']:.0f} min"
+        for i, s in enumerate(earlier, 1)
     ]
+    last = ("python -m train.bundle " + " ".join(ev["training"]["command"])).rstrip()
+    return [*lines, last + (f"  # stage {len(earlier) + 1}: each run continued at a larger size" if earlier else "")]
+
+
+def _stages_text(ev: dict) -> str:
+    stages = len(ev.get("earlier_stages", [])) + 1
+    return "" if stages == 1 else ", both stages" if stages == 2 else f", all {stages} stages"
 
 
 def model_card(meta: dict, ev: dict, notes: str) -> str:
     """``weights/MODEL_CARD.md`` from the checkpoint JSON, ``evaluation.json`` and the reviewed failure notes."""
     cv, ext, tr = ev["cross_validation"], ev["external"], ev["training"]
+    named = cv["subtypes_named"]
     rule = cv["series_rule"]
     windows = ", ".join(f"{n} {lv:g}/{w:g}" for n, lv, w in meta["windows"])
     lines = [
@@ -121,7 +126,7 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         "```bash",
         *_commands(ev),
         "```",
-        f"The six training runs (5 folds + the final model{', both stages' if 'first_stage' in ev else ''}) took "
+        f"The six training runs (5 folds + the final model{_stages_text(ev)}) took "
         f"{tr['minutes']:.0f} min on {tr['device']} ({tr['amp']}); the final model trained at "
         f"{tr['final_images_per_second']:.0f} img/s. Training data (never any DICOM series below):",
         "",
@@ -145,6 +150,15 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         "",
         f"Epidural has {cv['slice']['per_class']['epidural']['positives']} positives here: its interval is wide and its "
         "sensitivity rests on a handful of slices.",
+        "",
+        f"Subtypes as a reader sees them: a subtype is named only on a slice called bleeding. Of the "
+        f"{named['called']} out-of-fold slices called bleeding, "
+        + "; ".join(
+            f"{c} is named on {named[c]['named']} ({named[c]['correct']} carry it; {named[c]['positives_called']} "
+            f"{c} slices were called)"
+            for c in SUBTYPES
+        )
+        + ".",
         "",
         f"RSNA weighted log loss: {_f(cv['log_loss_raw'], 4)} raw, {_f(cv['log_loss_calibrated'], 4)} calibrated "
         "(calibration is fitted on these same predictions, so the second figure is optimistic by a little).",
@@ -368,6 +382,23 @@ def bleed_counts(frame: pd.DataFrame) -> list[int]:
     return sorted(int(c) for c in counts if c > 0)
 
 
+def subtypes_named(y: np.ndarray, prob: np.ndarray, thresholds: dict[str, float]) -> dict:
+    """How the shipped thresholds name subtypes on the slices they call bleeding, as a reader sees them.
+
+    Per subtype: slices naming it, of those the ones that carry it, and the subtype's slices called bleeding.
+    """
+    called = prob[:, 0] >= thresholds["any"]
+    out: dict = {"called": int(called.sum())}
+    for i, c in enumerate(SUBTYPES, 1):
+        named, carries = called & (prob[:, i] >= thresholds[c]), y[:, i] > 0.5
+        out[c] = {
+            "named": int(named.sum()),
+            "correct": int((named & carries).sum()),
+            "positives_called": int((carries & called).sum()),
+        }
+    return out
+
+
 def calibrate(oof: pd.DataFrame, counts: Sequence[int]) -> tuple[Platt, dict[str, float], dict]:
     """Platt scaling, thresholds and the study rule from the out-of-fold predictions; plus their report."""
     y = oof[list(CLASSES)].to_numpy(np.float64)
@@ -375,7 +406,11 @@ def calibrate(oof: pd.DataFrame, counts: Sequence[int]) -> tuple[Platt, dict[str
     platt = fit_platt(y, raw)
     cal = platt(raw)
     rule = choose_series_rule(y[:, 0], cal[:, 0], counts)
-    subtype_thresholds = youden_thresholds(y[:, 1:], cal[:, 1:])
+    # A subtype is named only on a slice called bleeding (ich.review.predicted), so its threshold
+    # is chosen to tell the subtypes apart among bleeding slices; over all slices Youden's J picks
+    # thresholds so low that every called slice names every subtype.
+    bleed = y[:, 0] > 0.5
+    subtype_thresholds = youden_thresholds(y[bleed, 1:], cal[bleed, 1:])
     thresholds = {"any": rule.threshold} | dict(zip(SUBTYPES, subtype_thresholds.tolist()))
     weights = rsna_weights(CLASSES)
     summary = summarize(y, cal, CLASSES, [thresholds[c] for c in CLASSES])
@@ -387,6 +422,7 @@ def calibrate(oof: pd.DataFrame, counts: Sequence[int]) -> tuple[Platt, dict[str
         "slice": summary,
         "log_loss_raw": weighted_log_loss(y, raw, weights),
         "log_loss_calibrated": weighted_log_loss(y, cal, weights),
+        "subtypes_named": subtypes_named(y, cal, thresholds),
         "reliability_raw": reliability(y[:, 0], raw[:, 0]),
         "reliability_calibrated": reliability(y[:, 0], cal[:, 0]),
         "series_rule": {"top_k": rule.top_k, "threshold": rule.threshold, "sensitivity": rule.sensitivity,
@@ -506,7 +542,7 @@ def write_checkpoint(final: Path, out: Path, platt: Platt, thresholds: dict[str,
     meta = keep | {
         "name": NAME,
         "thresholds": thresholds,
-        "threshold_policy": f"any: series sensitivity >= {TARGET_SENSITIVITY} on simulated out-of-fold series; subtypes: Youden's J on out-of-fold slices",
+        "threshold_policy": f"any: series sensitivity >= {TARGET_SENSITIVITY} on simulated out-of-fold series; subtypes: Youden's J on out-of-fold bleeding slices",
         "study_top_k": rule["top_k"],
         "calibration": platt.to_json(CLASSES),
         "metrics": {
@@ -517,6 +553,25 @@ def write_checkpoint(final: Path, out: Path, platt: Platt, thresholds: dict[str,
     }
     # The JSON stays stable across rebuilds of the same weights: no creation time beyond the weights' own.
     return checkpoint.save(model, out / NAME, meta)[1]
+
+
+def earlier_stages(init_run: Path | None, names: Sequence[str]) -> list[dict]:
+    """The bundles an ``--init-run`` chain continued, oldest first: each one's command, size, epochs,
+    peak lr, minutes and its runs' training records (read from each work folder's bundle.json)."""
+    stages: list[dict] = []
+    while init_run is not None:
+        runs = [json.loads((init_run / f"{name}.json").read_text()) for name in names]
+        command = json.loads((init_run.parent / BUNDLE_RECORD).read_text())["command"]
+        stages.insert(0, {
+            "command": command,
+            "input_size": runs[0]["input_size"],
+            "epochs": runs[0]["training"]["epochs"],
+            "lr": runs[0]["training"]["lr"],
+            "minutes": round(sum(r["training"]["wall_seconds"] for r in runs) / 60, 1),
+            "runs": [r["training"] for r in runs],
+        })  # fmt: skip
+        init_run = get_args_parser().parse_args(command).init_run
+    return stages
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -536,26 +591,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         old.with_suffix(".json").unlink(missing_ok=True)
     meta_path = write_checkpoint(final, args.out, platt, thresholds, cv["series_rule"], cv)
     predictor = Predictor.from_checkpoint(meta_path, args.device)
-    reports = {
+    reports: dict[str, Any] = {
         "cross_validation": cv,
         "external": external_checks(predictor, args.shared),
         "heatmaps": heatmap_checks(predictor, args.shared),
     }
     final_meta = json.loads(final.read_text())
     runs = [json.loads(p.read_text())["training"] for p in (final, *folds)]
-    if args.init_run is not None:  # the earlier stage's runs, for the card's account of the whole recipe
-        earlier = [json.loads((args.init_run / f"{p.stem}.json").read_text()) for p in (final, *folds)]
-        runs += [e["training"] for e in earlier]
-        first = earlier[0]
-        reports["first_stage"] = {
-            "command": json.loads((args.init_run.parent / BUNDLE_RECORD).read_text())["command"],
-            "input_size": first["input_size"],
-            "epochs": first["training"]["epochs"],
-            "lr": first["training"]["lr"],
-            "minutes": round(sum(e["training"]["wall_seconds"] for e in earlier) / 60, 1),
-        }
+    stages = earlier_stages(args.init_run, [p.stem for p in (final, *folds)])
+    if stages:  # for the card's account of the whole recipe
+        reports["earlier_stages"] = [{k: v for k, v in s.items() if k != "runs"} for s in stages]
+        runs += [r for s in stages for r in s["runs"]]
     reports["training"] = {
-        # The training runs' own wall time, both stages (they may come from an earlier, resumed invocation).
+        # The training runs' own wall time, every stage (they may come from an earlier, resumed invocation).
         "minutes": round(sum(r["wall_seconds"] for r in runs) / 60, 1),
         "final_train_seconds": final_meta["training"]["train_seconds"],
         "final_images_per_second": final_meta["training"]["images_per_second"],
