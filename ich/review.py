@@ -18,6 +18,7 @@ from ich.labels import CLASSES, DEFAULT_THRESHOLD, SUBTYPES
 __all__ = [
     "DEFAULT_THRESHOLD",
     "Read",
+    "calls",
     "predicted",
     "actual",
     "study_predicted",
@@ -63,17 +64,26 @@ def _from_positive(positive: Iterable[str]) -> frozenset[str]:
     return frozenset(subtypes) if subtypes else frozenset(positive & {"any"})
 
 
-def predicted(probs: Sequence[float], thresholds: Mapping[str, float] | None = None) -> frozenset[str]:
-    """The classes a probability row (``CLASSES`` order) calls positive; NaN (not predicted) never is.
+def calls(probs: np.ndarray, thresholds: Mapping[str, float] | None = None) -> np.ndarray:
+    """Which classes each probability row (``(N, len(CLASSES))``) calls positive, as booleans.
 
-    Subtypes are named only where "any" is called too: the subtype thresholds are chosen among
-    bleeding slices (to tell subtypes apart), so alone they would name a subtype on a slice called clear.
+    NaN (not predicted) is never called. Subtypes are called only where "any" is called too (or
+    not predicted): the subtype thresholds are chosen among bleeding slices (to tell subtypes
+    apart), so alone they would name a subtype on a slice called clear.
     """
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1, len(CLASSES))
     thresholds = thresholds or {}
-    called = {c for c, p in zip(CLASSES, probs) if np.isfinite(p) and p >= thresholds.get(c, DEFAULT_THRESHOLD)}
-    if np.isfinite(probs[_ANY]) and "any" not in called:
-        return frozenset()
-    return _from_positive(called)
+    cut = np.array([thresholds.get(c, DEFAULT_THRESHOLD) for c in CLASSES])
+    with np.errstate(invalid="ignore"):
+        called = probs >= cut  # NaN compares False
+    bleeding = called[:, _ANY] | np.isnan(probs[:, _ANY])
+    called[:, [i for i in range(len(CLASSES)) if i != _ANY]] &= bleeding[:, None]
+    return called
+
+
+def predicted(probs: Sequence[float], thresholds: Mapping[str, float] | None = None) -> frozenset[str]:
+    """The finding set of one probability row (``CLASSES`` order): the classes :func:`calls` names."""
+    return _from_positive(c for c, on in zip(CLASSES, calls(np.asarray(probs), thresholds)[0]) if on)
 
 
 def actual(labels: Sequence[float]) -> frozenset[str] | None:

@@ -63,6 +63,31 @@ def test_thresholds_are_per_class_with_the_default_elsewhere():
     assert review.predicted([DEFAULT_THRESHOLD, 0, 0, 0, 0, 0]) == {"any"}  # at the threshold counts
 
 
+def test_calls_name_subtypes_only_on_slices_called_bleeding():
+    thresholds = dict.fromkeys(CLASSES, 0.5)
+    probs = np.array(
+        [
+            [0.9, 0.1, 0.7, 0.2, 0.2, 0.6],  # bleeding: its subtypes over threshold are named
+            [0.3, 0.1, 0.7, 0.2, 0.2, 0.6],  # clear: subtypes over threshold are not named
+            [np.nan, 0.6, 0.1, 0.1, 0.1, 0.1],  # "any" not predicted: subtypes stand alone
+            [0.9, np.nan, np.nan, np.nan, np.nan, np.nan],  # binary checkpoint: never a subtype
+        ]
+    )
+    expected = np.array(
+        [
+            [1, 0, 1, 0, 0, 1],
+            [0, 0, 0, 0, 0, 0],
+            [0, 1, 0, 0, 0, 0],
+            [1, 0, 0, 0, 0, 0],
+        ],
+        dtype=bool,
+    )
+    np.testing.assert_array_equal(review.calls(probs, thresholds), expected)
+    assert [review.predicted(row, thresholds) for row in probs] == [
+        {"intraparenchymal", "subdural"}, frozenset(), {"epidural"}, {"any"}
+    ]  # fmt: skip
+
+
 def test_a_read_validates_what_it_says():
     with pytest.raises(ValueError, match="unknown subtypes"):
         review.Read(True, ("chronic",))

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ich import checkpoint, datasets, dicom, evaluate, explain
+from ich import checkpoint, datasets, dicom, evaluate, explain, review
 from ich.calibration import Platt, fit_platt, reliability
 from ich.checkpoint import json_ready
 from ich.files import data_dir
@@ -385,15 +385,17 @@ def bleed_counts(frame: pd.DataFrame) -> list[int]:
 def subtypes_named(y: np.ndarray, prob: np.ndarray, thresholds: dict[str, float]) -> dict:
     """How the shipped thresholds name subtypes on the slices they call bleeding, as a reader sees them.
 
-    Per subtype: slices naming it, of those the ones that carry it, and the subtype's slices called bleeding.
+    Per subtype: slices naming it (:func:`ich.review.calls`), of those the ones that carry it, and
+    the subtype's slices called bleeding.
     """
-    called = prob[:, 0] >= thresholds["any"]
+    named = review.calls(prob, thresholds)
+    called = named[:, 0]
     out: dict = {"called": int(called.sum())}
     for i, c in enumerate(SUBTYPES, 1):
-        named, carries = called & (prob[:, i] >= thresholds[c]), y[:, i] > 0.5
+        carries = y[:, i] > 0.5
         out[c] = {
-            "named": int(named.sum()),
-            "correct": int((named & carries).sum()),
+            "named": int(named[:, i].sum()),
+            "correct": int((named[:, i] & carries).sum()),
             "positives_called": int((carries & called).sum()),
         }
     return out
@@ -406,7 +408,7 @@ def calibrate(oof: pd.DataFrame, counts: Sequence[int]) -> tuple[Platt, dict[str
     platt = fit_platt(y, raw)
     cal = platt(raw)
     rule = choose_series_rule(y[:, 0], cal[:, 0], counts)
-    # A subtype is named only on a slice called bleeding (ich.review.predicted), so its threshold
+    # A subtype is named only on a slice called bleeding (ich.review.calls), so its threshold
     # is chosen to tell the subtypes apart among bleeding slices; over all slices Youden's J picks
     # thresholds so low that every called slice names every subtype.
     bleed = y[:, 0] > 0.5
@@ -477,16 +479,19 @@ def external_checks(predictor: Predictor, shared: Path) -> dict[str, dict]:
         result = evaluate.predict(predictor, sorted((folder / "hemo_subset").glob("*.dcm")), progress=False)
         sops = {dicom.read_slice(folder / "hemo_subset" / f"{f}.dcm", pixels=False).sop_uid: f for f in table["file"]}
         probs = result.frame.rename(index=sops)
+        # As a reader sees them: a subtype counts only where the slice is also called bleeding.
+        named = pd.DataFrame(
+            review.calls(probs[list(CLASSES)].to_numpy(), predictor.thresholds), index=probs.index, columns=CLASSES
+        )
         per_class = {}
         for col, c in PHYSIONET_SUBTYPES.items():
             files = table.loc[table[col] == 1, "file"]
-            caught = int((probs.loc[files, c] >= predictor.thresholds[c]).sum())
-            caught_any = int((probs.loc[files, "any"] >= predictor.thresholds["any"]).sum())
-            per_class[c] = {"slices": len(files), "caught_as_subtype": caught, "caught_as_any": caught_any}
-        per_class["any"] = {
-            "slices": len(probs),
-            "caught_as_any": int((probs["any"] >= predictor.thresholds["any"]).sum()),
-        }
+            per_class[c] = {
+                "slices": len(files),
+                "caught_as_subtype": int(named.loc[files, c].sum()),
+                "caught_as_any": int(named.loc[files, "any"].sum()),
+            }
+        per_class["any"] = {"slices": len(probs), "caught_as_any": int(named["any"].sum())}
         reports["physionet-ctich"] = {"per_class": per_class}
     return reports
 
