@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,26 @@ def test_a_run_made_elsewhere_is_reused_but_not_another_recipe(tmp_path):
     assert bundle._recipe(bundle._fit_args(args_long, tmp_path / "cache", "fold0", ["--fold", "0"])) != bundle._recipe(
         here
     )
+
+
+def test_checks_only_reruns_the_external_checks_and_keeps_the_rest(shared_data, tmp_path):
+    out, shared = tmp_path / "weights", tmp_path / "shared"
+    shutil.copytree(WEIGHTS, out)
+    shared.mkdir()
+    (shared / "physionet-ctich").symlink_to(shared_data / "physionet-ctich")
+    before = json.loads((out / "evaluation.json").read_text())
+    assert bundle.main(["--checks-only", "--out", str(out), "--shared", str(shared), "--device", "cpu"]) == 0
+    after = json.loads((out / "evaluation.json").read_text())
+    assert {k: v for k, v in after.items() if k not in ("external", "heatmaps")} == {
+        k: v for k, v in before.items() if k not in ("external", "heatmaps")
+    }
+    assert set(after["external"]) == set(after["heatmaps"]) == {"physionet-ctich"}
+    per_class = after["external"]["physionet-ctich"]["per_class"]
+    assert per_class["any"]["slices"] == 26
+    # A subtype is named only on a slice called bleeding (ich.review.calls).
+    assert all(m["caught_as_subtype"] <= m["caught_as_any"] for c, m in per_class.items() if c != "any")
+    meta = json.loads((out / f"{bundle.NAME}.json").read_text())
+    card = (out / "MODEL_CARD.md").read_text()
+    assert card == bundle.model_card(meta, after, bundle.FAILURE_NOTES.read_text()) and "### rsna-sample" not in card
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        bundle.main(["--checks-only", "--out", str(tmp_path / "empty")])

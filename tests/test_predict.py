@@ -106,6 +106,21 @@ def test_predict_cli_keeps_going_past_bad_files(tmp_path, tiny_checkpoint):
     assert "Traceback" not in proc.stderr
 
 
+def test_predict_cli_repeat_reports_warm_calls(tmp_path, tiny_checkpoint):
+    series, study = generate_uid(), generate_uid()
+    for i in range(3):
+        (tmp_path / f"{i}.dcm").write_bytes(to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study)))
+    out = tmp_path / "sub.csv"
+    args = ("predict", str(tmp_path), "--weights", str(tiny_checkpoint), "--out", str(out), "--quiet", "--timings")
+    proc = run_ich(*args, "--repeat", "3")
+    assert proc.returncode == 0, proc.stderr
+    timings = json.loads(proc.stdout.strip().splitlines()[-1])
+    phases = {"read_s", "preprocess_s", "infer_s", "total_s"}
+    assert set(timings) == {"load_s", "warm_calls", *phases, *(f"warm_{k}" for k in phases)}
+    assert timings["warm_calls"] == 2 and timings["warm_total_s"] >= timings["warm_infer_s"] > 0
+    assert len(pd.read_csv(out)) == 3 * 6  # the CSV holds the first call's scores, once
+
+
 def test_evaluate_cli(shared_data, tiny_checkpoint, tmp_path):
     proc = run_ich(
         "evaluate",

@@ -519,3 +519,45 @@ def test_pack_round_trip_is_byte_for_byte(png_sets, tmp_path):
     assert again.info == cache.info
     with pytest.raises(SystemExit, match="channels differ"):
         pack.pack(synthetic_cache(tmp_path / "three", n=8, size=16).root, tmp_path / "p3")
+
+
+def test_lossy_pack_is_close_and_says_so_in_the_trained_model(png_sets, tmp_path):
+    from ich.windowing import BRAIN_INPUT
+    from train import pack
+
+    cache = prepare.prepare(
+        list(png_sets), tmp_path / "c", size=64, spec=BRAIN_INPUT, min_brain=0.0, workers=0, progress=False
+    )
+    # (How much smaller than lossless is a property of real CT noise: see the README, not these drawings.)
+    again = pack.unpack(pack.pack(cache.root, tmp_path / "q", quality=50), tmp_path / "u")
+    original, decoded = np.asarray(cache.images, np.int16), np.asarray(again.images, np.int16)
+    assert (decoded[:, 0] == decoded[:, 2]).all() and not np.array_equal(decoded, original)
+    error = np.abs(decoded - original).mean()
+    assert 0 < error < 8 and again.info["webp_mean_abs_error"] == pytest.approx(error, abs=1e-3)
+    pd.testing.assert_frame_equal(again.frame, cache.frame)
+    meta = fit.main(["--data", str(again.root), "--task", "multilabel", "--epochs", "1", "--max-steps", "1",
+                     "--val-frac", "0", "--out", str(tmp_path), "--name", "m", *TINY])  # fmt: skip
+    assert meta["training"]["lossy_pack"] == {
+        "webp_quality": 50,
+        "webp_mean_abs_error": again.info["webp_mean_abs_error"],
+    }
+    with pytest.raises(SystemExit, match="quality runs from 1 to 100"):
+        pack.pack(cache.root, tmp_path / "bad", quality=0)
+
+
+def test_bundle_train_only_trains_every_run_and_writes_no_checkpoint(png_sets, tmp_path):
+    """The GPU half of a bundle (scripts/device_bundle.sh): five folds and the final run, nothing in --out."""
+    from ich.windowing import BRAIN_INPUT
+    from train import bundle
+
+    cache = prepare.prepare(
+        list(png_sets), tmp_path / "c", size=32, spec=BRAIN_INPUT, min_brain=0.0, workers=0, progress=False
+    )
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = ["--cache", str(cache.root), "--size", "32", "--work", str(work), "--out", str(out), "--train-only",
+            "--max-steps", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"]  # fmt: skip
+    assert bundle.main(argv) == 0
+    names = ["final", *(f"fold{k}" for k in range(bundle.FOLDS))]
+    assert all((work / "run" / f"{n}.args.json").is_file() for n in names) and not out.exists()
+    oof = bundle.out_of_fold([work / "run" / f"{n}.json" for n in names[1:]])
+    assert sorted(oof["row"]) == sorted(np.flatnonzero(cache.frame["source"] == "rsna-png"))

@@ -17,7 +17,10 @@
 6. ``weights/``: the checkpoint, ``evaluation.json`` and ``MODEL_CARD.md``.
 
 Each training run is skipped when its checkpoint already exists with the same arguments, so an
-interrupted bundle resumes, and the card can be remade without retraining.
+interrupted bundle resumes, and the card can be remade without retraining. ``--train-only`` stops
+after the training runs (on a GPU machine, where ``../shared`` and its DICOM checks are absent:
+``scripts/device_bundle.sh``); ``--checks-only`` reruns steps 5-6 for the checkpoint already in
+``--out``, keeping its cross-validation (after the checks' code changed).
 """
 
 from __future__ import annotations
@@ -91,6 +94,16 @@ def _stages_text(ev: dict) -> str:
     return "" if stages == 1 else ", both stages" if stages == 2 else f", all {stages} stages"
 
 
+def _lossy_text(lossy: dict | None) -> list[str]:
+    if not lossy:
+        return []
+    return [
+        f"Trained from a WebP pack of the cache (quality {lossy['webp_quality']}, mean error "
+        f"{lossy['webp_mean_abs_error']} grey levels of 255 in the brain window; `python -m train.pack`), "
+        "carried to the GPU machine; predictions here are on uncompressed slices."
+    ]
+
+
 def model_card(meta: dict, ev: dict, notes: str) -> str:
     """``weights/MODEL_CARD.md`` from the checkpoint JSON, ``evaluation.json`` and the reviewed failure notes."""
     cv, ext, tr = ev["cross_validation"], ev["external"], ev["training"]
@@ -139,6 +152,7 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         f"{meta['training']['batch_size']}), augmentation {meta['training']['augment']}, masked BCE (PHE-SICH gives "
         "bleed and intraparenchymal only: its other subtype labels are unknown and left out of the loss).",
         "The bundled model trained on all slices; five fold models with the same recipe give the out-of-fold numbers.",
+        *_lossy_text(meta["training"].get("lossy_pack")),
         "",
         f"## Cross-validation on rsna-png ({cv['slices']} slices, 5 folds)",
         "",
@@ -289,6 +303,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument(
         "--max-steps", type=int, default=None, help="stop each training run after this many steps (smoke runs)"
+    )
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--train-only", action="store_true", help="train (or reuse) the runs in --work/run, then stop")
+    stop.add_argument(
+        "--checks-only",
+        action="store_true",
+        help="rerun the external and heatmap checks for the checkpoint in --out and rewrite its evaluation.json and card",
     )
     return p
 
@@ -583,9 +604,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(command)
     dicom.quiet_invalid_values()
+    if args.checks_only:
+        print(recheck(args.out, args.shared, args.device))
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / BUNDLE_RECORD).write_text(json.dumps({"command": command}) + "\n")
     cache, final, folds = train_models(args)
+    if args.train_only:
+        for path in (final, *folds):
+            t = json.loads(path.read_text())["training"]
+            print(
+                f"{path.stem}: {t['train_seconds']:.0f} s training, {t['images_per_second']:.0f} img/s on {t['device']}"
+            )
+        return 0
     oof = out_of_fold(folds)
     platt, thresholds, cv = calibrate(oof, bleed_counts(cache.frame))
     calibrated = cv.pop("calibrated").set_index("sop_uid")
@@ -617,19 +648,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sources": final_meta["training"]["sources"],
         "command": command,
     }
-    (args.out / "evaluation.json").write_text(json.dumps(json_ready(reports), indent=2, allow_nan=False) + "\n")
     evaluate.reliability_figure(
         {"raw": cv["reliability_raw"], "calibrated": cv["reliability_calibrated"]},
         "Out-of-fold reliability, 'any' (rsna-png)",
     ).write_html(args.work / "reliability.html", include_plotlyjs=True)
-    card = model_card(
-        json.loads(meta_path.read_text()),
-        json.loads((args.out / "evaluation.json").read_text()),
-        FAILURE_NOTES.read_text(),
-    )
-    (args.out / "MODEL_CARD.md").write_text(card)
-    print(card)
+    print(write_reports(meta_path, reports))
     return 0
+
+
+def write_reports(meta_path: Path, reports: dict[str, Any]) -> str:
+    """``evaluation.json`` and ``MODEL_CARD.md`` beside the checkpoint ``meta_path``; returns the card."""
+    evaluation = meta_path.parent / "evaluation.json"
+    evaluation.write_text(json.dumps(json_ready(reports), indent=2, allow_nan=False) + "\n")
+    # The card is made from the file as written, so rebuilding it from evaluation.json is byte for byte.
+    card = model_card(json.loads(meta_path.read_text()), json.loads(evaluation.read_text()), FAILURE_NOTES.read_text())
+    (meta_path.parent / "MODEL_CARD.md").write_text(card)
+    return card
+
+
+def recheck(out: Path, shared: Path, device: str) -> str:
+    """Steps 5-6 again for the checkpoint in ``out``: the checks' code changed, the model did not."""
+    meta_path = out / f"{NAME}.json"
+    if not meta_path.is_file():
+        raise SystemExit(f"--checks-only: no checkpoint {meta_path}; build one with python -m train.bundle first")
+    reports = json.loads((out / "evaluation.json").read_text())
+    predictor = Predictor.from_checkpoint(meta_path, device)
+    reports["external"] = external_checks(predictor, shared)
+    reports["heatmaps"] = heatmap_checks(predictor, shared)
+    return write_reports(meta_path, reports)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,8 @@ def checkpoint_metadata(
         "amp": "bf16" if amp else "off",
         "val_sources": args.val_sources,
         "sources": cache.info.get("sources"),
+        # A cache unpacked from a lossy train.pack says so: the model saw WebP-compressed slices.
+        "lossy_pack": {k: cache.info[k] for k in ("webp_quality", "webp_mean_abs_error") if k in cache.info} or None,
         "steps": steps,
         "device": str(device),
         "train_seconds": train_seconds,
