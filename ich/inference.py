@@ -110,8 +110,11 @@ class Predictor:
             crop=metadata.get("crop", True),
             clip=metadata.get("clip", False),
         )
-        self.to_input = ModelInput(device, metadata["mean"], metadata["std"], channels_last=device.type == "cuda")
-        # bf16 on GPU: the H100/H200 tensor cores; fp32 on CPU, where bf16 is slower and less exact.
+        # channels_last everywhere: cuDNN's and oneDNN's fast layout (on the 2-core CPU, 36 slices with
+        # flip: 0.83 -> 0.61 s, same probabilities to 4 decimals).
+        self.to_input = ModelInput(device, metadata["mean"], metadata["std"], channels_last=True)
+        # bf16 on GPU: the H100/H200 tensor cores. fp32 on CPU: bf16 is faster only where the CPU has native
+        # bf16 (0.61 -> 0.34 s on this one), and moves probabilities by up to 0.003, so it would differ by machine.
         self._autocast = device.type == "cuda"
         self.lock = threading.Lock()
 
@@ -121,8 +124,7 @@ class Predictor:
     ) -> Predictor:
         dev = resolve_device(device)
         model, metadata = checkpoint.load_model(path or default_weights(), dev)
-        if dev.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
         for p in model.parameters():
             p.requires_grad_(False)
         return cls(model, metadata, dev, batch_size)

@@ -146,7 +146,7 @@ class ModelInput:
 
     Copies (non-blocking from pinned memory), converts to float, applies ``augment`` (training
     only; it works on the 0-255 scale, where 0 is air), normalises with ``mean``/``std`` (given
-    for [0, 1] images, folded with the 1/255 into one pass) and, on CUDA, goes channels_last.
+    for [0, 1] images, folded with the 1/255 into one pass) and, when asked, goes channels_last.
     """
 
     def __init__(

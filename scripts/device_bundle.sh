@@ -6,7 +6,7 @@
 # Here, first (what travels is capped at 64 MiB, the checkout's ~47 MiB included):
 #   S=../shared/data; python -m train.prepare $S/rsna-png $S/phe-sich $S/roboflow-ich --input brain \
 #       --size 192 --min-brain 0 --out .ich-data/cache-brain-192
-#   python -m train.pack .ich-data/cache-brain-192 .ich-data/pack --quality 40     # ~13.6 MiB
+#   python -m train.pack .ich-data/cache-brain-192 .ich-data/pack --quality 40     # 13.5 MiB
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl pydicom                           # the one package it lacks
 # There (carry .ich-data/pack and .whl):
