@@ -15,7 +15,9 @@
 #   mkdir -p .ich-data/bundle-gpu && cat OUT/run.tar.part-* | tar -x -C .ich-data/bundle-gpu
 #   python -m train.bundle --size 192 --epochs 40 --work .ich-data/bundle-gpu   # reuses the runs; calibrates, checks
 # Training stops after ICH_TRAIN_SECONDS (default 420) so the rest fits in one 10-minute command; the
-# runs finished by then come back, and a later call trains only the others. ICH_DEVICE=cpu makes a
+# runs finished by then come back, and a later call trains only the others. The six runs train at once
+# (ICH_JOBS, default 6), each in its own process: one ResNet18 at batch 32 leaves an H200 mostly idle;
+# each run's log is in run/<name>.log (it comes back with the runs). ICH_DEVICE=cpu makes a
 # dry run here (e.g. with --max-steps 2).
 set -euo pipefail
 pack=${1:?usage: scripts/device_bundle.sh PACK [train.bundle options]}
@@ -33,7 +35,7 @@ export PYTHONUNBUFFERED=1
 python3 -m train.pack --unpack "$pack" "$work/cache"
 size=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["size"])' "$pack/cache.json")
 timeout "${ICH_TRAIN_SECONDS:-420}" python3 -m train.bundle --train-only --cache "$work/cache" --size "$size" \
-  --device "$device" --workers 4 --work "$work" "$@" 2>&1 | tee "$out/train.log" || echo "training stopped: $?" | tee -a "$out/train.log"
+  --device "$device" --jobs "${ICH_JOBS:-6}" --workers 2 --work "$work" "$@" 2>&1 | tee "$out/train.log" || echo "training stopped: $?" | tee -a "$out/train.log"
 # Warm per-series latency, model resident: a 36-slice phantom series through `ich predict`, 10 calls.
 if [ -f "$work/run/final.json" ]; then
   python3 -m ich phantom --studies 1 --thickness 4.2 --out "$work/phantom" >/dev/null
@@ -42,6 +44,6 @@ if [ -f "$work/run/final.json" ]; then
 fi
 # What the bundle needs of the runs: records, validation predictions and the final weights (no fold
 # weights, no resume states).
-(cd "$work" && find run -name '*.json' -o -name '*.valid.parquet' -o -name final.safetensors) |
+(cd "$work" && find run -name '*.json' -o -name '*.valid.parquet' -o -name '*.log' -o -name final.safetensors) |
   tar -C "$work" -cf - -T - | split -b 15M - "$out/run.tar.part-"
 ls -la "$out"

@@ -561,3 +561,22 @@ def test_bundle_train_only_trains_every_run_and_writes_no_checkpoint(png_sets, t
     assert all((work / "run" / f"{n}.args.json").is_file() for n in names) and not out.exists()
     oof = bundle.out_of_fold([work / "run" / f"{n}.json" for n in names[1:]])
     assert sorted(oof["row"]) == sorted(np.flatnonzero(cache.frame["source"] == "rsna-png"))
+
+
+def test_bundle_jobs_train_runs_in_parallel_processes(png_sets, tmp_path, capsys):
+    from ich.windowing import BRAIN_INPUT
+    from train import bundle
+
+    cache = prepare.prepare(
+        list(png_sets), tmp_path / "c", size=32, spec=BRAIN_INPUT, min_brain=0.0, workers=0, progress=False
+    )
+    work = tmp_path / "work"
+    argv = ["--cache", str(cache.root), "--size", "32", "--work", str(work), "--train-only", "--jobs", "3",
+            "--max-steps", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"]  # fmt: skip
+    assert bundle.main(argv) == 0
+    names = ["final", *(f"fold{k}" for k in range(bundle.FOLDS))]
+    assert all("saved" in (work / "run" / f"{n}.log").read_text() for n in names)
+    assert all((work / "run" / f"{n}.args.json").is_file() for n in names)
+    capsys.readouterr()
+    assert bundle.main(argv) == 0  # the same command again: every run reused
+    assert capsys.readouterr().out.count(": reusing ") == len(names)

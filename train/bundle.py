@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +304,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="training runs at once, each in its own process (GPU)")
     p.add_argument(
         "--max-steps", type=int, default=None, help="stop each training run after this many steps (smoke runs)"
     )
@@ -334,15 +338,35 @@ def _recipe(fit_args: Sequence[str]) -> list[str]:
     return [a for i, a in enumerate(fit_args) if not (i and fit_args[i - 1] in _PLACE_OPTIONS)]
 
 
-def _fit(fit_args: list[str], run: Path, name: str) -> Path:
-    """Train unless ``run/<name>`` already holds a checkpoint made with the same recipe (:func:`_recipe`)."""
-    record = run / f"{name}.args.json"
+def _reusable(fit_args: list[str], run: Path, name: str) -> bool:
+    """``run/<name>`` already holds a checkpoint made with the same recipe (:func:`_recipe`)."""
+    record, done = run / f"{name}.args.json", run / f"{name}.json"
+    return done.is_file() and record.is_file() and _recipe(json.loads(record.read_text())) == _recipe(fit_args)
+
+
+def _fit(fit_args: list[str], run: Path, name: str, in_process: bool = True) -> Path:
+    """Train ``run/<name>`` unless it is :func:`_reusable`; in this process, or in a child (``train.fit``'s CLI)."""
     done = run / f"{name}.json"
-    if done.is_file() and record.is_file() and _recipe(json.loads(record.read_text())) == _recipe(fit_args):
+    if _reusable(fit_args, run, name):
         print(f"{name}: reusing {done}")
         return done
+    record = run / f"{name}.args.json"
     record.unlink(missing_ok=True)
-    fit.main(fit_args)
+    if in_process:
+        fit.main(fit_args)
+    else:
+        log = run / f"{name}.log"
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # train/ from any cwd
+        with log.open("w") as out:
+            child = subprocess.run(
+                [sys.executable, "-m", "train.fit", *fit_args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=os.environ | {"PYTHONPATH": path},
+            )
+        if child.returncode:
+            raise SystemExit(f"{name}: train.fit failed (exit {child.returncode}); see {log}")
+        print(f"{name}: done ({log})")
     record.write_text(json.dumps(fit_args) + "\n")
     return done
 
@@ -351,7 +375,8 @@ def train_models(args: argparse.Namespace) -> tuple[Cache, Path, list[Path]]:
     """``(cache, final checkpoint, fold checkpoints)``: the cache, the CV folds and the model on all data.
 
     ``--cache`` names a finished cache (e.g. unpacked by :mod:`train.pack` on a GPU machine that
-    has no ``../shared``); otherwise the training sets are prepared from ``--shared``.
+    has no ``../shared``); otherwise the training sets are prepared from ``--shared``. ``--jobs N``
+    trains N runs at once, each in its own process: one small run leaves a big GPU mostly idle.
     """
     if args.cache is not None:
         cache = Cache.open(args.cache)
@@ -370,18 +395,16 @@ def train_models(args: argparse.Namespace) -> tuple[Cache, Path, list[Path]]:
         cache = prepare.prepare(folders, path, size=args.size, spec=BRAIN_INPUT, min_brain=0.0, workers=args.workers)
     run = args.work / "run"
     run.mkdir(parents=True, exist_ok=True)
-    final = _fit(_fit_args(args, cache.root, "final", ["--val-frac", "0"]), run, "final")
-    folds = [
-        _fit(
-            _fit_args(
-                args, cache.root, f"fold{k}", ["--val-sources", VALIDATION_SET, "--folds", str(FOLDS), "--fold", str(k)]
-            ),
-            run,
-            f"fold{k}",
-        )
-        for k in range(FOLDS)
-    ]
-    return cache, final, folds
+    splits = {"final": ["--val-frac", "0"]} | {
+        f"fold{k}": ["--val-sources", VALIDATION_SET, "--folds", str(FOLDS), "--fold", str(k)] for k in range(FOLDS)
+    }
+    runs = {name: _fit_args(args, cache.root, name, split) for name, split in splits.items()}
+    if args.jobs > 1:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            done = list(pool.map(lambda name: _fit(runs[name], run, name, in_process=False), runs))
+    else:
+        done = [_fit(fit_args, run, name) for name, fit_args in runs.items()]
+    return cache, done[0], done[1:]
 
 
 def out_of_fold(folds: Sequence[Path]) -> pd.DataFrame:
