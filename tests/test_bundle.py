@@ -138,5 +138,8 @@ def test_checks_only_reruns_the_external_checks_and_keeps_the_rest(shared_data, 
     meta = json.loads((out / f"{bundle.NAME}.json").read_text())
     card = (out / "MODEL_CARD.md").read_text()
     assert card == bundle.model_card(meta, after, bundle.FAILURE_NOTES.read_text()) and "### rsna-sample" not in card
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    with pytest.raises(SystemExit, match=r"no .*ich-resnet18-brain\.json"):
         bundle.main(["--checks-only", "--out", str(tmp_path / "empty")])
+    (out / "evaluation.json").unlink()
+    with pytest.raises(SystemExit, match=r"no .*evaluation\.json"):
+        bundle.main(["--checks-only", "--out", str(out)])

@@ -1,7 +1,7 @@
 """Build the checkpoint bundled in ``weights/`` and its model card, in one command.
 
     python -m train.bundle                                   # the CPU recipe below (2-core CPU: see the card)
-    python -m train.bundle --size 192 --epochs 40 --device cuda   # the GPU recipe
+    python -m train.bundle --size 192 --epochs 40 --device cuda --jobs 6   # the GPU recipe (six runs at once)
 
 1. Prepare: the three real training sets in ``../shared/data`` (``rsna-png``, ``phe-sich``,
    ``roboflow-ich``, read by :mod:`ich.datasets`) into one cache with the brain-window input
@@ -692,8 +692,9 @@ def write_reports(meta_path: Path, reports: dict[str, Any]) -> str:
 def recheck(out: Path, shared: Path, device: str) -> str:
     """Steps 5-6 again for the checkpoint in ``out``: the checks' code changed, the model did not."""
     meta_path = out / f"{NAME}.json"
-    if not meta_path.is_file():
-        raise SystemExit(f"--checks-only: no checkpoint {meta_path}; build one with python -m train.bundle first")
+    for needed in (meta_path, out / "evaluation.json"):
+        if not needed.is_file():
+            raise SystemExit(f"--checks-only: no {needed}; build the checkpoint with python -m train.bundle first")
     reports = json.loads((out / "evaluation.json").read_text())
     predictor = Predictor.from_checkpoint(meta_path, device)
     reports["external"] = external_checks(predictor, shared)
