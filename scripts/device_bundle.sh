@@ -17,29 +17,31 @@
 # Training stops after ICH_TRAIN_SECONDS (default 420) so the rest fits in one 10-minute command; the
 # runs finished by then come back, and a later call trains only the others. The six runs train at once
 # (ICH_JOBS, default 6), each in its own process: one ResNet18 at batch 32 leaves an H200 mostly idle;
-# each run's log is in run/<name>.log (it comes back with the runs). ICH_DEVICE=cpu makes a
-# dry run here (e.g. with --max-steps 2).
+# each run's log is in run/<name>.log (it comes back with the runs). ICH_DEVICE=cpu with
+# PYTHON=.venv/bin/python makes a dry run here (e.g. with --max-steps 2; tests/test_train.py does);
+# ICH_WORK moves the scratch folder (default /tmp/ich-bundle).
 set -euo pipefail
 pack=${1:?usage: scripts/device_bundle.sh PACK [train.bundle options]}
 shift
 out=${OUT:-/tmp/ich-device-out}
-work=/tmp/ich-bundle
+work=${ICH_WORK:-/tmp/ich-bundle}
 device=${ICH_DEVICE:-cuda}
+py=${PYTHON:-python3}
 mkdir -p "$out" "$work"
-if ! python3 -c "import pydicom" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+if ! "$py" -c "import pydicom" 2>/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"; } | tee "$out/device.txt"
-python3 -m train.pack --unpack "$pack" "$work/cache"
-size=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["size"])' "$pack/cache.json")
-timeout "${ICH_TRAIN_SECONDS:-420}" python3 -m train.bundle --train-only --cache "$work/cache" --size "$size" \
+"$py" -m train.pack --unpack "$pack" "$work/cache"
+size=$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["size"])' "$pack/cache.json")
+timeout "${ICH_TRAIN_SECONDS:-420}" "$py" -m train.bundle --train-only --cache "$work/cache" --size "$size" \
   --device "$device" --jobs "${ICH_JOBS:-6}" --workers 2 --work "$work" "$@" 2>&1 | tee "$out/train.log" || echo "training stopped: $?" | tee -a "$out/train.log"
 # Warm per-series latency, model resident: a 36-slice phantom series through `ich predict`, 10 calls.
 if [ -f "$work/run/final.json" ]; then
-  python3 -m ich phantom --studies 1 --thickness 4.2 --out "$work/phantom" >/dev/null
-  python3 -m ich predict "$work/phantom" --weights "$work/run/final.json" --device "$device" --out "$work/sub.csv" \
+  "$py" -m ich phantom --studies 1 --thickness 4.2 --out "$work/phantom" >/dev/null
+  "$py" -m ich predict "$work/phantom" --weights "$work/run/final.json" --device "$device" --out "$work/sub.csv" \
     --timings --repeat 10 --quiet | tee "$out/latency.json"
 fi
 # What the bundle needs of the runs: records, validation predictions and the final weights (no fold

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -563,20 +564,36 @@ def test_bundle_train_only_trains_every_run_and_writes_no_checkpoint(png_sets, t
     assert sorted(oof["row"]) == sorted(np.flatnonzero(cache.frame["source"] == "rsna-png"))
 
 
-def test_bundle_jobs_train_runs_in_parallel_processes(png_sets, tmp_path, capsys):
+@pytest.mark.slow
+def test_device_script_round_trip(png_sets, tmp_path):
+    """scripts/device_bundle.sh, dry run on the CPU (runs in parallel processes, --jobs): what it returns fits
+    the device tool, and a bundle here reuses every run."""
     from ich.windowing import BRAIN_INPUT
-    from train import bundle
+    from train import bundle, pack
 
     cache = prepare.prepare(
         list(png_sets), tmp_path / "c", size=32, spec=BRAIN_INPUT, min_brain=0.0, workers=0, progress=False
     )
-    work = tmp_path / "work"
-    argv = ["--cache", str(cache.root), "--size", "32", "--work", str(work), "--train-only", "--jobs", "3",
-            "--max-steps", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"]  # fmt: skip
-    assert bundle.main(argv) == 0
-    names = ["final", *(f"fold{k}" for k in range(bundle.FOLDS))]
-    assert all("saved" in (work / "run" / f"{n}.log").read_text() for n in names)
-    assert all((work / "run" / f"{n}.args.json").is_file() for n in names)
-    capsys.readouterr()
-    assert bundle.main(argv) == 0  # the same command again: every run reused
-    assert capsys.readouterr().out.count(": reusing ") == len(names)
+    packed = pack.pack(cache.root, tmp_path / "pack", quality=40)
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = os.environ | {"OUT": str(out), "ICH_WORK": str(work), "ICH_DEVICE": "cpu", "ICH_JOBS": "2",
+                        "PYTHON": sys.executable}  # fmt: skip
+    recipe = ["--max-steps", "1", "--batch-size", "8"]
+    proc = subprocess.run(["bash", "scripts/device_bundle.sh", str(packed), *recipe], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert {"train.log", "latency.json", "device.txt", "run.tar.part-aa"} <= set(files) and len(files) <= 8
+    assert all((out / f).stat().st_size <= 16 * 2**20 for f in files)
+    assert json.loads((out / "latency.json").read_text())["warm_calls"] == 9
+    back = tmp_path / "back"
+    back.mkdir()
+    parts = b"".join((out / f).read_bytes() for f in files if f.startswith("run.tar.part-"))
+    subprocess.run(["tar", "-x", "-C", str(back)], input=parts, check=True)
+    assert not list((back / "run").glob("fold*.safetensors")) and (back / "run" / "final.safetensors").is_file()
+    # Here the cache comes from the original slices (another path, lossless): the runs are reused all the same.
+    here = pack.unpack(pack.pack(cache.root, tmp_path / "lossless"), tmp_path / "c2")
+    argv = ["--cache", str(here.root), "--size", "32", "--work", str(back), "--train-only", *recipe, "--device", "cpu"]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(bundle.fit, "main", lambda argv: pytest.fail("a run was retrained"))
+        assert bundle.main(argv) == 0
