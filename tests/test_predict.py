@@ -106,6 +106,14 @@ def test_predict_cli_keeps_going_past_bad_files(tmp_path, tiny_checkpoint):
     assert "Traceback" not in proc.stderr
 
 
+def test_warm_up_leaves_predictions_unchanged(tiny_checkpoint):
+    pred = Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
+    volume = [np.full((64, 64), 40.0, np.float32), np.linspace(-1000, 1000, 64 * 64, dtype=np.float32).reshape(64, 64)]
+    before, _ = pred.predict_volume(volume)
+    pred.warm_up()
+    np.testing.assert_array_equal(pred.predict_volume(volume)[0], before)
+
+
 def test_predict_cli_repeat_reports_warm_calls(tmp_path, tiny_checkpoint):
     series, study = generate_uid(), generate_uid()
     for i in range(3):
