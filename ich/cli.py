@@ -96,6 +96,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     from ich import evaluate
 
+    if args.repeat < 1 or (args.repeat > 1 and not args.timings):
+        raise SystemExit(f"--repeat {args.repeat}: give a count of 1 or more, with --timings (it only times)")
     start = time.perf_counter()
     predictor = _predictor(args)
     load_s = time.perf_counter() - start

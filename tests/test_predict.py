@@ -106,12 +106,15 @@ def test_predict_cli_keeps_going_past_bad_files(tmp_path, tiny_checkpoint):
     assert "Traceback" not in proc.stderr
 
 
-def test_warm_up_leaves_predictions_unchanged(tiny_checkpoint):
+def test_warm_up_sends_one_blank_slice_shaped_like_a_real_one(tiny_checkpoint, monkeypatch):
+    """The warm-up must meet the kernels a study will: the same input shape as a preprocessed slice."""
     pred = Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
-    volume = [np.full((64, 64), 40.0, np.float32), np.linspace(-1000, 1000, 64 * 64, dtype=np.float32).reshape(64, 64)]
-    before, _ = pred.predict_volume(volume)
+    seen: list[tuple[int, ...]] = []
+    real = pred.predict_batch
+    monkeypatch.setattr(pred, "predict_batch", lambda batch: seen.append(batch.shape) or real(batch))
     pred.warm_up()
-    np.testing.assert_array_equal(pred.predict_volume(volume)[0], before)
+    slice_shape = pred.preprocess(np.full((96, 80), 40.0, np.float32)).shape
+    assert seen == [(1, *slice_shape)]
 
 
 def test_predict_cli_repeat_reports_warm_calls(tmp_path, tiny_checkpoint):
@@ -127,6 +130,8 @@ def test_predict_cli_repeat_reports_warm_calls(tmp_path, tiny_checkpoint):
     assert set(timings) == {"load_s", "warm_calls", *phases, *(f"warm_{k}" for k in phases)}
     assert timings["warm_calls"] == 2 and timings["warm_total_s"] >= timings["warm_infer_s"] > 0
     assert len(pd.read_csv(out)) == 3 * 6  # the CSV holds the first call's scores, once
+    refused = run_ich(*args[:-1], "--repeat", "3")  # without --timings, repeating would time nothing
+    assert refused.returncode == 1 and "--repeat 3: give a count of 1 or more, with --timings" in refused.stderr
 
 
 def test_evaluate_cli(shared_data, tiny_checkpoint, tmp_path):

@@ -1,15 +1,15 @@
 """Pack a brain-window training cache small enough to carry to a GPU machine, and unpack it there.
 
     python -m train.pack CACHE PACK                  # lossless: images.u8.xz + metadata.parquet + cache.json
-    python -m train.pack CACHE PACK --quality 50     # lossy WebP, one file per pack: images.webp + lengths
+    python -m train.pack CACHE PACK --quality 40     # lossy WebP: images.webp + webp_lengths.npy + the rest
     python -m train.pack --unpack PACK CACHE         # a finished cache again, for train.fit / train.bundle --cache
 
 A brain-input cache repeats one channel three times (:data:`ich.windowing.BRAIN_INPUT`), so the
 pack keeps one channel. What a lent GPU machine receives is capped at 64 MiB, the checkout
 included (about 47 MiB, most of it the bundled weights), and ``../shared`` does not travel: so
-about 16 MiB are left for the pack. Lossless LZMA gives about 52 MiB at 160 px; WebP at quality 50
-gives 15 MiB at 192 px with a mean error of about 2.4 grey levels (0.75 HU in the 0-80 HU brain
-window, well under CT noise). The pack records its quality and measured error in ``cache.json``,
+about 16 MiB are left for the pack. Lossless LZMA gives about 52 MiB at 160 px; WebP at quality 40
+gives 13.5 MiB at 192 px with a mean error of 2.57 grey levels (0.8 HU in the 0-80 HU brain
+window, well under CT noise; the README's fold-0 table says what that costs a model). The pack records its quality and measured error in ``cache.json``,
 and so does the cache unpacked from it, so a model trained on it says what it saw. A lossless
 pack unpacks byte for byte.
 """
