@@ -25,6 +25,7 @@ __all__ = [
     "error_rate",
     "sensitivity_specificity",
     "youden_thresholds",
+    "f1_thresholds",
     "threshold_for_sensitivity",
     "bootstrap_auc",
     "wilson_interval",
@@ -148,8 +149,8 @@ def sensitivity_specificity(
     return sens.astype(np.float64), spec.astype(np.float64)
 
 
-def youden_thresholds(y_true: np.ndarray, y_prob: np.ndarray, default: float = DEFAULT_THRESHOLD) -> np.ndarray:
-    """Per class, the threshold maximising sensitivity + specificity - 1 (Youden's J).
+def _best_thresholds(y_true: np.ndarray, y_prob: np.ndarray, criterion: str, default: float) -> np.ndarray:
+    """Per class, the threshold maximising ``criterion`` (``"youden"`` or ``"f1"``) over the known labels.
 
     Candidate thresholds sit halfway between consecutive distinct probabilities, so the choice
     does not sit on a validation example. A class with one label value (or one probability) only
@@ -165,9 +166,27 @@ def youden_thresholds(y_true: np.ndarray, y_prob: np.ndarray, default: float = D
             continue
         cands = np.r_[values[0] - 1e-9, (values[1:] + values[:-1]) / 2]
         pred = prob[None, :] > cands[:, None]
-        j = (pred & pos).sum(1) / pos.sum() + (~pred & ~pos).sum(1) / (~pos).sum() - 1
-        out[c] = float(np.clip(cands[int(np.argmax(j))], 0.0, 1.0))
+        tp, fp = (pred & pos).sum(1), (pred & ~pos).sum(1)
+        if criterion == "youden":
+            score = tp / pos.sum() - fp / (~pos).sum()  # sensitivity + specificity - 1
+        else:
+            score = 2 * tp / (tp + fp + pos.sum())  # 2TP / (2TP + FP + FN)
+        out[c] = float(np.clip(cands[int(np.argmax(score))], 0.0, 1.0))
     return out
+
+
+def youden_thresholds(y_true: np.ndarray, y_prob: np.ndarray, default: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """Per class, the threshold maximising sensitivity + specificity - 1 (Youden's J)."""
+    return _best_thresholds(y_true, y_prob, "youden", default)
+
+
+def f1_thresholds(y_true: np.ndarray, y_prob: np.ndarray, default: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """Per class, the threshold maximising F1, the harmonic mean of sensitivity and precision.
+
+    Unlike Youden's J, F1 counts false positives against the positives, not against the far more
+    numerous negatives: for a rare class it will not buy a few more hits with many false calls.
+    """
+    return _best_thresholds(y_true, y_prob, "f1", default)
 
 
 def threshold_for_sensitivity(y_true: np.ndarray, y_score: np.ndarray, sensitivity: float) -> float:

@@ -69,6 +69,28 @@ def test_subtype_thresholds_tell_subtypes_apart_among_bleeding_slices():
         assert named[c]["named"] < named["called"] / 2 and named[c]["correct"] / named[c]["named"] > 1.5 * share
 
 
+def test_a_rare_weak_subtype_is_not_named_on_every_bleeding_slice():
+    """The shipped model's epidural case: a subtype on 3 % of bleeding slices whose score is barely higher
+    there. Youden's J among bleeding slices would name it on over a fifth of the called slices; the F1
+    threshold names it rarely and is right far more often than its share."""
+    oof = synthetic_oof(4000, seed=3)
+    rng = np.random.default_rng(4)
+    bleeding = np.flatnonzero(oof["any"].to_numpy() > 0)
+    oof["epidural"] = 0
+    oof.loc[rng.choice(bleeding, len(bleeding) // 30, replace=False), "epidural"] = 1
+    z = 3 * oof["any"] + 0.3 * oof["epidural"] + rng.normal(0, 0.6, len(oof)) - 5
+    oof["p_epidural"] = 1 / (1 + np.exp(-z))
+    platt, thresholds, report = bundle.calibrate(oof, [1, 3, 5, 8])
+    named, called = report["subtypes_named"]["epidural"], report["subtypes_named"]["called"]
+    assert named["named"] < called / 10
+    assert named["correct"] / named["named"] > 5 * named["positives_called"] / called
+
+    y = oof[list(CLASSES)].to_numpy(float)
+    cal = platt(oof[[f"p_{c}" for c in CLASSES]].to_numpy(float))
+    youden = youden_thresholds(y[bleeding, 1:2], cal[bleeding, 1:2])[0]
+    assert ((cal[:, 1] >= youden) & (cal[:, 0] >= thresholds["any"])).sum() > called / 5
+
+
 def test_earlier_stages_follow_the_init_run_chain(tmp_path):
     """A third stage's card cites both bundles it continued, oldest first, with their runs' wall time."""
     previous = None
@@ -119,6 +141,40 @@ def test_a_run_made_elsewhere_is_reused_but_not_another_recipe(tmp_path):
     )
 
 
+def test_an_interrupted_run_resumes_and_another_recipe_starts_afresh(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    args = bundle.get_args_parser().parse_args(["--work", str(tmp_path)])
+    fit_args = bundle._fit_args(args, tmp_path / "cache", "fold0", ["--fold", "0"])
+    calls: list[list[str]] = []
+
+    def fake_fit(argv):
+        calls.append(argv)
+        (run / "fold0.state.pt").write_bytes(b"after epoch 1")
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the session ends mid-run
+        (run / "fold0.json").write_text("{}")
+
+    monkeypatch.setattr(bundle.fit, "main", fake_fit)
+    with pytest.raises(KeyboardInterrupt):
+        bundle._fit(fit_args, run, "fold0")
+    bundle._fit(fit_args, run, "fold0")
+    assert calls[0] == fit_args and calls[1] == [*fit_args, "--resume", str(run / "fold0.state.pt")]
+    assert bundle._reusable(fit_args, run, "fold0")  # recorded without --resume
+
+    (run / "fold0.json").unlink()
+    other = bundle._fit_args(
+        bundle.get_args_parser().parse_args(["--work", str(tmp_path), "--epochs", "40"]),
+        tmp_path / "cache",
+        "fold0",
+        ["--fold", "0"],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        calls.clear()
+        bundle._fit(other, run, "fold0")
+    assert calls == [other]  # another recipe's state is not resumed
+
+
 def test_checks_only_reruns_the_external_checks_and_keeps_the_rest(shared_data, tmp_path):
     out, shared = tmp_path / "weights", tmp_path / "shared"
     shutil.copytree(WEIGHTS, out)
@@ -143,3 +199,30 @@ def test_checks_only_reruns_the_external_checks_and_keeps_the_rest(shared_data, 
     (out / "evaluation.json").unlink()
     with pytest.raises(SystemExit, match=r"no .*evaluation\.json"):
         bundle.main(["--checks-only", "--out", str(out)])
+
+
+def test_recalibrate_refits_the_policy_on_the_kept_out_of_fold_predictions(shared_data, tmp_path):
+    """A rebuilt bundle keeps its raw fold predictions, so a new threshold policy needs no retraining:
+    --recalibrate refits calibration, thresholds and study rule on them, for the same weights."""
+    out, shared = tmp_path / "weights", tmp_path / "shared"
+    shutil.copytree(WEIGHTS, out)
+    shared.mkdir()
+    (shared / "physionet-ctich").symlink_to(shared_data / "physionet-ctich")
+    with pytest.raises(SystemExit, match=r"--recalibrate: no .*out-of-fold\.parquet"):
+        bundle.main(["--recalibrate", "--out", str(out), "--shared", str(shared)])
+    oof, counts = synthetic_oof(), [1, 3, 5, 8]
+    oof.to_parquet(out / bundle.OOF_FILE)
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    evaluation["cross_validation"]["series_rule"]["bleed_slices_per_series"] = counts  # as a rebuild records it
+    (out / "evaluation.json").write_text(json.dumps(evaluation))
+    before = json.loads((out / f"{bundle.NAME}.json").read_text())
+
+    assert bundle.main(["--recalibrate", "--out", str(out), "--shared", str(shared), "--device", "cpu"]) == 0
+    meta = json.loads((out / f"{bundle.NAME}.json").read_text())
+    after = json.loads((out / "evaluation.json").read_text())
+    _platt, thresholds, _cv = bundle.calibrate(oof, counts)
+    assert meta["thresholds"] == pytest.approx(thresholds) and meta["thresholds"] != before["thresholds"]
+    assert meta["sha256"] == before["sha256"] and meta["training"] == before["training"]
+    assert "F1" in meta["threshold_policy"] and after["cross_validation"]["slices"] == len(oof)
+    assert after["training"] == evaluation["training"] and set(after["external"]) == {"physionet-ctich"}
+    assert (out / "MODEL_CARD.md").read_text() == bundle.model_card(meta, after, bundle.FAILURE_NOTES.read_text())

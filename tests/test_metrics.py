@@ -68,6 +68,16 @@ def test_youden_threshold_separates_and_defaults():
     assert thr[1] == 0.5  # one label value only: default kept
 
 
+def test_f1_threshold_does_not_buy_rare_hits_with_many_false_calls():
+    """3 positives (0.95, 0.30, 0.25) among 20 clear low scores and 10 clear mid scores (0.40-0.85):
+    Youden's J calls all three and 10 false ones (J 0.67); F1 calls only the top one (F1 0.5 vs 0.375)."""
+    prob = np.r_[0.95, 0.30, 0.25, np.linspace(0.01, 0.2, 20), np.linspace(0.40, 0.85, 10)]
+    y = (np.arange(len(prob)) < 3).astype(int)
+    assert m.youden_thresholds(y, prob)[0] < 0.25
+    assert 0.85 < m.f1_thresholds(y, prob)[0] < 0.95
+    assert m.f1_thresholds([[1], [1]], [[0.2], [0.9]])[0] == 0.5  # one label value only: default kept
+
+
 def test_summarize_reports_everything():
     classes = ["any", "epidural"]
     y = np.array([[1, 1], [1, 0], [0, 0], [0, 0]])

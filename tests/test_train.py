@@ -274,6 +274,10 @@ def test_fit_resumes_after_an_interruption(cache, tmp_path, monkeypatch):
     meta = fit.main([*argv, "--resume", str(state)])
     assert [h["phase"] for h in meta["history"]] == ["head", "full", "full"]
     assert meta["training"]["steps"] == 3 * 4  # 36 training slices / batch 8, last batch dropped
+    # The interrupted part counts too: time over all three epochs, not only the one after the resume.
+    training = meta["training"]
+    assert training["wall_seconds"] >= sum(h["seconds"] for h in meta["history"])
+    assert training["images_per_second"] == pytest.approx(3 * 4 * 8 / training["train_seconds"])
     assert meta["threshold_policy"] == "youden" and meta["classes"] == ["any"]
 
 

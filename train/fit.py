@@ -409,6 +409,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=args.wd)
 
     start_phase = start_epoch = step = 0
+    # Time and images of an interrupted run's finished epochs, so a resumed run reports its whole cost.
+    earlier = {"train_seconds": 0.0, "wall_seconds": 0.0, "images_seen": 0.0}
     history: list[dict] = []
     resume_state: dict = {}
     lr = args.lr
@@ -419,6 +421,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         optimizer.load_state_dict(resume_state["optimizer"])
         start_phase, start_epoch, step = resume_state["phase"], resume_state["epoch"], resume_state["step"]
         history, lr = resume_state["history"], resume_state["lr"]
+        earlier = {k: float(resume_state.get(k, 0.0)) for k in earlier}
         # The augmentation continues its random stream (one process: the saved stream is rank 0's).
         saved_rng = resume_state.get("augment_rng")
         if (
@@ -451,7 +454,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     log("  ".join(report.TABLE_COLUMNS))
     last = None
     started = time.perf_counter()
-    train_seconds = images_seen = 0.0
+    train_seconds, images_seen = earlier["train_seconds"], earlier["images_seen"]
     epoch_index = sum(p.epochs for p in phases[:start_phase]) + start_epoch
     for phase_index in range(start_phase, len(phases)):
         phase, budget = phases[phase_index], budgets[phase_index]
@@ -496,6 +499,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
                 snapshot: dict[str, Any] = {
                     "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "phase": phase_index, "epoch": epoch + 1, "step": step, "lr": lr, "history": history,
+                    "train_seconds": train_seconds, "images_seen": images_seen,
+                    "wall_seconds": earlier["wall_seconds"] + time.perf_counter() - started,
                     "augment_rng": augment.generator.get_state() if augment and augment.generator else None}  # fmt: skip
                 atomic_write(state_path, partial(torch.save, snapshot))
 
@@ -508,7 +513,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     metrics = summarize(y_true, y_prob, classes, thresholds) | {"valid_loss": valid_loss}
     metadata = report.checkpoint_metadata(
         args, cache, split, classes, y, name=name, lr=lr, world_size=dist_info.world_size, augment=augment, amp=amp,
-        device=device, steps=step, train_seconds=train_seconds, wall_seconds=time.perf_counter() - started,
+        device=device, steps=step, train_seconds=train_seconds,
+        wall_seconds=earlier["wall_seconds"] + time.perf_counter() - started,
         images_seen=images_seen, thresholds=thresholds, metrics=metrics, history=history,
     )  # fmt: skip
     if dist_info.is_main:
