@@ -413,16 +413,18 @@ def train_models(args: argparse.Namespace) -> tuple[Cache, Path, list[Path]]:
         cache = prepare.prepare(folders, path, size=args.size, spec=BRAIN_INPUT, min_brain=0.0, workers=args.workers)
     run = args.work / "run"
     run.mkdir(parents=True, exist_ok=True)
-    splits = {"final": ["--val-frac", "0"]} | {
+    # Folds first: fold 0's validation says whether the recipe is worth the other runs (hours on a CPU),
+    # and the final model is no use without the out-of-fold predictions.
+    splits = {
         f"fold{k}": ["--val-sources", VALIDATION_SET, "--folds", str(FOLDS), "--fold", str(k)] for k in range(FOLDS)
-    }
+    } | {"final": ["--val-frac", "0"]}
     runs = {name: _fit_args(args, cache.root, name, split) for name, split in splits.items()}
     if args.jobs > 1:
         with ThreadPoolExecutor(args.jobs) as pool:
             done = list(pool.map(lambda name: _fit(runs[name], run, name, in_process=False), runs))
     else:
         done = [_fit(fit_args, run, name) for name, fit_args in runs.items()]
-    return cache, done[0], done[1:]
+    return cache, done[-1], done[:-1]
 
 
 def out_of_fold(folds: Sequence[Path]) -> pd.DataFrame:
