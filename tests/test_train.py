@@ -84,6 +84,17 @@ def test_batch_loader_reads_every_row_once_and_shards(cache):
     assert shards[0] | shards[1] == set(rows.tolist())
 
 
+def test_batch_reader_refuses_rows_outside_its_cache(cache):
+    """read() clips out-of-range rows for speed, so they are refused up front rather than read as the last image."""
+    n = len(cache.frame)
+    with pytest.raises(ValueError, match=rf"holds {n} images; rows \[{n}\] are outside it"):
+        BatchReader(cache.images_path, np.array([0, n]), np.zeros((2, 1), np.float32))
+    with pytest.raises(ValueError, match="outside it"):
+        BatchReader(cache.images_path, np.array([-1]), np.zeros((1, 1), np.float32))
+    with pytest.raises(ValueError, match="3 rows but 2 target rows"):
+        BatchReader(cache.images_path, np.arange(3), np.zeros((2, 1), np.float32))
+
+
 def test_batch_loader_threads_read_ahead_and_stop_early(cache):
     reader = BatchReader(cache.images_path, np.arange(30), np.zeros((30, 1), np.float32))
     loader = BatchLoader(reader, 4, shuffle=True, workers=2, drop_last=True, seed=5)

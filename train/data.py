@@ -315,6 +315,15 @@ class BatchReader:
         self.images = np.load(images_path, mmap_mode="r")
         self.rows = np.asarray(rows, dtype=np.int64)
         self.target = np.asarray(target, dtype=np.float32)
+        # Checked once here, because read() uses mode="clip", which would quietly repeat the last image.
+        outside = self.rows[(self.rows < 0) | (self.rows >= len(self.images))]
+        if len(outside):
+            raise ValueError(
+                f"{images_path}: holds {len(self.images)} images; rows {outside[:5].tolist()} are outside it "
+                "(a metadata table from another cache?)"
+            )
+        if len(self.target) != len(self.rows):
+            raise ValueError(f"{len(self.rows)} rows but {len(self.target)} target rows")
 
     def __len__(self) -> int:
         return len(self.rows)
