@@ -121,6 +121,22 @@ def test_reupload_keeps_id_labels_and_read(tmp_path):
     assert slices["truth"].eq("phantom").all() and (slices["y_subdural"] == 1).all()
 
 
+def test_reupload_with_labels_for_other_slices_keeps_each_slices_labels(tmp_path):
+    """A second label file that lists only some slices (or another series') relabels those and no others."""
+    wl = Worklist(tmp_path)
+    series = series_of(4)
+    first = pd.DataFrame(0, index=series.sop_uids, columns=list(CLASSES))
+    study_id = wl.add_study(series, FakePredictor({"any": 0.3}).predict_series(series), first)
+    second = pd.DataFrame(1, index=[series.sop_uids[1], "1.2.3.not-this-series"], columns=list(CLASSES))
+    wl.add_study(series, FakePredictor({"any": 0.3}).predict_series(series), second, truth="phantom")
+    slices = wl.slices(study_id)
+    assert slices["y_any"].tolist() == [0, 1, 0, 0]
+    assert slices["truth"].tolist() == ["csv", "phantom", "csv", "csv"]
+    unlabelled = series_of(2)
+    other_id = wl.add_study(unlabelled, FakePredictor({"any": 0.3}).predict_series(unlabelled), second)
+    assert wl.slices(other_id)["y_any"].isna().all() and wl.slices(other_id)["truth"].isna().all()
+
+
 def test_exports_leave_uids_out_by_default(tmp_path):
     wl = Worklist(tmp_path)
     study_id, series = add(wl, 0.6)

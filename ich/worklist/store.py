@@ -327,9 +327,9 @@ class Worklist:
 
         ``source`` says how it came (:data:`SOURCES`; a demo study is always "demo").
 
-        ``labels`` are wide labels indexed by SOPInstanceUID (:mod:`ich.labels`); slices it does not
-        list stay unlabelled. Uploading the same series again replaces its scores and volume but keeps
-        its id, status and reads, and its labels unless new ones come.
+        ``labels`` are wide labels indexed by SOPInstanceUID (:mod:`ich.labels`). Uploading the same
+        series again replaces its scores and volume but keeps its id, status and reads, and each
+        slice's labels unless new ones for that slice come; slices never labelled stay unlabelled.
         """
         if truth not in ("csv", "phantom"):  # "review" truth comes from save_review only
             raise ValueError(f"truth must be 'csv' or 'phantom', got {truth!r}")
@@ -369,27 +369,25 @@ class Worklist:
             found = db.execute(
                 "SELECT id FROM studies WHERE study_uid = ? AND series_uid = ?", (series.study_uid, series.series_uid)
             ).fetchone()
+            # Labels a previous upload of this series brought stay where the new ones say nothing
+            # (no label file, or one that does not list these slices).
+            old = {
+                r["sop_uid"]: r
+                for r in (
+                    db.execute(f"SELECT sop_uid, {', '.join(_Y)}, truth FROM slices WHERE study_id = ?", (found["id"],))
+                    if found
+                    else []
+                )
+            }
+            y = np.array(
+                [[np.nan if sop not in old or old[sop][c] is None else old[sop][c] for c in _Y] for sop in series.sop_uids]
+            ).reshape(len(series), len(_Y))
+            sources = [old[sop]["truth"] if sop in old else None for sop in series.sop_uids]
             if labels is not None:
-                y = labels.reindex(series.sop_uids)[list(CLASSES)].to_numpy(np.float64)
-                sources = [None if np.isnan(row).all() else truth for row in y]
-            else:  # keep the labels a previous upload of this series brought
-                old = (
-                    {}
-                    if not found
-                    else {
-                        r["sop_uid"]: r
-                        for r in db.execute(
-                            f"SELECT sop_uid, {', '.join(_Y)}, truth FROM slices WHERE study_id = ?", (found["id"],)
-                        )
-                    }
-                )
-                y = np.array(
-                    [
-                        [np.nan if sop not in old or old[sop][c] is None else old[sop][c] for c in _Y]
-                        for sop in series.sop_uids
-                    ]
-                )
-                sources = [old[sop]["truth"] if sop in old else None for sop in series.sop_uids]
+                new = labels.reindex(series.sop_uids)[list(CLASSES)].to_numpy(np.float64)
+                given = ~np.isnan(new).all(axis=1)
+                y[given] = new[given]
+                sources = [truth if g else src for g, src in zip(given, sources)]
             if found:
                 study_id = found["id"]
                 db.execute(
