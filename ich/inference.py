@@ -92,6 +92,10 @@ class Predictor:
         unknown = set(self.model_classes) - set(CLASSES)
         if unknown:
             raise checkpoint.CheckpointError(f"checkpoint predicts unknown classes {sorted(unknown)}")
+        if "any" not in self.model_classes:  # the study score, the flag and the worklist order come from it
+            raise checkpoint.CheckpointError(
+                f"checkpoint predicts {list(self.model_classes)} but not 'any', which studies are scored and flagged by"
+            )
         self._columns = [CLASSES.index(c) for c in self.model_classes]
         thresholds = metadata["thresholds"]
         self.thresholds: dict[str, float] = (

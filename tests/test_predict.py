@@ -56,6 +56,13 @@ def test_binary_checkpoint_leaves_subtypes_empty(tmp_path):
     assert result.top_subtype is None
 
 
+def test_checkpoint_without_any_is_refused_by_name(tmp_path):
+    """The study score and flag come from 'any': a subtypes-only checkpoint would score every study NaN."""
+    path = make_checkpoint(tmp_path / "subtypes", classes=("epidural", "subdural"))
+    with pytest.raises(ValueError, match=r"predicts \['epidural', 'subdural'\] but not 'any'"):
+        Predictor.from_checkpoint(path, device="cpu")
+
+
 def test_tampered_weights_refused(tmp_path):
     path = make_checkpoint(tmp_path / "m")
     weights = path.with_suffix(".safetensors")
