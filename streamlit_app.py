@@ -23,7 +23,7 @@ from PIL import Image
 
 from ich import access, dicom, explain, review, scope, viewer
 from ich.inference import STUDY_AGGREGATION, Predictor, default_weights
-from ich.labels import CLASSES, SUBTYPES, read_rsna_csv
+from ich.labels import CLASSES, NOT_NAMED, SUBTYPES, read_rsna_csv
 from ich.viewer.component import publish, slice_viewer
 from ich.windowing import PRESETS, Window
 from ich.worklist import STATUS_NEW, STATUSES, IngestReport, StudyRecord, Worklist, data_dir, ingest, seed_demo
@@ -600,11 +600,20 @@ def viewer_page() -> None:
                 {
                     "class": CLASSES,
                     "probability": probs[index] * 100,
-                    "threshold": [thresholds.get(c, review.DEFAULT_THRESHOLD) * 100 for c in CLASSES],
+                    # Blank where the checkpoint does not name the class (ich.labels.NOT_NAMED).
+                    "threshold": [
+                        t * 100 if t < NOT_NAMED else None
+                        for t in (thresholds.get(c, review.DEFAULT_THRESHOLD) for c in CLASSES)
+                    ],
                 }
             ),
             hide_index=True,
-            column_config={"probability": PERCENT_BAR, "threshold": st.column_config.NumberColumn(format="%.1f%%")},
+            column_config={
+                "probability": PERCENT_BAR,
+                "threshold": st.column_config.NumberColumn(
+                    format="%.1f%%", help="Called at or above this. Blank: this model does not name the class."
+                ),
+            },
         )
         st.plotly_chart(
             probability_figure(slices, index, thresholds),

@@ -27,7 +27,7 @@ from ich import checkpoint
 from ich.calibration import Platt
 from ich.dicom import Series
 from ich.files import default_weights
-from ich.labels import CLASSES, DEFAULT_THRESHOLD
+from ich.labels import CLASSES, DEFAULT_THRESHOLD, NOT_NAMED
 from ich.models import ModelInput, flip_averaged_logits
 from ich.windowing import Preprocess, Window
 
@@ -181,7 +181,10 @@ class Predictor:
     def summarize(self, sop_uids: list[str], probs: np.ndarray, timings: dict | None = None) -> StudyPrediction:
         any_col = probs[:, CLASSES.index("any")]
         score = study_score(any_col, self.top_k)
-        subtypes = [c for c in self.model_classes if c != "any"]
+        # The most likely subtype the checkpoint names: one it does not name (NOT_NAMED) is never the headline.
+        subtypes = [
+            c for c in self.model_classes if c != "any" and self.thresholds.get(c, DEFAULT_THRESHOLD) < NOT_NAMED
+        ]
         top = None
         if subtypes and len(probs):
             peaks = {c: float(np.nanmax(probs[:, CLASSES.index(c)])) for c in subtypes}

@@ -19,6 +19,7 @@ __all__ = [
     "SUBTYPES",
     "INDEX_NAME",
     "DEFAULT_THRESHOLD",
+    "NOT_NAMED",
     "from_rsna",
     "to_rsna",
     "read_rsna_csv",
@@ -31,6 +32,9 @@ INDEX_NAME = "sop_uid"
 # A class is called present at probability >= this when a checkpoint names no threshold of its own
 # (the paper's fixed cut-off; the bundled model ships thresholds chosen for triage).
 DEFAULT_THRESHOLD = 0.5
+# A threshold that calls nothing: the checkpoint does not name this class (out of fold, naming it
+# was no better than chance). A probability can reach 1.0 in float32, so this is checked, not compared.
+NOT_NAMED = 1.0
 
 # Row order of the competition's own file within each image: the subtypes, then "any".
 _RSNA_ROW_ORDER: tuple[str, ...] = (*SUBTYPES, "any")

@@ -25,7 +25,7 @@ __all__ = [
     "error_rate",
     "sensitivity_specificity",
     "youden_thresholds",
-    "f1_thresholds",
+    "mcc_thresholds",
     "threshold_for_sensitivity",
     "bootstrap_auc",
     "wilson_interval",
@@ -150,7 +150,7 @@ def sensitivity_specificity(
 
 
 def _best_thresholds(y_true: np.ndarray, y_prob: np.ndarray, criterion: str, default: float) -> np.ndarray:
-    """Per class, the threshold maximising ``criterion`` (``"youden"`` or ``"f1"``) over the known labels.
+    """Per class, the threshold maximising ``criterion`` (``"youden"`` or ``"mcc"``) over the known labels.
 
     Candidate thresholds sit halfway between consecutive distinct probabilities, so the choice
     does not sit on a validation example. A class with one label value (or one probability) only
@@ -166,11 +166,13 @@ def _best_thresholds(y_true: np.ndarray, y_prob: np.ndarray, criterion: str, def
             continue
         cands = np.r_[values[0] - 1e-9, (values[1:] + values[:-1]) / 2]
         pred = prob[None, :] > cands[:, None]
-        tp, fp = (pred & pos).sum(1), (pred & ~pos).sum(1)
+        tp, fp = (pred & pos).sum(1).astype(np.float64), (pred & ~pos).sum(1).astype(np.float64)
+        fn, tn = pos.sum() - tp, (~pos).sum() - fp
         if criterion == "youden":
             score = tp / pos.sum() - fp / (~pos).sum()  # sensitivity + specificity - 1
         else:
-            score = 2 * tp / (tp + fp + pos.sum())  # 2TP / (2TP + FP + FN)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                score = np.nan_to_num((tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
         out[c] = float(np.clip(cands[int(np.argmax(score))], 0.0, 1.0))
     return out
 
@@ -180,13 +182,14 @@ def youden_thresholds(y_true: np.ndarray, y_prob: np.ndarray, default: float = D
     return _best_thresholds(y_true, y_prob, "youden", default)
 
 
-def f1_thresholds(y_true: np.ndarray, y_prob: np.ndarray, default: float = DEFAULT_THRESHOLD) -> np.ndarray:
-    """Per class, the threshold maximising F1, the harmonic mean of sensitivity and precision.
+def mcc_thresholds(y_true: np.ndarray, y_prob: np.ndarray, default: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """Per class, the threshold maximising the Matthews correlation between calls and labels.
 
-    Unlike Youden's J, F1 counts false positives against the positives, not against the far more
-    numerous negatives: for a rare class it will not buy a few more hits with many false calls.
+    Calling everything (or nothing) scores 0, so unlike F1 it does not drift to calling every case
+    when a class is common; and unlike Youden's J it weighs false calls against hits, not against the
+    far more numerous negatives, so for a rare class it will not buy a few hits with many false calls.
     """
-    return _best_thresholds(y_true, y_prob, "f1", default)
+    return _best_thresholds(y_true, y_prob, "mcc", default)
 
 
 def threshold_for_sensitivity(y_true: np.ndarray, y_score: np.ndarray, sensitivity: float) -> float:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ich.labels import CLASSES, DEFAULT_THRESHOLD, SUBTYPES
+from ich.labels import CLASSES, DEFAULT_THRESHOLD, NOT_NAMED, SUBTYPES
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -67,15 +67,16 @@ def _from_positive(positive: Iterable[str]) -> frozenset[str]:
 def calls(probs: np.ndarray, thresholds: Mapping[str, float] | None = None) -> np.ndarray:
     """Which classes each probability row (``(N, len(CLASSES))``) calls positive, as booleans.
 
-    NaN (not predicted) is never called. Subtypes are called only where "any" is called too (or
-    not predicted): the subtype thresholds are chosen among bleeding slices (to tell subtypes
-    apart), so alone they would name a subtype on a slice called clear.
+    NaN (not predicted) is never called, nor a class whose threshold is :data:`~ich.labels.NOT_NAMED`.
+    Subtypes are called only where "any" is called too (or not predicted): the subtype thresholds
+    are chosen among bleeding slices (to tell subtypes apart), so alone they would name a subtype on
+    a slice called clear.
     """
     probs = np.asarray(probs, dtype=np.float64).reshape(-1, len(CLASSES))
     thresholds = thresholds or {}
     cut = np.array([thresholds.get(c, DEFAULT_THRESHOLD) for c in CLASSES])
     with np.errstate(invalid="ignore"):
-        called = probs >= cut  # NaN compares False
+        called = (probs >= cut) & (cut < NOT_NAMED)  # NaN compares False
     bleeding = called[:, _ANY] | np.isnan(probs[:, _ANY])
     called[:, [i for i in range(len(CLASSES)) if i != _ANY]] &= bleeding[:, None]
     return called

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ich.labels import CLASSES
+from ich.labels import CLASSES, NOT_NAMED
 from ich.metrics import youden_thresholds
 from train import bundle
 
@@ -71,8 +71,8 @@ def test_subtype_thresholds_tell_subtypes_apart_among_bleeding_slices():
 
 def test_a_rare_weak_subtype_is_not_named_on_every_bleeding_slice():
     """The shipped model's epidural case: a subtype on 3 % of bleeding slices whose score is barely higher
-    there. Youden's J among bleeding slices would name it on over a fifth of the called slices; the F1
-    threshold names it rarely and is right far more often than its share."""
+    there. Youden's J among bleeding slices would name it on over a fifth of the called slices; the
+    Matthews threshold names it rarely and is right far more often than its share."""
     oof = synthetic_oof(4000, seed=3)
     rng = np.random.default_rng(4)
     bleeding = np.flatnonzero(oof["any"].to_numpy() > 0)
@@ -89,6 +89,20 @@ def test_a_rare_weak_subtype_is_not_named_on_every_bleeding_slice():
     cal = platt(oof[[f"p_{c}" for c in CLASSES]].to_numpy(float))
     youden = youden_thresholds(y[bleeding, 1:2], cal[bleeding, 1:2])[0]
     assert ((cal[:, 1] >= youden) & (cal[:, 0] >= thresholds["any"])).sum() > called / 5
+
+
+def test_a_subtype_named_no_better_than_chance_is_not_named():
+    """An epidural output that is noise among bleeding slices: whatever threshold is best names epidural
+    no more often where it is than its share of bleeds, so the bundle does not name it at all."""
+    oof = synthetic_oof(4000, seed=5)
+    rng = np.random.default_rng(6)
+    bleeding = np.flatnonzero(oof["any"].to_numpy() > 0)
+    oof["epidural"] = 0
+    oof.loc[rng.choice(bleeding, len(bleeding) // 20, replace=False), "epidural"] = 1
+    oof["p_epidural"] = 1 / (1 + np.exp(-(3 * oof["any"] + rng.normal(0, 0.6, len(oof)) - 5)))
+    _platt, thresholds, report = bundle.calibrate(oof, [1, 3, 5, 8])
+    assert thresholds["epidural"] == NOT_NAMED and report["subtypes_named"]["epidural"]["named"] == 0
+    assert all(thresholds[c] < NOT_NAMED for c in CLASSES[2:])  # the informative ones still are
 
 
 def test_earlier_stages_follow_the_init_run_chain(tmp_path):
@@ -211,6 +225,7 @@ def test_recalibrate_refits_the_policy_on_the_kept_out_of_fold_predictions(share
     with pytest.raises(SystemExit, match=r"--recalibrate: no .*out-of-fold\.parquet"):
         bundle.main(["--recalibrate", "--out", str(out), "--shared", str(shared)])
     oof, counts = synthetic_oof(), [1, 3, 5, 8]
+    oof["p_epidural"] = np.random.default_rng(1).random(len(oof))  # noise: epidural is not named
     oof.to_parquet(out / bundle.OOF_FILE)
     evaluation = json.loads((out / "evaluation.json").read_text())
     evaluation["cross_validation"]["series_rule"]["bleed_slices_per_series"] = counts  # as a rebuild records it
@@ -223,6 +238,9 @@ def test_recalibrate_refits_the_policy_on_the_kept_out_of_fold_predictions(share
     _platt, thresholds, _cv = bundle.calibrate(oof, counts)
     assert meta["thresholds"] == pytest.approx(thresholds) and meta["thresholds"] != before["thresholds"]
     assert meta["sha256"] == before["sha256"] and meta["training"] == before["training"]
-    assert "F1" in meta["threshold_policy"] and after["cross_validation"]["slices"] == len(oof)
+    assert "Matthews" in meta["threshold_policy"] and after["cross_validation"]["slices"] == len(oof)
     assert after["training"] == evaluation["training"] and set(after["external"]) == {"physionet-ctich"}
-    assert (out / "MODEL_CARD.md").read_text() == bundle.model_card(meta, after, bundle.FAILURE_NOTES.read_text())
+    card = (out / "MODEL_CARD.md").read_text()
+    assert card == bundle.model_card(meta, after, bundle.FAILURE_NOTES.read_text())
+    assert meta["thresholds"]["epidural"] == NOT_NAMED and "epidural not named" in card
+    assert "epidural is not named" in card and "subdural is named on" in card

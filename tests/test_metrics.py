@@ -68,14 +68,19 @@ def test_youden_threshold_separates_and_defaults():
     assert thr[1] == 0.5  # one label value only: default kept
 
 
-def test_f1_threshold_does_not_buy_rare_hits_with_many_false_calls():
-    """3 positives (0.95, 0.30, 0.25) among 20 clear low scores and 10 clear mid scores (0.40-0.85):
-    Youden's J calls all three and 10 false ones (J 0.67); F1 calls only the top one (F1 0.5 vs 0.375)."""
+def test_mcc_threshold_neither_buys_rare_hits_with_false_calls_nor_calls_everything():
+    """Rare: 3 positives (0.95, 0.30, 0.25) among 20 low and 10 mid scores (0.40-0.85): Youden's J calls
+    all three and 10 false ones (J 0.67); the Matthews correlation calls only the top one (0.56 vs 0.39).
+    Common: 10 positives, 4 on top and 6 among 10 negatives: calling everything has the best F1 (0.67)
+    and tells nothing; the Matthews correlation calls the top 4 (0.5; calling everything scores 0)."""
     prob = np.r_[0.95, 0.30, 0.25, np.linspace(0.01, 0.2, 20), np.linspace(0.40, 0.85, 10)]
     y = (np.arange(len(prob)) < 3).astype(int)
     assert m.youden_thresholds(y, prob)[0] < 0.25
-    assert 0.85 < m.f1_thresholds(y, prob)[0] < 0.95
-    assert m.f1_thresholds([[1], [1]], [[0.2], [0.9]])[0] == 0.5  # one label value only: default kept
+    assert 0.85 < m.mcc_thresholds(y, prob)[0] < 0.95
+    prob = np.r_[0.9, 0.85, 0.8, 0.75, np.linspace(0.1, 0.35, 6), np.linspace(0.05, 0.5, 10)]
+    y = (np.arange(len(prob)) < 10).astype(int)
+    assert 0.5 < m.mcc_thresholds(y, prob)[0] < 0.75
+    assert m.mcc_thresholds([[1], [1]], [[0.2], [0.9]])[0] == 0.5  # one label value only: default kept
 
 
 def test_summarize_reports_everything():

@@ -63,6 +63,19 @@ def test_checkpoint_without_any_is_refused_by_name(tmp_path):
         Predictor.from_checkpoint(path, device="cpu")
 
 
+def test_a_subtype_the_checkpoint_does_not_name_is_never_the_top_subtype(tmp_path):
+    from ich.labels import NOT_NAMED
+
+    series = synthetic_series(3)
+    probs = Predictor.from_checkpoint(make_checkpoint(tmp_path / "all"), device="cpu").predict_series(series).probs
+    top = CLASSES[1 + int(np.argmax(probs[:, 1:].max(0)))]
+    thresholds = dict.fromkeys(CLASSES, 0.5) | {top: NOT_NAMED}
+    quiet = Predictor.from_checkpoint(make_checkpoint(tmp_path / "quiet", thresholds=thresholds), device="cpu")
+    result = quiet.predict_series(series)
+    assert np.array_equal(result.probs, probs)  # still predicted and shown
+    assert result.top_subtype not in (None, top)
+
+
 def test_tampered_weights_refused(tmp_path):
     path = make_checkpoint(tmp_path / "m")
     weights = path.with_suffix(".safetensors")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ich import review
-from ich.labels import CLASSES, DEFAULT_THRESHOLD
+from ich.labels import CLASSES, DEFAULT_THRESHOLD, NOT_NAMED
 
 
 def test_findings_and_agreement():
@@ -86,6 +86,14 @@ def test_calls_name_subtypes_only_on_slices_called_bleeding():
     assert [review.predicted(row, thresholds) for row in probs] == [
         {"intraparenchymal", "subdural"}, frozenset(), {"epidural"}, {"any"}
     ]  # fmt: skip
+
+
+def test_a_subtype_the_checkpoint_does_not_name_is_never_called():
+    """A NOT_NAMED threshold calls nothing, even at a probability of exactly 1.0 (float32 reaches it)."""
+    probs = np.array([[0.9, 1.0, 0.8, 0.0, 0.0, 0.0]])
+    thresholds = {"any": 0.5, "epidural": NOT_NAMED, "intraparenchymal": 0.5}
+    assert review.predicted(probs[0], thresholds) == {"intraparenchymal"}
+    assert review.study_predicted(probs, True, thresholds) == {"intraparenchymal"}
 
 
 def test_a_read_validates_what_it_says():

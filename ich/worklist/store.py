@@ -380,7 +380,10 @@ class Worklist:
                 )
             }
             y = np.array(
-                [[np.nan if sop not in old or old[sop][c] is None else old[sop][c] for c in _Y] for sop in series.sop_uids]
+                [
+                    [np.nan if sop not in old or old[sop][c] is None else old[sop][c] for c in _Y]
+                    for sop in series.sop_uids
+                ]
             ).reshape(len(series), len(_Y))
             sources = [old[sop]["truth"] if sop in old else None for sop in series.sop_uids]
             if labels is not None:
