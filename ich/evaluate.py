@@ -21,7 +21,7 @@ import pandas as pd
 
 from ich import calibration, datasets, dicom, metrics
 from ich.inference import TOP_K, Predictor, aggregation_text, study_score
-from ich.labels import CLASSES, DEFAULT_THRESHOLD, INDEX_NAME, read_rsna_csv
+from ich.labels import CLASSES, DEFAULT_THRESHOLD, INDEX_NAME, NOT_NAMED, read_rsna_csv
 
 __all__ = [
     "Predictions",
@@ -239,10 +239,12 @@ def slice_table(block: dict) -> list[str]:
     for c, m in block["per_class"].items():
         lo, hi = m.get("auc_ci") or (None, None)
         ci = f" ({_fmt(lo)}–{_fmt(hi)})" if lo is not None and np.isfinite(lo) else ""
-        lines.append(
-            f"| {c} | {m.get('positives', '?')} | {_fmt(m['auc'])}{ci} | {_fmt(m['sensitivity'])} | "
-            f"{_fmt(m['specificity'])} | {m['threshold']:.3f} |"
+        at = (
+            f"{_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | {m['threshold']:.3f}"
+            if m["threshold"] < NOT_NAMED
+            else "— | — | not named"  # the checkpoint never calls it: its AUC still ranks the probability
         )
+        lines.append(f"| {c} | {m.get('positives', '?')} | {_fmt(m['auc'])}{ci} | {at} |")
     return lines
 
 

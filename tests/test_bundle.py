@@ -244,3 +244,6 @@ def test_recalibrate_refits_the_policy_on_the_kept_out_of_fold_predictions(share
     assert card == bundle.model_card(meta, after, bundle.FAILURE_NOTES.read_text())
     assert meta["thresholds"]["epidural"] == NOT_NAMED and "epidural not named" in card
     assert "epidural is not named" in card and "subdural is named on" in card
+    assert (
+        "| epidural | " in card and "| — | — | not named |" in card
+    )  # the CV table: no sensitivity at a cut never used
