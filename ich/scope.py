@@ -3,7 +3,8 @@
 - :func:`out_of_scope`: plain lines for a series unlike the ones the model learned from and was
   checked on (axial, ~5 mm non-contrast adult head CT: RSNA 2019, PHE-SICH, CQ500).
 - :func:`score_meaning`: what "flagged" means for this checkpoint (its operating point).
-- :func:`validation_lines`: the checkpoint's own out-of-fold numbers, per class, with intervals.
+- :func:`validation_lines`: the checkpoint's own out-of-fold numbers, per class, with intervals, and
+  which subtypes it does not name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 import numpy as np
 
 from ich.dicom import Series
-from ich.labels import CLASSES
+from ich.labels import CLASSES, NOT_NAMED
 
 __all__ = ["ADULT_YEARS", "NOTE_PREFIX", "THIN_SLICE_MM", "out_of_scope", "score_meaning", "validation_lines"]
 
@@ -68,5 +69,9 @@ def validation_lines(metadata: dict) -> list[str]:
         if not m or not np.isfinite(m.get("auc", np.nan)):
             continue
         low, high = m.get("auc_ci", (np.nan, np.nan))
-        lines.append(f"- {name}: AUC {m['auc']:.2f} ({low:.2f}–{high:.2f}), {m.get('positives', '?')} positive slices")
+        unnamed = name != "any" and float(metadata.get("thresholds", {}).get(name, 0.0)) >= NOT_NAMED
+        lines.append(
+            f"- {name}: AUC {m['auc']:.2f} ({low:.2f}–{high:.2f}), {m.get('positives', '?')} positive slices"
+            + ("; not named by this model (its probability did not tell these bleeds from others)" if unnamed else "")
+        )
     return lines

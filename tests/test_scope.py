@@ -8,6 +8,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from ich import dicom, scope
+from ich.labels import NOT_NAMED
 from ich.worklist import Worklist, ingest
 from tests.dicom_factory import make_ct, to_bytes
 from tests.helpers import ROOT, FakePredictor
@@ -72,3 +73,9 @@ def test_the_bundled_checkpoint_explains_its_flag_and_numbers():
     )
     lines = scope.validation_lines(metadata)
     assert len(lines) == 6 and lines[0].startswith("- any: AUC 0.") and "–" in lines[0]
+    assert not any("not named" in line for line in lines)  # the bundled model names every subtype
+    quiet = metadata | {"thresholds": metadata["thresholds"] | {"epidural": NOT_NAMED}}
+    assert [line for line in scope.validation_lines(quiet) if "not named" in line] == [
+        next(line for line in lines if line.startswith("- epidural")) + "; not named by this model "
+        "(its probability did not tell these bleeds from others)"
+    ]
