@@ -342,3 +342,26 @@ def test_reader_downloads_dicom_results_and_it_is_audited(with_users, data_dir):
     (data_dir / "headers" / _header_key(record.study_uid, record.series_uid)).unlink()  # stored before this change
     at.run()
     assert not [b for b in at.download_button if b.label == label] and "upload it again" in shown(at)
+
+
+def test_viewer_leaves_a_subtype_the_model_does_not_name_out_of_its_calls(tmp_path, monkeypatch, tiny_checkpoint):
+    from ich.labels import NOT_NAMED
+    from tests.helpers import FakePrediction, series_of
+
+    monkeypatch.setenv("ICH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ICH_WEIGHTS", str(tiny_checkpoint))
+    series = series_of(4)
+    probs = np.full((4, len(CLASSES)), 0.9, np.float32)  # every class well above its threshold
+    thresholds = dict.fromkeys(CLASSES, 0.5) | {"epidural": NOT_NAMED}
+    study_id = Worklist(tmp_path / "data").add_study(
+        series, FakePrediction(series.sop_uids, probs, 0.9, "subdural", True), thresholds=thresholds, model="fake"
+    )
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=TIMEOUT)
+    at.query_params["study"] = str(study_id)
+    at.run()
+    assert not at.exception, at.exception
+    (table,) = [d.value for d in at.dataframe if "threshold" in d.value.columns]
+    cut = table.set_index("class")["threshold"]
+    assert pd.isna(cut["epidural"]) and (cut.drop("epidural") == 50.0).all()
+    note = viewer_args(at)["notes"][0]
+    assert note.endswith("called hemorrhage (IPH, IVH, SAH, SDH)") and "EDH" not in note
