@@ -85,22 +85,29 @@ def _validate(metadata: dict) -> None:
         raise CheckpointError(f"{len(metadata['classes'])} classes listed for num_classes={metadata['num_classes']}")
 
 
-def save(model: nn.Module, path_stem: str | os.PathLike, metadata: dict) -> tuple[Path, Path]:
+def save(model: nn.Module, path_stem: str | os.PathLike, metadata: dict, half: bool = False) -> tuple[Path, Path]:
     """Write the weights and metadata; returns ``(weights_path, json_path)``.
 
-    ``metadata`` must hold :data:`REQUIRED_KEYS`; ``sha256``, ``ich_version``, ``created`` and
-    ``format`` are filled in here. DDP / ``torch.compile`` wrappers are removed first.
+    ``metadata`` must hold :data:`REQUIRED_KEYS`; ``sha256``, ``ich_version``, ``created``,
+    ``format`` and ``weights_dtype`` are filled in here. DDP / ``torch.compile`` wrappers are removed first.
+    ``half`` stores floating-point tensors as float16, half the bytes (a shipped model: the repository,
+    a download, what travels to a GPU machine); loading casts them back to the model's float32, and the
+    probabilities move by about 1e-3 at most (tests/test_checkpoint.py). Training runs keep float32,
+    the precision a continued run starts from.
     """
     _validate(metadata)
     weights_path, json_path = paths(path_stem)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     # channels_last weights are strided views; safetensors stores dense row-major tensors.
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     blob = st_save(state)
     meta = dict(metadata)
     meta.update(
         format=FORMAT_VERSION,
         weights=weights_path.name,
+        weights_dtype="float16" if half else "float32",
         sha256=hashlib.sha256(blob).hexdigest(),
         ich_version=ich_version(),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -3,7 +3,7 @@
 # ../shared: unpack the training cache, train the five folds and the final model
 # (`train.bundle --train-only`), time the warm per-series latency, and leave the runs in $OUT.
 #
-# Here, first (what travels is capped at 64 MiB, the checkout's ~47 MiB included):
+# Here, first (what travels is capped at 64 MiB, the checkout's ~25 MiB included; a 256 px pack is 18.2 MiB):
 #   S=../shared/data; python -m train.prepare $S/rsna-png $S/phe-sich $S/roboflow-ich --input brain \
 #       --size 192 --min-brain 0 --out .ich-data/cache-brain-192
 #   python -m train.pack .ich-data/cache-brain-192 .ich-data/pack --quality 40     # 13.5 MiB

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ich import checkpoint
 from ich.labels import CLASSES, NOT_NAMED
 from ich.metrics import youden_thresholds
 from train import bundle
@@ -195,8 +196,16 @@ def test_checks_only_reruns_the_external_checks_and_keeps_the_rest(shared_data, 
     shared.mkdir()
     (shared / "physionet-ctich").symlink_to(shared_data / "physionet-ctich")
     before = json.loads((out / "evaluation.json").read_text())
+    model, meta_before = checkpoint.load_model(out / f"{bundle.NAME}.json")
+    checkpoint.save(model, out / bundle.NAME, meta_before)  # as bundled before weights were stored in float16
     assert bundle.main(["--checks-only", "--out", str(out), "--shared", str(shared), "--device", "cpu"]) == 0
     after = json.loads((out / "evaluation.json").read_text())
+    meta = json.loads((out / f"{bundle.NAME}.json").read_text())
+    assert meta["weights_dtype"] == "float16" and (out / f"{bundle.NAME}.safetensors").stat().st_size < 25e6
+    changed = ("sha256", "weights_dtype", "created")
+    assert {k: v for k, v in meta.items() if k not in changed} == {
+        k: v for k, v in meta_before.items() if k not in changed
+    }
     assert {k: v for k, v in after.items() if k not in ("external", "heatmaps")} == {
         k: v for k, v in before.items() if k not in ("external", "heatmaps")
     }
@@ -205,7 +214,6 @@ def test_checks_only_reruns_the_external_checks_and_keeps_the_rest(shared_data, 
     assert per_class["any"]["slices"] == 26
     # A subtype is named only on a slice called bleeding (ich.review.calls).
     assert all(m["caught_as_subtype"] <= m["caught_as_any"] for c, m in per_class.items() if c != "any")
-    meta = json.loads((out / f"{bundle.NAME}.json").read_text())
     card = (out / "MODEL_CARD.md").read_text()
     assert card == bundle.model_card(meta, after, bundle.FAILURE_NOTES.read_text()) and "### rsna-sample" not in card
     with pytest.raises(SystemExit, match=r"no .*ich-resnet18-brain\.json"):

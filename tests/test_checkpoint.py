@@ -53,6 +53,20 @@ def test_round_trip(saved, tmp_path):
     assert not loaded.training
 
 
+def test_half_stores_half_the_bytes_and_loads_back_as_float32(saved, tmp_path):
+    model, weights, _ = saved
+    half, meta = checkpoint.save(model, tmp_path / "half", _metadata(), half=True)
+    assert half.stat().st_size < 0.51 * weights.stat().st_size
+    state, metadata = checkpoint.load(half)
+    assert metadata["weights_dtype"] == "float16" and checkpoint.load(weights)[1]["weights_dtype"] == "float32"
+    assert {v.dtype for v in state.values()} == {torch.float16, torch.int64}  # BatchNorm's counters stay integers
+    loaded, _ = checkpoint.load_model(meta)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert (torch.sigmoid(loaded(x)) - torch.sigmoid(model(x))).abs().max() < 2e-3
+
+
 def test_tampered_weights_are_refused(saved):
     _, weights, _ = saved
     data = bytearray(weights.read_bytes())

@@ -137,7 +137,7 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         "- Slice thresholds: "
         + ", ".join(f"{c} {t:.3f}" if t < NOT_NAMED else f"{c} not named" for c, t in meta["thresholds"].items())
         + f" ({meta['threshold_policy']}).",
-        f"- Weights: `weights/{NAME}.safetensors`, sha256 `{meta['sha256']}`.",
+        f"- Weights: `weights/{NAME}.safetensors` ({meta.get('weights_dtype', 'float32')}, loaded as float32), sha256 `{meta['sha256']}`.",
         "",
         "## How it was made",
         "```bash",
@@ -626,28 +626,34 @@ def heatmap_checks(predictor: Predictor, shared: Path, limit: int = POINTING_LIM
     return reports
 
 
-def write_checkpoint(final: Path, out: Path, platt: Platt, thresholds: dict[str, float], cv: dict) -> Path:
-    """The final model's weights with the calibration, thresholds, study rule and CV metrics in its JSON."""
+def store(final: Path, out: Path, updates: dict) -> Path:
+    """``final``'s weights as the bundled checkpoint in ``out``, in float16 (23 MB, not 45: what a GPU
+    machine receives is capped at 64 MiB, the checkout included), its JSON updated with ``updates``."""
     state, meta = checkpoint.load(final)
     model = build_model(meta["arch"], int(meta["num_classes"]))
     model.load_state_dict(state)
-    keep = {
-        k: v for k, v in meta.items() if k not in ("sha256", "weights", "created", "format", "ich_version", "history")
-    }
-    meta = keep | {
-        "name": NAME,
-        "thresholds": thresholds,
-        "threshold_policy": f"any: series sensitivity >= {TARGET_SENSITIVITY} on simulated out-of-fold series; subtypes: Matthews correlation on out-of-fold bleeding slices; not named where their AUC among bleeding slices is not above 0.5 (95 % bootstrap)",
-        "study_top_k": cv["series_rule"]["top_k"],
-        "calibration": platt.to_json(CLASSES),
-        "metrics": {
-            "out_of_fold": cv["slice"],
-            "log_loss_raw": cv["log_loss_raw"],
-            "log_loss_calibrated": cv["log_loss_calibrated"],
+    written = ("sha256", "weights", "weights_dtype", "created", "format", "ich_version", "history")
+    keep = {k: v for k, v in meta.items() if k not in written}
+    return checkpoint.save(model, out / NAME, keep | {"name": NAME} | updates, half=True)[1]
+
+
+def write_checkpoint(final: Path, out: Path, platt: Platt, thresholds: dict[str, float], cv: dict) -> Path:
+    """The final model's weights with the calibration, thresholds, study rule and CV metrics in its JSON."""
+    return store(
+        final,
+        out,
+        {
+            "thresholds": thresholds,
+            "threshold_policy": f"any: series sensitivity >= {TARGET_SENSITIVITY} on simulated out-of-fold series; subtypes: Matthews correlation on out-of-fold bleeding slices; not named where their AUC among bleeding slices is not above 0.5 (95 % bootstrap)",
+            "study_top_k": cv["series_rule"]["top_k"],
+            "calibration": platt.to_json(CLASSES),
+            "metrics": {
+                "out_of_fold": cv["slice"],
+                "log_loss_raw": cv["log_loss_raw"],
+                "log_loss_calibrated": cv["log_loss_calibrated"],
+            },
         },
-    }
-    # The JSON stays stable across rebuilds of the same weights: no creation time beyond the weights' own.
-    return checkpoint.save(model, out / NAME, meta)[1]
+    )
 
 
 def earlier_stages(init_run: Path | None, names: Sequence[str]) -> list[dict]:
@@ -657,14 +663,17 @@ def earlier_stages(init_run: Path | None, names: Sequence[str]) -> list[dict]:
     while init_run is not None:
         runs = [json.loads((init_run / f"{name}.json").read_text()) for name in names]
         command = json.loads((init_run.parent / BUNDLE_RECORD).read_text())["command"]
-        stages.insert(0, {
-            "command": command,
-            "input_size": runs[0]["input_size"],
-            "epochs": runs[0]["training"]["epochs"],
-            "lr": runs[0]["training"]["lr"],
-            "minutes": round(sum(r["training"]["wall_seconds"] for r in runs) / 60, 1),
-            "runs": [r["training"] for r in runs],
-        })  # fmt: skip
+        stages.insert(
+            0,
+            {
+                "command": command,
+                "input_size": runs[0]["input_size"],
+                "epochs": runs[0]["training"]["epochs"],
+                "lr": runs[0]["training"]["lr"],
+                "minutes": round(sum(r["training"]["wall_seconds"] for r in runs) / 60, 1),
+                "runs": [r["training"] for r in runs],
+            },
+        )
         init_run = get_args_parser().parse_args(command).init_run
     return stages
 
@@ -735,7 +744,8 @@ def write_reports(meta_path: Path, reports: dict[str, Any]) -> str:
 
 
 def recheck(out: Path, shared: Path, device: str, recalibrate: bool = False) -> str:
-    """Steps 5-6 again for the checkpoint in ``out``: the checks' code changed, the model did not.
+    """Steps 5-6 again for the checkpoint in ``out``: the checks' code changed, the model did not
+    (a float32 checkpoint is stored in float16 first, as :func:`store` writes them now).
 
     ``recalibrate``: step 4 first, from the out-of-fold predictions kept in ``out`` (the calibration,
     threshold or study-rule policy changed); the cross-validation report is rewritten with it.
@@ -750,6 +760,8 @@ def recheck(out: Path, shared: Path, device: str, recalibrate: bool = False) -> 
         counts = reports["cross_validation"]["series_rule"]["bleed_slices_per_series"]
         platt, thresholds, reports["cross_validation"] = cross_validation(pd.read_parquet(out / OOF_FILE), counts)
         meta_path = write_checkpoint(meta_path, out, platt, thresholds, reports["cross_validation"])
+    elif json.loads(meta_path.read_text()).get("weights_dtype") != "float16":
+        meta_path = store(meta_path, out, {})  # one bundled before weights were stored in float16: checked as shipped
     predictor = Predictor.from_checkpoint(meta_path, device)
     reports["external"] = external_checks(predictor, shared)
     reports["heatmaps"] = heatmap_checks(predictor, shared)

@@ -6,9 +6,9 @@
 
 A brain-input cache repeats one channel three times (:data:`ich.windowing.BRAIN_INPUT`), so the
 pack keeps one channel. What a lent GPU machine receives is capped at 64 MiB, the checkout
-included (about 47 MiB, most of it the bundled weights), and ``../shared`` does not travel: so
-about 16 MiB are left for the pack. Lossless LZMA gives about 52 MiB at 160 px; WebP at quality 40
-gives 13.5 MiB at 192 px with a mean error of 2.57 grey levels (0.8 HU in the 0-80 HU brain
+included (about 25 MiB, most of it the bundled float16 weights), and ``../shared`` does not travel:
+so about 38 MiB are left for the pack. Lossless LZMA gives about 52 MiB at 160 px; WebP at quality 40
+gives 13.5 MiB at 192 px (18.2 MiB at 256) with a mean error of 2.57 grey levels (0.8 HU in the 0-80 HU brain
 window, well under CT noise; the README's fold-0 table says what that costs a model). The pack records its quality and measured error in ``cache.json``,
 and so does the cache unpacked from it, so a model trained on it says what it saw. A lossless
 pack unpacks byte for byte.
