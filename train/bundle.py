@@ -627,7 +627,7 @@ def heatmap_checks(predictor: Predictor, shared: Path, limit: int = POINTING_LIM
 
 
 def store(final: Path, out: Path, updates: dict) -> Path:
-    """``final``'s weights as the bundled checkpoint in ``out``, in float16 (23 MB, not 45: what a GPU
+    """``final``'s weights as the bundled checkpoint in ``out``, in float16 (22 MB, not 45: what a GPU
     machine receives is capped at 64 MiB, the checkout included), its JSON updated with ``updates``."""
     state, meta = checkpoint.load(final)
     model = build_model(meta["arch"], int(meta["num_classes"]))
@@ -663,17 +663,14 @@ def earlier_stages(init_run: Path | None, names: Sequence[str]) -> list[dict]:
     while init_run is not None:
         runs = [json.loads((init_run / f"{name}.json").read_text()) for name in names]
         command = json.loads((init_run.parent / BUNDLE_RECORD).read_text())["command"]
-        stages.insert(
-            0,
-            {
-                "command": command,
-                "input_size": runs[0]["input_size"],
-                "epochs": runs[0]["training"]["epochs"],
-                "lr": runs[0]["training"]["lr"],
-                "minutes": round(sum(r["training"]["wall_seconds"] for r in runs) / 60, 1),
-                "runs": [r["training"] for r in runs],
-            },
-        )
+        stages.insert(0, {
+            "command": command,
+            "input_size": runs[0]["input_size"],
+            "epochs": runs[0]["training"]["epochs"],
+            "lr": runs[0]["training"]["lr"],
+            "minutes": round(sum(r["training"]["wall_seconds"] for r in runs) / 60, 1),
+            "runs": [r["training"] for r in runs],
+        })  # fmt: skip
         init_run = get_args_parser().parse_args(command).init_run
     return stages
 
