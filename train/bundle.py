@@ -137,7 +137,7 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         "- Slice thresholds: "
         + ", ".join(f"{c} {t:.3f}" if t < NOT_NAMED else f"{c} not named" for c, t in meta["thresholds"].items())
         + f" ({meta['threshold_policy']}).",
-        f"- Weights: `weights/{NAME}.safetensors` ({meta.get('weights_dtype', 'float32')}, loaded as float32), sha256 `{meta['sha256']}`.",
+        f"- Weights: `weights/{NAME}.safetensors`{' (stored in float16, loaded as float32)' if meta.get('weights_dtype') == 'float16' else ''}, sha256 `{meta['sha256']}`.",
         "",
         "## How it was made",
         "```bash",
