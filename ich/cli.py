@@ -208,16 +208,33 @@ def _listen(args: argparse.Namespace) -> int:
 
 def _worklist(args: argparse.Namespace) -> int:
     from ich.files import data_dir
-    from ich.worklist import Worklist
+    from ich.worklist import StoreError, Worklist
 
-    frame = Worklist(Path(args.data_dir) if args.data_dir else data_dir()).studies()
+    try:
+        store = Worklist(Path(args.data_dir) if args.data_dir else data_dir())
+        if args.check:
+            found = store.check()
+            print("\n".join(found) if found else f"{store.path}: ok (SQLite integrity check)")
+            return EXIT_NOTHING_USABLE if found else EXIT_OK
+        frame, pending = store.studies(), store.intake()
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NOTHING_USABLE
     frame = frame.rename(columns={"score": "likelihood", "n_slices": "slices"})
     columns = ["id", "source", "received", "slices", "likelihood", "flagged", "status"]
+    # Exams received but not on the worklist (yet): arriving, or failed with the reason and the next try.
+    pending = pending.rename(columns={"state": "status", "first_seen": "received", "key": "exam"})
+    pending_columns = ["exam", "source", "received", "status", "study_id", "attempts", "next_try", "reason"]
     if args.json:
         frame["received"] = frame["received"].astype(str)
-        print(frame[columns].to_json(orient="records", indent=2))
-    else:
-        print(frame[columns].to_string(index=False) if len(frame) else "the worklist is empty")
+        rows = json.loads(frame[columns].to_json(orient="records"))
+        rows += json.loads(pending[pending_columns].to_json(orient="records"))
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print(frame[columns].to_string(index=False) if len(frame) else "the worklist is empty")
+    if len(pending):
+        print("\nreceived, not on the worklist (yet):")
+        print(pending[pending_columns].to_string(index=False))
     return EXIT_OK
 
 
@@ -331,6 +348,7 @@ def get_parser() -> argparse.ArgumentParser:
     wl = sub.add_parser("worklist", help="print the worklist of a data directory (no patient identifiers)")
     wl.add_argument("--data-dir", help=f"default ${DATA_ENV} or .ich-data/")
     wl.add_argument("--json", action="store_true", help="one JSON array")
+    wl.add_argument("--check", action="store_true", help="run SQLite's integrity check on the worklist database")
     wl.set_defaults(func=_worklist)
     return parser
 

@@ -10,6 +10,10 @@ probabilities (fewer for a shorter series). ``k`` is the checkpoint's ``study_to
 does not say); :mod:`train.bundle` chooses it on out-of-fold predictions. Probabilities are the
 checkpoint's calibrated ones (``calibration``: :class:`ich.calibration.Platt`), averaged over the
 slice and its mirror image when the checkpoint was validated that way (``tta_flip``).
+
+A thin series (spacing under :data:`ich.slabs.THIN_MM`) is scored on ~5 mm slab means, the thickness
+the model learned from (:mod:`ich.slabs`); each thin slice gets its slab's row, and the study score
+counts each slab once.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ich import checkpoint
+from ich import checkpoint, slabs
 from ich.calibration import Platt
 from ich.dicom import Series
 from ich.files import default_weights
@@ -78,6 +82,7 @@ class StudyPrediction:
     top_subtype: str | None
     flagged: bool
     timings: dict[str, float] = field(default_factory=dict)
+    slabs: int | None = None  # how many ~5 mm slabs a thin series was scored on (ich.slabs); None: per slice
 
 
 class Predictor:
@@ -164,9 +169,9 @@ class Predictor:
         return (1 / (1 + np.exp(-raw))).astype(np.float32)
 
     def predict_volume(
-        self, volume: Sequence[np.ndarray], progress: Callable[[float], None] | None = None
+        self, volume: Sequence[np.ndarray] | np.ndarray, progress: Callable[[float], None] | None = None
     ) -> tuple[np.ndarray, dict]:
-        """``(probs (N, len(CLASSES)), timings)`` for a sequence of HU slices."""
+        """``(probs (N, len(CLASSES)), timings)`` for a sequence of HU slices or an ``(N, H, W)`` volume."""
         start = time.perf_counter()
         inputs = np.stack([self.preprocess(hu) for hu in volume]) if len(volume) else np.zeros((0, 3, 1, 1), np.uint8)
         prep = time.perf_counter()
@@ -178,8 +183,21 @@ class Predictor:
         end = time.perf_counter()
         return out, {"preprocess_s": prep - start, "infer_s": end - prep}
 
-    def summarize(self, sop_uids: list[str], probs: np.ndarray, timings: dict | None = None) -> StudyPrediction:
+    def summarize(
+        self,
+        sop_uids: list[str],
+        probs: np.ndarray,
+        timings: dict | None = None,
+        slab_of_slice: np.ndarray | None = None,
+    ) -> StudyPrediction:
+        """Study score, flag and top subtype of per-slice ``probs``.
+
+        With ``slab_of_slice`` (:func:`ich.slabs.slab_of_slice`) each row repeats its slab's, and the
+        score is over slabs: top-k of the repeated rows would count one slab k times.
+        """
         any_col = probs[:, CLASSES.index("any")]
+        if slab_of_slice is not None:
+            any_col = any_col[np.unique(slab_of_slice, return_index=True)[1]]
         score = study_score(any_col, self.top_k)
         # The most likely subtype the checkpoint names: one it does not name (NOT_NAMED) is never the headline.
         subtypes = [
@@ -190,8 +208,22 @@ class Predictor:
             peaks = {c: float(np.nanmax(probs[:, CLASSES.index(c)])) for c in subtypes}
             top = max(peaks, key=lambda c: peaks[c])
         flagged = bool(score >= self.thresholds.get("any", DEFAULT_THRESHOLD))
-        return StudyPrediction(sop_uids, probs, score, top, flagged, dict(timings or {}))
+        n_slabs = None if slab_of_slice is None else len(any_col)
+        return StudyPrediction(sop_uids, probs, score, top, flagged, dict(timings or {}), n_slabs)
 
     def predict_series(self, series: Series, progress: Callable[[float], None] | None = None) -> StudyPrediction:
-        probs, timings = self.predict_volume([s.pixels for s in series.slices], progress)
-        return self.summarize(series.sop_uids, probs, timings)
+        """One row per slice of ``series``; a thin one is scored on its slab means (module docstring)."""
+        pixels = [s.pixels for s in series.slices]
+        slab = slabs.slab_of_slice(np.array([s.location for s in series.slices], float), series.spacing)
+        if slab is None:
+            probs, timings = self.predict_volume(pixels, progress)
+            return self.summarize(series.sop_uids, probs, timings)
+        start = time.perf_counter()
+        means = slabs.slab_means(pixels, slab)
+        average_s = time.perf_counter() - start
+        slab_probs, timings = self.predict_volume(means, progress)
+        timings["preprocess_s"] += average_s
+        note = f"thin series ({series.spacing:.1f} mm): scored on {len(slab_probs)} slabs of ~{slabs.SLAB_MM:g} mm"
+        if note not in series.notes:  # scoring the same series again says it once
+            series.notes.append(note)
+        return self.summarize(series.sop_uids, slab_probs[slab], timings, slab)

@@ -1,26 +1,35 @@
-"""DICOM listener: a Storage SCP (pynetdicom) that puts series pushed by a scanner or PACS on the worklist.
+"""DICOM listener: a Storage SCP (pynetdicom) that puts exams pushed by a scanner or PACS on the worklist.
 
     python -m ich listen --port 11112 --ae-title ICH --allow PACS,CT1
 
-- Accepts CT Image Storage and Enhanced CT Image Storage, and C-ECHO; other SOP classes are
-  refused at association (logged), and so are calling AE titles not on ``--allow`` (when given).
-- Each instance is written as received (no decoding) under ``<data dir>/inbox/<series key>/``; the
-  keys are hashes, so no UID or name appears in a path. A repeated SOP instance is ignored.
-- A series is scored when no instance has arrived for ``quiet_seconds``, through the same
-  :func:`ich.worklist.ingest` as an upload (a corrupt instance is a problem line, the rest scores).
-  A series that grows later is scored again and its worklist entry updated.
-- What was scored is recorded beside the files (``scored.json``): after a crash or restart, every
-  series whose files differ from that record is scored again, so nothing received is lost.
-- Logs: one line per association and per scored series, never a patient identifier.
+- Accepts every storage SOP class (a CT head exam also holds secondary captures, dose reports,
+  structured reports...) and C-ECHO, so the sender sees success for a whole exam; stores only CT and
+  Enhanced CT images and logs what it set aside (SOP class names and counts). Calling AE titles not on
+  ``--allow`` (when given) and a called AE title other than its own are refused.
+- Each CT instance is written as received (no decoding) under ``<data dir>/inbox/<exam key>/<series
+  key>/``; the keys are hashes, so no UID or name appears in a path. A repeated SOP instance is ignored.
+- While an exam arrives it shows as "receiving" (:meth:`ich.worklist.Worklist.intake`). It is scored when
+  no instance of it has arrived for ``quiet_seconds``, through the same :func:`ich.worklist.ingest` as an
+  upload: one worklist row per exam, on the series :func:`ich.exam.choose_series` picks (a corrupt
+  instance is a problem line, the rest scores). An exam that grows later is scored again and its row updated.
+- Nothing received is lost: an exam is marked done (``scored.json`` beside its files) only once it is on
+  the worklist. One that fails (a full disk, a model error) stays in the inbox, shows as "failed" with the
+  reason and is tried again after 30 s, 1 min, 2 min... (at most hourly); one with no series to score
+  (a scout alone) waits for more instances. After a crash or restart every exam whose files differ from
+  its record is scored again.
+- Logs: one line per association and per scored exam, never a patient identifier.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
+import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +37,8 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -37,14 +47,16 @@ from ich.files import atomic_write
 from ich.worklist import Worklist, ingest
 from ich.worklist.intake import Scorer
 
-__all__ = ["ACCEPTED_SOP_CLASSES", "DEFAULT_AE_TITLE", "DEFAULT_PORT", "Inbox", "Listener", "SendResults"]
+__all__ = ["DEFAULT_AE_TITLE", "DEFAULT_PORT", "SCORED_SOP_CLASSES", "Inbox", "Listener", "SendResults"]
 
 log = logging.getLogger(__name__)
 
-ACCEPTED_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+SCORED_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage)  # stored and scored; other storage classes set aside
 DEFAULT_PORT = 11112  # the registered DICOM port; 104 needs root
 DEFAULT_AE_TITLE = "ICH"
 DEFAULT_QUIET_SECONDS = 10.0
+RETRY_SECONDS = 30.0  # the first retry of a failed exam; each further one waits twice as long
+MAX_RETRY_SECONDS = 3600.0
 SCORED = "scored.json"
 # C-STORE statuses (PS3.4 Annex B.2.3)
 SUCCESS = 0x0000
@@ -57,7 +69,7 @@ def _key(*uids: str) -> str:
 
 
 class Inbox:
-    """Received instances on disk, grouped by series, and which series are due for scoring."""
+    """Received instances on disk, grouped by exam and series, and which exams are due for scoring."""
 
     def __init__(self, root: Path, quiet_seconds: float = DEFAULT_QUIET_SECONDS) -> None:
         self.root, self.quiet_seconds = Path(root), quiet_seconds
@@ -65,20 +77,28 @@ class Inbox:
         self._lock = threading.Lock()
         self._last: dict[Path, float] = {}  # series folder -> monotonic time of its newest instance
 
+    def folder(self, study_uid: str) -> Path:
+        """The exam's folder (its name, a hash, is the exam's key in :meth:`ich.worklist.Worklist.intake`)."""
+        return self.root / _key(study_uid)
+
     def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> bool:
         """Write one instance; ``False`` (nothing written) when it is already here."""
-        folder = self.root / _key(study_uid, series_uid)
-        path = folder / f"{_key(sop_uid)}.dcm"
+        exam = self.folder(study_uid)
+        path = exam / _key(study_uid, series_uid) / f"{_key(sop_uid)}.dcm"
         if path.exists():
             return False
-        folder.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
         with self._lock:
-            self._last[folder] = time.monotonic()
+            self._last[exam] = time.monotonic()
         return True
 
+    def discard(self, key: str) -> None:
+        """Remove an exam's files (an admin gave up on a failed exam)."""
+        shutil.rmtree(self.root / Path(key).name, ignore_errors=True)
+
     def due(self, now: float | None = None) -> list[Path]:
-        """Series quiet for ``quiet_seconds``: taken off the pending list and returned."""
+        """Exams quiet for ``quiet_seconds``: taken off the pending list and returned."""
         now = time.monotonic() if now is None else now
         with self._lock:
             ready = [f for f, t in self._last.items() if now - t >= self.quiet_seconds]
@@ -87,7 +107,8 @@ class Inbox:
         return ready
 
     def unscored(self) -> list[Path]:
-        """Series whose files differ from what was last scored (a crash mid-ingest, or never scored)."""
+        """Exams whose files differ from what was last put on the worklist (a crash, a failure, never scored).
+        A folder of an older inbox holds one series' files directly; it is read the same way."""
         return [f for f in sorted(p for p in self.root.iterdir() if p.is_dir()) if _files(f) != _scored(f)]
 
     @staticmethod
@@ -96,7 +117,7 @@ class Inbox:
 
 
 def _files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.glob("*.dcm"))
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.dcm"))
 
 
 def _scored(folder: Path) -> list[str] | None:
@@ -113,11 +134,12 @@ class _Association:
     stored: int = 0
     duplicates: int = 0
     failed: int = 0
+    set_aside: Counter[str] = field(default_factory=Counter)  # SOP class name -> instances not stored
     started: float = field(default_factory=time.monotonic)
 
 
 class Listener:
-    """The Storage SCP and the thread that scores quiet series onto ``worklist``."""
+    """The Storage SCP and the thread that scores quiet exams onto ``worklist``, retrying failed ones."""
 
     def __init__(
         self,
@@ -127,15 +149,20 @@ class Listener:
         ae_title: str = DEFAULT_AE_TITLE,
         allow: Sequence[str] = (),
         on_scored: Sequence[Callable[[int], object]] = (),
+        retry_seconds: float = RETRY_SECONDS,
     ) -> None:
         self.worklist, self.predictor, self.inbox = worklist, predictor, inbox
-        self.on_scored = on_scored
+        self.on_scored, self.retry_seconds = on_scored, retry_seconds
         self.ae = AE(ae_title=ae_title)
-        for sop_class in ACCEPTED_SOP_CLASSES:
-            self.ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        for context in AllStoragePresentationContexts:
+            self.ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
         self.ae.require_calling_aet = list(allow)
+        self.ae.require_called_aet = True
         self._associations: dict[int, _Association] = {}
+        self._receiving: set[Path] = set()  # exams shown as "receiving" by this process
+        self._retry: dict[Path, float] = {}  # failed exam -> monotonic time of its next attempt
+        self._attempts: dict[Path, int] = {}  # failed exam -> attempts failed in this process
         self._stop = threading.Event()
         self._server: ThreadedAssociationServer | None = None
         self._scorer: threading.Thread | None = None
@@ -149,23 +176,28 @@ class Listener:
         refused = sorted({c.abstract_syntax.name for c in event.assoc.rejected_contexts if c.abstract_syntax})
         if refused:
             log.info(
-                "AE %r offered %d SOP class(es) refused here (only CT and Enhanced CT images are accepted)%s",
-                requestor.ae_title, len(refused), f": {', '.join(refused)}" if len(refused) <= 3 else "",
-            )  # fmt: skip
-            log.debug("refused SOP classes from AE %r: %s", requestor.ae_title, ", ".join(refused))
+                "AE %r offered %d SOP class(es) refused here: %s", requestor.ae_title, len(refused), ", ".join(refused)
+            )
 
     def _on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        allowed = not self.ae.require_calling_aet or requestor.ae_title.strip() in self.ae.require_calling_aet
-        why = "too many associations at once" if allowed else "calling AE title not allowed"
+        called = str(requestor.primitive.called_ae_title) if requestor.primitive else ""
+        if self.ae.require_calling_aet and requestor.ae_title.strip() not in self.ae.require_calling_aet:
+            why = "calling AE title not allowed"
+        elif called.strip() != self.ae.ae_title.strip():
+            why = f"called AE title {called!r}, not this listener's {self.ae.ae_title!r}"
+        else:
+            why = "too many associations at once"
         log.warning("association from AE %r (%s) refused: %s", requestor.ae_title, requestor.address, why)
 
     def _on_closed(self, event: evt.Event) -> None:
         a = self._associations.pop(id(event.assoc), None)
         if a is not None:
+            aside = ", ".join(f"{n} {name}" for name, n in sorted(a.set_aside.items()))
             log.info(
-                "association from AE %r (%s): %d stored, %d duplicates ignored, %d failed in %.1f s",
-                a.calling, a.address, a.stored, a.duplicates, a.failed, time.monotonic() - a.started,
+                "association from AE %r (%s): %d stored, %d duplicates ignored, %d failed%s in %.1f s",
+                a.calling, a.address, a.stored, a.duplicates, a.failed,
+                f", set aside (not CT images): {aside}" if aside else "", time.monotonic() - a.started,
             )  # fmt: skip
 
     def _on_store(self, event: evt.Event) -> int:
@@ -178,6 +210,11 @@ class Listener:
             if counts:
                 counts.failed += 1
             return CANNOT_UNDERSTAND
+        sop_class = UID(str(event.request.AffectedSOPClassUID))
+        if sop_class not in SCORED_SOP_CLASSES:  # part of the exam, not for the model: accepted, not kept
+            if counts:
+                counts.set_aside[sop_class.name] += 1
+            return SUCCESS
         try:
             new = self.inbox.store(*uids, event.encoded_dataset(include_meta=True))
         except OSError as exc:  # a full or unwritable disk: the sender keeps the instance and may retry
@@ -188,43 +225,87 @@ class Listener:
         if counts:
             counts.stored += new
             counts.duplicates += not new
+        exam = self.inbox.folder(uids[0])
+        if exam not in self._receiving:  # once per exam: the database is not written per instance
+            self._receiving.add(exam)
+            try:
+                self.worklist.note_receiving(exam.name, "dicom", uids[0])
+            except Exception:  # the instance is on disk; only the "receiving" line is missing
+                log.exception("could not show an exam as receiving")
         return SUCCESS
 
     # ---------------------------------------------------------------- scoring
 
-    def score(self, folder: Path) -> None:
-        """Put one series folder on the worklist (or update its entry) and record what was scored."""
+    def score(self, folder: Path) -> bool:
+        """Put one exam folder on the worklist (or update its row); whether it is there now.
+
+        Only then is it marked done (and its "receiving" / "failed" line cleared); a failure is kept with
+        its reason and retried with backoff, or, for an exam with nothing to score, when more instances come.
+        """
+        self._receiving.discard(folder)
+        self._retry.pop(folder, None)
+        if not folder.is_dir():  # an admin discarded it
+            return False
         files = _files(folder)
         started = time.perf_counter()
-        report = ingest(self.worklist, self.predictor, [folder], source="dicom")
+        try:
+            report = ingest(self.worklist, self.predictor, [folder], source="dicom")
+        except Exception as exc:  # ingest keeps one exam's failure to a problem line; this is the store itself
+            log.exception("exam %s could not be scored", folder.name)
+            self._failed(folder, f"{type(exc).__name__}: {exc}", retry=True)
+            return False
         for problem in report.problems:
-            log.warning("series %s: %s", folder.name, problem.reason)
+            log.warning("exam %s: %s", folder.name, problem.reason)
+        if not report.added:
+            reasons = report.failed or [p.reason for p in report.problems] or ["no readable CT image"]
+            self._failed(folder, "; ".join(reasons), retry=bool(report.failed))
+            return False
         for study_id in report.added:
             entry = self.worklist.study(study_id)
             log.info(
-                "series %s: worklist id %d, %d slices, likelihood %.3f%s, %.1f s",
+                "exam %s: worklist id %d, %d slices, likelihood %.3f%s, %.1f s",
                 folder.name, study_id, entry.n_slices, entry.score or 0.0, ", FLAGGED" if entry.flagged else "",
                 time.perf_counter() - started,
             )  # fmt: skip
+        Inbox.mark_scored(folder, files)
+        self._attempts.pop(folder, None)
+        self.worklist.intake_done(folder.name)
+        for study_id in report.added:
             for callback in self.on_scored:
                 try:
                     callback(study_id)
-                except Exception:  # a failed webhook or PACS send must not lose the scored series
+                except Exception:  # a failed webhook or PACS send must not lose the scored exam
                     log.exception("after scoring worklist id %d: %s failed", study_id, type(callback).__name__)
-        Inbox.mark_scored(folder, files)
+        return True
+
+    def _failed(self, folder: Path, reason: str, retry: bool) -> None:
+        """Keep a failed exam visible with its reason, and when ``retry``, schedule its next attempt."""
+        attempts = self._attempts[folder] = self._attempts.get(folder, 0) + 1
+        delay = min(self.retry_seconds * 2 ** (attempts - 1), MAX_RETRY_SECONDS) if retry else None
+        if delay is not None:
+            self._retry[folder] = time.monotonic() + delay
+        try:
+            next_try = None if delay is None else dt.datetime.now().astimezone() + dt.timedelta(seconds=delay)
+            self.worklist.intake_failed(folder.name, reason, next_try)
+        except Exception:  # the store itself failing (its disk full): the retry still comes
+            log.exception("could not record a failed exam")
+        then = "waiting for more instances" if delay is None else f"attempt {attempts} failed, next in {delay:.0f} s"
+        log.warning("exam %s: not on the worklist (%s); %s", folder.name, reason, then)
 
     def _score_loop(self, poll_seconds: float) -> None:
-        for folder in self.inbox.unscored():  # received before a crash or restart
+        for folder in self.inbox.unscored():  # received before a crash or restart, or failed then
             self._score_safely(folder)
         while not self._stop.wait(poll_seconds):
-            for folder in self.inbox.due():
+            now = time.monotonic()
+            retries = [f for f, at in self._retry.items() if at <= now]
+            for folder in dict.fromkeys(self.inbox.due(now) + retries):
                 self._score_safely(folder)
 
     def _score_safely(self, folder: Path) -> None:
         try:
             self.score(folder)
-        except Exception:  # one series must not stop the listener; it stays unscored and is retried at restart
-            log.exception("series %s could not be scored", folder.name)
+        except Exception:  # one exam must not stop the listener; it stays unscored and is retried at restart
+            log.exception("exam %s could not be scored", folder.name)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -256,9 +337,12 @@ class Listener:
 
 class SendResults:
     """``on_scored`` callback: the SR and key image of a scored series (:func:`ich.results.study_objects`),
-    C-STORE'd to ``destination`` (AE@host:port).
+    C-STORE'd to ``destination`` (AE@host:port) as ``calling_ae`` (the listener's AE title: PACS knows one node).
 
-    ``heatmap(hu)`` gives the key image's overlay (e.g. Grad-CAM of "any"); without it the slice is plain.
+    Once PACS has accepted both (status 0x0000 each) the send is recorded (:func:`ich.results.record_sent`), so
+    the exam's next results replace them; after a refused or failed send nothing is recorded and the next
+    send replaces the last accepted results again. ``heatmap(hu)`` gives the key image's overlay (e.g.
+    Grad-CAM of "any"); without it the slice is plain.
     """
 
     def __init__(
@@ -267,14 +351,23 @@ class SendResults:
         destination: str,
         heatmap: Callable[[np.ndarray], np.ndarray] | None = None,
         aggregation: str = "",
+        calling_ae: str = DEFAULT_AE_TITLE,
     ) -> None:
         results.parse_destination(destination)  # refuse a malformed destination at start, not at the first study
-        self.worklist, self.destination = worklist, destination
+        self.worklist, self.destination, self.calling_ae = worklist, destination, calling_ae
         self.heatmap, self.aggregation = heatmap, aggregation
 
     def objects(self, study_id: int) -> list[Dataset]:
-        """``[SR, secondary capture]`` for one worklist entry."""
+        """``[SR, secondary capture]`` for one worklist entry, replacing what PACS last accepted for its exam."""
         return results.study_objects(self.worklist, study_id, self.heatmap, self.aggregation)
 
     def __call__(self, study_id: int) -> list[int]:
-        return results.send(self.objects(study_id), self.destination)
+        report, key = self.objects(study_id)
+        statuses = results.send([report, key], self.destination, self.calling_ae)
+        if all(status == SUCCESS for status in statuses):
+            results.record_sent(self.worklist, report, key)
+        else:
+            log.warning(
+                "worklist id %d: PACS refused a result object (statuses %s); nothing recorded", study_id, statuses
+            )
+        return statuses

@@ -15,12 +15,12 @@ import numpy as np
 
 from ich.dicom import Series
 from ich.labels import CLASSES, NOT_NAMED
+from ich.slabs import THIN_MM as THIN_SLICE_MM  # the training slices are ~5 mm (RSNA 2019)
 
 __all__ = ["ADULT_YEARS", "NOTE_PREFIX", "THIN_SLICE_MM", "out_of_scope", "score_meaning", "validation_lines"]
 
 NOTE_PREFIX = "Outside what the model was validated on: "  # how these lines are kept among a series' notes
 
-THIN_SLICE_MM = 2.5  # the training slices are ~5 mm (RSNA 2019); thin slices are noisier and unlike them
 AXIAL_COSINE = 0.9  # |slice normal . patient z| below this: not an axial (or a strongly tilted) series
 ADULT_YEARS = 18.0  # the training sets are adults; a child's head and its normal findings differ
 _AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 1 / 52, "D": 1 / 365}

@@ -81,32 +81,34 @@ def test_a_pushed_series_is_scored_once_and_rescored_when_it_grows(running, capl
 
 
 def test_echo_and_refusals(running, caplog):
-    _, _, port, _ = running
+    wl, _, port, _ = running
     ae = AE(ae_title="SENDER")
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICH")
     assert assoc.is_established and int(assoc.send_c_echo().Status) == 0
     assoc.release()
     with caplog.at_level(logging.INFO, logger="ich"):
         stranger = AE(ae_title="STRANGER")
         stranger.add_requested_context(CTImageStorage)
-        assert stranger.associate("127.0.0.1", port).is_rejected
-        mr = AE(ae_title="SENDER")
-        mr.add_requested_context(MRImageStorage)
-        assoc = mr.associate("127.0.0.1", port)
-        assert not assoc.accepted_contexts  # MR is not for this model
-        assoc.release()
-        wait_for(lambda: "refused here (only CT and Enhanced CT images are accepted): MR Image Storage" in caplog.text)
+        assert stranger.associate("127.0.0.1", port, ae_title="ICH").is_rejected
+        assert ae.associate("127.0.0.1", port, ae_title="OTHER").is_rejected  # the called AE title is checked
+        wait_for(lambda: "called AE title 'OTHER" in caplog.text)
+        # An MR image is part of no head CT we score: accepted (the sender sees success), set aside, not kept.
+        mr = make_ct(study_uid=generate_uid(), series_uid=generate_uid(), instance=1)
+        mr.SOPClassUID = mr.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        assert send(port, [mr], sop_class=MRImageStorage) == [0]
+        wait_for(lambda: "set aside (not CT images): 1 MR Image Storage" in caplog.text)
     assert "'STRANGER'" in caplog.text and "not allowed" in caplog.text
+    assert not list((wl.directory / "inbox").rglob("*.dcm")) and len(wl.intake()) == 0
 
 
 def test_a_corrupt_instance_does_not_stop_its_series(running):
     wl, _, port, _ = running
-    datasets = series(3)
+    datasets = series(4)
     datasets[1].PixelData = datasets[1].PixelData[:100]  # shorter than Rows x Columns says
-    assert send(port, datasets) == [0, 0, 0]  # stored as received; reading it is ingest's job
+    assert send(port, datasets) == [0, 0, 0, 0]  # stored as received; reading it is ingest's job
     wait_for(lambda: len(wl) == 1)
-    assert wl.study(int(wl.studies()["id"].iloc[0])).n_slices == 2
+    assert wl.study(int(wl.studies()["id"].iloc[0])).n_slices == 3
 
 
 def test_series_received_before_a_crash_are_scored_at_restart(tmp_path):

@@ -165,9 +165,9 @@ def test_concurrent_writers(tmp_path):
     assert all(len(wl.reviews(i)) == 10 for i in ids)
 
 
-def test_ingest_keeps_going_past_bad_files_and_series(tmp_path, caplog):
+def test_ingest_keeps_going_past_bad_files_and_exams(tmp_path, caplog):
     wl = Worklist(tmp_path)
-    good, failing = uploads(3), uploads(2)
+    good, failing = uploads(3), uploads(4)
     bad = dicom.Upload("notes.dcm", b"not a dicom file at all")
     steps: list[float] = []
     with caplog.at_level(logging.ERROR, logger="ich.worklist"):
@@ -175,13 +175,14 @@ def test_ingest_keeps_going_past_bad_files_and_series(tmp_path, caplog):
     assert len(report.added) == 1 and len(wl) == 1
     reasons = {p.path: p.reason for p in report.problems}
     assert "not a DICOM file" in reasons["notes.dcm"]
-    assert [r for where, r in reasons.items() if where.startswith("series 1 of 2 (")] == [
+    assert [r for where, r in reasons.items() if where.startswith("exam 1 of 2 (")] == [
         "could not be added: RuntimeError: simulated failure"
     ]
+    assert report.failed == ["RuntimeError: simulated failure"]  # worth a retry, unlike an unreadable file
     assert steps == sorted(steps) and steps[-1] == 1.0 and 0 < steps[-2] < 1.0
     # The server log has the traceback, with the series' place in the upload but no identifier.
     (record,) = caplog.records
-    assert record.exc_info is not None and record.getMessage().startswith("series 1 (")
+    assert record.exc_info is not None and record.getMessage().startswith("exam 1 (")
     loaded = dicom.load([*good, *failing]).series
     identifiers = ["DOE", "TEST-0001", *(uid for s in loaded for uid in (s.study_uid, s.series_uid, *s.sop_uids))]
     assert not [i for i in identifiers if i in caplog.text]
@@ -204,7 +205,7 @@ def test_ingest_of_a_folder_with_a_zipped_series_and_a_corrupt_file(tmp_path):
     assert [(p.path, "not a DICOM file" in p.reason) for p in report.problems] == [(str(folder / "corrupt.dcm"), True)]
     fractions = [f for f, _ in steps]
     assert fractions == sorted(fractions) and steps[-1] == (1.0, "Done")
-    assert any(text == "Scoring series 1 (3 slices)" for _, text in steps)
+    assert any(text == "Scoring exam 1 (3 slices)" for _, text in steps)
 
 
 @pytest.mark.slow
@@ -266,7 +267,7 @@ def test_the_worklist_shows_the_exam_not_the_patient(tmp_path):
         row["study_datetime"] == pd.Timestamp("2026-11-27 15:30:12") and row["description"] == "CT HEAD WO · AXIAL 5mm"
     )
     assert row["thickness"] == 5.0 and row["source"] == "dicom"
-    (problem,) = ingest(wl, FakePredictor(), uploads(2), source="fax").problems
+    (problem,) = ingest(wl, FakePredictor(), uploads(3), source="fax").problems
     assert "source must be one of" in problem.reason
 
 

@@ -104,6 +104,21 @@ def _float(value: Any) -> float | None:
         return None
 
 
+def _strings(value: Any) -> tuple[str, ...]:
+    """A multi-valued string element (one value comes back from pydicom as a bare string)."""
+    if value is None or value == "":
+        return ()
+    values = [value] if isinstance(value, str) else list(value)
+    return tuple(str(v).strip() for v in values)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _vector(value: Any, n: int) -> np.ndarray | None:
     try:
         arr = np.asarray([float(v) for v in value], dtype=np.float64)
@@ -118,10 +133,14 @@ def _transfer_syntax(ds: Dataset) -> UID | None:
     return UID(str(syntax)) if syntax else None
 
 
+def _sop_class(ds: Dataset) -> str:
+    return str(ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None) or "")
+
+
 def _check_kind(ds: Dataset, name: str, notes: list[str]) -> str:
     """Refuse what is not a greyscale CT image, by name."""
-    sop_class = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
-    class_name = UID(str(sop_class)).name if sop_class else "unknown SOP class"
+    sop_class = _sop_class(ds)
+    class_name = UID(sop_class).name if sop_class else "unknown SOP class"
     modality = str(ds.get("Modality", "")).upper()
     if modality in _MODALITY_NAMES:
         raise DicomError(name, f"not a CT image: modality {modality} ({_MODALITY_NAMES[modality]}; {class_name})")
@@ -269,6 +288,10 @@ def read_file(source: Source, pixels: bool = True) -> list[Slice]:
         series_description=str(ds.get("SeriesDescription", "") or ""),
         contrast_agent=str(ds.get("ContrastBolusAgent", "") or ""),
         patient_age=str(ds.get("PatientAge", "") or ""),
+        image_type=tuple(v.upper() for v in _strings(ds.get("ImageType"))),
+        kernel="\\".join(_strings(ds.get("ConvolutionKernel"))),
+        sop_class_uid=_sop_class(ds),
+        series_number=_int(ds.get("SeriesNumber")),
     )
     sop = str(ds.get("SOPInstanceUID", "") or "") or name
     if not base["series_uid"]:

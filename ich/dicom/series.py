@@ -74,6 +74,11 @@ class Slice:
     # What says whether a scan is like the ones the model learned from (see ich.scope).
     contrast_agent: str = ""  # ContrastBolusAgent
     patient_age: str = field(default="", repr=False)  # PatientAge, e.g. "045Y"
+    # What tells the series of one exam apart (scout, bone kernel, reformat, dose page): see ich.exam.
+    image_type: tuple[str, ...] = ()  # ImageType values, upper-cased
+    kernel: str = ""  # ConvolutionKernel; several values joined with "\\"
+    sop_class_uid: str = ""
+    series_number: int | None = None  # SeriesNumber
     # The file's header without its pixel data (read with pixels only): what results sent back to PACS copy.
     header: Dataset | None = field(default=None, repr=False, compare=False)
 

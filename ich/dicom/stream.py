@@ -61,8 +61,12 @@ def iter_series(
     sources: Iterable[Source] | Source,
     problems: list[Problem],
     progress: Callable[[int, str], None] | None = None,
+    select: Callable[[list[Series]], list[Series]] | None = None,
 ) -> Iterator[Series]:
     """Series with pixels, one at a time: headers of everything first, then each series' pixels.
+
+    ``select(headers)``, given every series read headers-only, returns those whose pixels are wanted (an
+    exam's scored series, :func:`ich.exam.choose_series`); the others are never decoded.
 
     Files in folders and zip archives on disk (also zips inside folders, and zips inside zips) are
     read again per series, zip members from their archive (:func:`read_member`). Uploads (and the
@@ -93,7 +97,8 @@ def iter_series(
     headers = load(expanded(), pixels=False, progress=progress)
     problems += headers.problems
     log.debug("headers read: %d series, %d problems", len(headers.series), len(headers.problems))
-    for number, series in enumerate(headers.series, 1):
+    wanted = headers.series if select is None else select(headers.series)
+    for number, series in enumerate(wanted, 1):
         read: dict[str, list[Slice]] = {}  # a multi-frame file is read once for all its frames
         kept: list[Slice] = []
         for s in series.slices:
@@ -108,7 +113,7 @@ def iter_series(
                 problems.append(Problem(exc.path, exc.reason))
         for path in read:
             held.pop(path, None)
-        log.debug("series %d of %d: %d of %d slices read", number, len(headers.series), len(kept), len(series))
+        log.debug("series %d of %d: %d of %d slices read", number, len(wanted), len(kept), len(series))
         if kept:
             yield replace(series, slices=kept)
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from ich.worklist.intake import DEMO_CASES, IngestReport, ingest, seed_demo
 from ich.worklist.store import (
+    INTAKE_FAILED,
+    INTAKE_RECEIVING,
     STATUS_CLEAR,
     STATUS_HEMORRHAGE,
     STATUS_NEW,
     STATUSES,
     TRUTH_SOURCES,
+    StoreError,
     StudyRecord,
     Worklist,
     data_dir,
@@ -22,12 +25,15 @@ from ich.worklist.store import (
 # The names both modules export, in one place for `from ich.worklist import ...`.
 __all__ = [
     "DEMO_CASES",
+    "INTAKE_FAILED",
+    "INTAKE_RECEIVING",
     "STATUSES",
     "STATUS_CLEAR",
     "STATUS_HEMORRHAGE",
     "STATUS_NEW",
     "TRUTH_SOURCES",
     "IngestReport",
+    "StoreError",
     "StudyRecord",
     "Worklist",
     "data_dir",

@@ -1,8 +1,9 @@
-"""Putting uploads on the worklist: read each series, score it, store it; and the first-start demo.
+"""Putting uploads on the worklist: read each exam, score its chosen series, store it; and the first-start demo.
 
-Series are read by :func:`ich.dicom.iter_series`, one at a time (headers of everything first, then
-each series' pixels; zip members from their archive), so an upload never holds more than one
-series' pixels beside the store's.
+The unit is the exam (Study Instance UID): the headers of everything are read first, grouped by exam,
+and :func:`ich.exam.choose_series` picks the one series per exam the model scores (axial, original, soft
+tissue, not a scout or a reformat); only that series' pixels are then read (:func:`ich.dicom.iter_series`,
+zip members from their archive), so an upload never holds more than one series' pixels beside the store's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Protocol
 
 import pandas as pd
 
-from ich import dicom, scope
+from ich import dicom, exam, scope
 from ich.worklist.store import Worklist, _now, _Prediction
 
 __all__ = ["DEMO_CASES", "IngestReport", "Scorer", "ingest", "seed_demo"]
@@ -51,10 +52,15 @@ class Scorer(Protocol):
 
 @dataclass
 class IngestReport:
-    """What one upload did: studies added (ids), files or series that could not be used, seconds spent."""
+    """What one upload did: exams added (worklist ids), files or exams that could not be used, seconds spent.
+
+    ``failed`` holds why each exam whose scoring or storing raised failed (a full disk, a model error):
+    worth trying again, unlike an exam with no series to score, which is only a problem line.
+    """
 
     added: list[int] = field(default_factory=list)
     problems: list[dicom.Problem] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -90,21 +96,37 @@ def ingest(
     source: str = "upload",
     progress: Progress | None = None,
 ) -> IngestReport:
-    """Read ``sources`` series by series, score each and put it on the worklist.
+    """Read ``sources`` exam by exam, score each exam's chosen series and put the exam on the worklist.
 
-    A file that cannot be read, or a series that fails to score or store, becomes a problem line
-    (a series is named by its place in the upload, never by an identifier) and the rest still load.
+    A file that cannot be read, an exam without a series to score, or one that fails to score or store,
+    becomes a problem line (an exam is named by its place in the upload, never by an identifier) and
+    the rest still load.
     ``progress(fraction, message)`` runs as each series is read and scored: the fraction is the
     share of the upload's slices done, reading a slice counting as half its work, scoring as the rest.
     """
     start = time.perf_counter()
     report = IngestReport()
     bar = _Bar(progress or _silent, len(sources))
-    failed: list[tuple[int, int, str]] = []  # (series number, slices, why): named once the total is known
-    done = count = 0  # slices of the series finished, series read
+    failed: list[tuple[int, int, str]] = []  # (exam number, slices, why): named once the total is known
+    exams: dict[str, list[exam.SeriesChoice]] = {}  # study UID -> every series of the exam, scored first
+
+    def choose(headers: list[dicom.Series]) -> list[dicom.Series]:
+        chosen = []
+        for number, (study_uid, members) in enumerate(exam.group_exams(headers).items(), start=1):
+            choices = exams[study_uid] = exam.choose_series(members)
+            if choices[0].scored:
+                chosen.append(next(s for s in members if s.series_uid == choices[0].series_uid))
+            else:
+                why = "; ".join(
+                    f"{c.description or f'series {c.number or k}'}: {c.reason}" for k, c in enumerate(choices, 1)
+                )
+                report.problems.append(dicom.Problem(f"exam {number}", f"no series to score ({why})"))
+        return chosen
+
+    done = count = 0  # slices of the exams finished, exams read
     bar.show(done, done, "Reading files…")
-    for count, series in enumerate(dicom.iter_series(sources, report.problems), start=1):
-        n, message = len(series), f"Scoring series {count} ({len(series)} slices)"
+    for count, series in enumerate(dicom.iter_series(sources, report.problems, select=choose), start=1):
+        n, message = len(series), f"Scoring exam {count} ({len(series)} slices)"
 
         def on_batch(fraction: float, done: int = done, n: int = n, message: str = message) -> None:
             bar.show(done + 0.5 * n * (1 + fraction), done + n, message)
@@ -123,15 +145,17 @@ def ingest(
                     model=predictor.name,
                     demo=demo,
                     source=source,
+                    exam_series=exams[series.study_uid],
                 )
             )
-        except Exception as exc:  # one bad series must not sink the upload
-            log.exception("series %d (%d slices) of an upload could not be added", count, n)
+        except Exception as exc:  # one bad exam must not sink the upload
+            log.exception("exam %d (%d slices) of an upload could not be added", count, n)
             failed.append((count, n, f"{type(exc).__name__}: {exc}"))  # not exc: its frames hold the pixels
         done += n
         bar.show(done, done, "Reading files…")
     for number, n, why in failed:
-        report.problems.append(dicom.Problem(f"series {number} of {count} ({n} slices)", f"could not be added: {why}"))
+        report.problems.append(dicom.Problem(f"exam {number} of {count} ({n} slices)", f"could not be added: {why}"))
+        report.failed.append(why)
     bar.step(1.0, "Done")
     report.seconds = time.perf_counter() - start
     return report

@@ -2,9 +2,21 @@
 
 Everything lives in one data directory (:func:`ich.files.data_dir`: ``$ICH_DATA_DIR``, default ``.ich-data/`` in a
 checkout): ``worklist.sqlite3``, ``volumes/<key>.npz`` (int16 HU, compressed, read without pickle) and
-``headers/<key>.dcm`` (each series' first header without pixels, for the results sent back to PACS).
-A :class:`Worklist` opens a new SQLite connection per call and serialises writes with a lock, so
-one object is safely shared by every Streamlit session (thread) of a server.
+``headers/<key>.dcm`` (the scored series' first header without pixels, for the results sent back to PACS).
+A :class:`Worklist` opens a new SQLite connection per call; every write is one ``BEGIN IMMEDIATE``
+transaction, so one object is safely shared by every Streamlit session (thread) of a server and several
+processes (dashboards, the listener) share one data directory: a look-up-then-insert cannot interleave.
+
+The worklist holds one row per **exam** (Study Instance UID): the series the model scored (chosen by
+:func:`ich.exam.choose_series`) and, as ``exam_series``, every series the exam held with why it was not
+scored. A re-score writes its volume and header under new file names and switches the row to them inside
+the transaction; the old files are removed only after it commits, so a failed re-score leaves the row and
+its files as they were, and a delete never removes a file a re-add has just written.
+
+Exams received but not (yet) on the worklist are kept in the ``intake`` table: "receiving" while the
+listener waits for the last instance, "failed" with the reason when scoring or storing failed (they are
+retried; an admin may remove them). A damaged database raises :class:`StoreError` naming the file and
+what to do.
 
 No patient identifiers are stored in the database unless an admin turns them on
 (:meth:`Worklist.set_identifiers`): a study is shown as "Study 3 · 36 slices"; its DICOM UIDs are kept
@@ -19,16 +31,18 @@ One study is read back as a :class:`StudyRecord`; the listings (:meth:`Worklist.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import logging
 import os
 import re
+import secrets
 import sqlite3
 import threading
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -41,11 +55,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from ich import dicom
+from ich.exam import SeriesChoice
 from ich.files import atomic_write, data_dir
 from ich.labels import CLASSES
 from ich.review import Read, read_truth
 
 __all__ = [
+    "INTAKE_FAILED",
+    "INTAKE_RECEIVING",
     "STATUS_NEW",
     "STATUS_HEMORRHAGE",
     "STATUS_CLEAR",
@@ -53,6 +70,7 @@ __all__ = [
     "TRUTH_SOURCES",
     "data_dir",
     "SOURCES",
+    "StoreError",
     "StudyRecord",
     "Worklist",
 ]
@@ -65,7 +83,8 @@ STATUS_CLEAR = "reviewed: no hemorrhage"
 STATUSES = (STATUS_NEW, STATUS_HEMORRHAGE, STATUS_CLEAR)
 TRUTH_SOURCES = ("csv", "phantom", "review")
 
-_SCHEMA_VERSION = 4  # 2: reviews.others_clear; 3: what the worklist shows of the exam; 4: identifiers
+# 2: reviews.others_clear; 3: what the worklist shows of the exam; 4: identifiers; 5: one row per exam, intake
+_SCHEMA_VERSION = 5
 SOURCES = ("upload", "dicom", "demo")  # how a study reached the worklist
 # Columns added after version 1, with their definitions: an older store gets them on open.
 _ADDED_COLUMNS = {
@@ -76,6 +95,9 @@ _ADDED_COLUMNS = {
         "thickness": "REAL",
         "patient_id": "TEXT",  # stored only while identifiers are on (see Worklist.identifiers_on)
         "accession": "TEXT",
+        "exam_series": "TEXT NOT NULL DEFAULT '[]'",  # every series of the exam, scored or why not (JSON)
+        "header_file": "TEXT",  # the header copy's name under headers/ (NULL: stored before version 5)
+        "updated": "TEXT",  # when a re-score (a late instance, a re-upload) last changed the row
     },
     # Version 1 reads took their marks as the complete list: their unmarked slices were clear. New
     # reads always say which (the CREATE default, 0, is never relied on).
@@ -108,6 +130,9 @@ CREATE TABLE IF NOT EXISTS studies (
     thickness REAL,
     patient_id TEXT,
     accession TEXT,
+    exam_series TEXT NOT NULL DEFAULT '[]',
+    header_file TEXT,
+    updated TEXT,
     UNIQUE (study_uid, series_uid)
 );
 CREATE TABLE IF NOT EXISTS slices (
@@ -128,8 +153,37 @@ CREATE TABLE IF NOT EXISTS reviews (
     others_clear INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-PRAGMA user_version = {_SCHEMA_VERSION};
+CREATE TABLE IF NOT EXISTS intake (
+    key TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    state TEXT NOT NULL,
+    study_uid TEXT,
+    first_seen TEXT NOT NULL,
+    last_seen TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try TEXT,
+    reason TEXT
+);
+PRAGMA user_version = {_SCHEMA_VERSION}
 """
+# One row per exam. Stores from before version 5 may hold several series rows of one exam: they keep them
+# (the latest is updated), and the index is made once they are gone.
+_EXAM_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS studies_exam ON studies (study_uid)"
+INTAKE_RECEIVING = "receiving"
+INTAKE_FAILED = "failed"
+_CORRUPT = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB: the file is damaged, not busy or misused
+
+
+class StoreError(RuntimeError):
+    """The worklist database cannot be used; the message names the file and what to do."""
+
+
+def _damaged(path: Path, exc: sqlite3.DatabaseError) -> StoreError:
+    return StoreError(
+        f"{path}: the worklist database is damaged ({exc}). Stop every ich process using it, then restore the data "
+        "directory from its backup (worklist.sqlite3 with its -wal file), or start with a new data directory "
+        "(ICH_DATA_DIR); `python -m ich worklist --check` runs SQLite's integrity check."
+    )
 
 
 def _study_datetime(date: str, time: str) -> str | None:
@@ -147,13 +201,15 @@ def _now() -> str:
     return dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def _volume_key(study_uid: str, series_uid: str) -> str:
-    """File name for a series' volume: a hash, so UIDs never appear in paths."""
-    return hashlib.sha256(f"{study_uid}\0{series_uid}".encode()).hexdigest()[:20] + ".npz"
+def _new_name(kind: str, study_uid: str, series_uid: str, suffix: str) -> str:
+    """A new file name for a series' volume or header copy: a hash, so UIDs never appear in paths, and a
+    random part, so a re-score never overwrites a file the row still names (it switches to the new one on commit)."""
+    digest = hashlib.sha256(f"{kind}\0{study_uid}\0{series_uid}".encode()).hexdigest()[:20]
+    return f"{digest}-{secrets.token_hex(4)}{suffix}"
 
 
 def _header_key(study_uid: str, series_uid: str) -> str:
-    """File name for a series' header copy: a hash (not the volume's), so UIDs never appear in paths."""
+    """File name of a header copy stored before version 5 (one per series, overwritten in place)."""
     return hashlib.sha256(f"header\0{study_uid}\0{series_uid}".encode()).hexdigest()[:20] + ".dcm"
 
 
@@ -226,6 +282,11 @@ class StudyRecord:
     notes: tuple[str, ...]  # the series' reading notes (gaps, duplicate positions...)
     volume_file: str  # the volume's file name under ``volumes/`` (a hash, no UIDs)
     read: Read | None  # the latest radiologist's read
+    exam_series: tuple[
+        SeriesChoice, ...
+    ] = ()  # every series of the exam: the scored one first, the others with why not
+    updated: str | None = None  # when a re-score last changed the row (None: scored once)
+    header_file: str = ""  # the header copy's file name under ``headers/`` (it may not exist: none was kept)
 
     @classmethod
     def from_rows(cls, study: sqlite3.Row, last_review: sqlite3.Row | None) -> StudyRecord:
@@ -247,6 +308,9 @@ class StudyRecord:
             thresholds=MappingProxyType({k: float(v) for k, v in json.loads(study["thresholds"]).items()}),
             notes=tuple(json.loads(study["notes"])),
             volume_file=study["volume"],
+            exam_series=tuple(SeriesChoice(**c) for c in json.loads(study["exam_series"])),
+            updated=study["updated"],
+            header_file=study["header_file"] or _header_key(study["study_uid"], study["series_uid"]),
             read=None
             if last_review is None
             else Read(
@@ -281,12 +345,15 @@ class Worklist:
         self.path = self.directory / "worklist.sqlite3"
         self._lock = threading.Lock()
         with self._write() as db:
-            db.executescript(_SCHEMA)
+            for statement in _SCHEMA.split(";"):  # executescript would commit the open transaction first
+                db.execute(statement)
             for table, added in _ADDED_COLUMNS.items():
                 present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
                 for column, definition in added.items():
                     if column not in present:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            if db.execute("SELECT 1 FROM studies GROUP BY study_uid HAVING COUNT(*) > 1").fetchone() is None:
+                db.execute(_EXAM_INDEX)
         with self._read() as db:  # readers never wait for a writer (persistent, so set once)
             db.execute("PRAGMA journal_mode = WAL")
 
@@ -294,20 +361,36 @@ class Worklist:
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # transactions are explicit (_write)
         db.row_factory = sqlite3.Row
         try:
             yield db
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) in _CORRUPT:
+                raise _damaged(self.path, exc) from None
+            raise
         finally:
             db.close()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One transaction under the lock: committed on success, rolled back on any error."""
+        """One transaction: committed on success, rolled back on any error. ``BEGIN IMMEDIATE`` takes SQLite's
+        write lock first, so what the transaction reads cannot change under it, whichever process writes."""
         with self._lock, self._read() as db:
             db.execute("PRAGMA foreign_keys = ON")
-            with db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
                 yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def check(self) -> list[str]:
+        """SQLite's integrity check of the database: ``[]`` when it is sound, else what it found."""
+        with self._read() as db:
+            found = [row[0] for row in db.execute("PRAGMA integrity_check")]
+        return [] if found == ["ok"] else found
 
     # ------------------------------------------------------------------ writing
 
@@ -322,14 +405,17 @@ class Worklist:
         model: str | None = None,
         demo: bool = False,
         source: str = "upload",
+        exam_series: Sequence[SeriesChoice] = (),
     ) -> int:
-        """Store a scored series (volume, slice probabilities, optional labels); returns the study id.
+        """Store an exam's scored series (volume, slice probabilities, optional labels); returns the study id.
 
-        ``source`` says how it came (:data:`SOURCES`; a demo study is always "demo").
+        ``source`` says how it came (:data:`SOURCES`; a demo study is always "demo"); ``exam_series`` every
+        series of the exam with why it was or was not scored (:func:`ich.exam.choose_series`).
 
-        ``labels`` are wide labels indexed by SOPInstanceUID (:mod:`ich.labels`). Uploading the same
-        series again replaces its scores and volume but keeps its id, status and reads, and each
-        slice's labels unless new ones for that slice come; slices never labelled stay unlabelled.
+        ``labels`` are wide labels indexed by SOPInstanceUID (:mod:`ich.labels`). Scoring the same exam
+        again (the same Study Instance UID: a late instance, a re-upload, a better series) replaces its
+        scores and volume but keeps its id, status and reads, and each slice's labels unless new ones for
+        that slice come; slices never labelled stay unlabelled.
         """
         if truth not in ("csv", "phantom"):  # "review" truth comes from save_review only
             raise ValueError(f"truth must be 'csv' or 'phantom', got {truth!r}")
@@ -338,14 +424,49 @@ class Worklist:
         probs = np.asarray(prediction.probs, dtype=np.float64)
         if probs.shape != (len(series), len(CLASSES)):
             raise ValueError(f"prediction has shape {probs.shape} for {len(series)} slices")
-        key = _volume_key(series.study_uid, series.series_uid)
-        _write_npz(self.volumes / key, series.volume(), series.affine())
-        self._keep_header(series)
+        key = _new_name("volume", series.study_uid, series.series_uid, ".npz")
+        header = _new_name("header", series.study_uid, series.series_uid, ".dcm")
+        written = [self.volumes / key]
+        try:
+            _write_npz(self.volumes / key, series.volume(), series.affine())
+            kept = self._keep_header(series, self.headers / header)
+            if kept:
+                written.append(self.headers / header)
+            study_id, replaced = self._upsert(
+                series, prediction, labels, key, header if kept else None,
+                truth=truth, thresholds=thresholds, model=model, demo=demo, source=source, exam_series=exam_series,
+            )  # fmt: skip
+        except BaseException:
+            for path in written:  # the row still names its old files: these new ones belong to nothing
+                path.unlink(missing_ok=True)
+            raise
+        for path in replaced:  # after the commit: nothing names them any more
+            path.unlink(missing_ok=True)
+        return study_id
+
+    def _upsert(
+        self,
+        series: dicom.Series,
+        prediction: _Prediction,
+        labels: pd.DataFrame | None,
+        key: str,
+        header: str | None,
+        *,
+        truth: str,
+        thresholds: dict[str, float] | None,
+        model: str | None,
+        demo: bool,
+        source: str,
+        exam_series: Sequence[SeriesChoice],
+    ) -> tuple[int, list[Path]]:
+        """The exam's row and slice rows in one transaction; its id and the files the row named before."""
+        probs = np.asarray(prediction.probs, dtype=np.float64)
         score = None if not np.isfinite(prediction.score) else float(prediction.score)
+        now = _now()
         fields = dict(
             study_uid=series.study_uid,
             series_uid=series.series_uid,
-            received=_now(),
+            received=now,
             n_slices=len(series),
             score=score,
             top_subtype=prediction.top_subtype,
@@ -364,10 +485,13 @@ class Worklist:
             # Identifiers reach the store only while an admin has them on; never otherwise.
             patient_id=series.slices[0].patient_id or None if self.identifiers_on else None,
             accession=series.slices[0].identifiers.get("accession_number") or None if self.identifiers_on else None,
+            exam_series=json.dumps([dataclasses.asdict(c) for c in exam_series]),
+            header_file=header,
         )
         with self._write() as db:
+            # The latest row of the exam (a store from before version 5 may hold one per series).
             found = db.execute(
-                "SELECT id FROM studies WHERE study_uid = ? AND series_uid = ?", (series.study_uid, series.series_uid)
+                "SELECT * FROM studies WHERE study_uid = ? ORDER BY id DESC LIMIT 1", (series.study_uid,)
             ).fetchone()
             # Labels a previous upload of this series brought stay where the new ones say nothing
             # (no label file, or one that does not list these slices).
@@ -391,13 +515,19 @@ class Worklist:
                 given = ~np.isnan(new).all(axis=1)
                 y[given] = new[given]
                 sources = [truth if g else src for g, src in zip(given, sources)]
+            replaced: list[Path] = []
             if found:
                 study_id = found["id"]
+                fields["updated"] = now
                 db.execute(
                     f"UPDATE studies SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
                     (*fields.values(), study_id),
                 )
                 db.execute("DELETE FROM slices WHERE study_id = ?", (study_id,))
+                replaced = [
+                    self.volumes / found["volume"],
+                    self.headers / StudyRecord.from_rows(found, None).header_file,
+                ]
             else:
                 study_id = db.execute(
                     f"INSERT INTO studies (label, {', '.join(fields)}) VALUES ('', {', '.join('?' * len(fields))})",
@@ -412,15 +542,15 @@ class Worklist:
                 f"VALUES ({study_id}, {', '.join('?' * (len(_P) + len(_Y) + 3))})",
                 [(i, sop, *_nullable(probs[i]), *_nullable(y[i]), sources[i]) for i, sop in enumerate(series.sop_uids)],
             )
-        return int(study_id)
+        return int(study_id), [p for p in replaced if p.name not in (key, header)]
 
-    def _keep_header(self, series: dicom.Series) -> None:
-        """Keep the series' first header for :meth:`header`. A header pydicom cannot write back costs only
-        the results download (logged by type alone: its message may quote a patient's name); a full disk
-        fails the series like its volume does."""
-        path = self.headers / _header_key(series.study_uid, series.series_uid)
+    @staticmethod
+    def _keep_header(series: dicom.Series, path: Path) -> bool:
+        """Keep the series' first header at ``path`` for :meth:`header`; whether one was kept. A header pydicom
+        cannot write back costs only the results download (logged by type alone: its message may quote a
+        patient's name); a full disk fails the series like its volume does."""
         if series.slices[0].header is None:  # read without pixels (a caller's own Series): nothing to keep
-            return
+            return False
         try:
             _write_header(path, series.slices[0].header)
         except OSError:
@@ -428,6 +558,8 @@ class Worklist:
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on values it cannot encode
             path.unlink(missing_ok=True)
             log.warning("the header of a series could not be kept (%s): no results download for it", type(exc).__name__)
+            return False
+        return True
 
     def save_review(
         self,
@@ -455,13 +587,17 @@ class Worklist:
         return read
 
     def delete_study(self, study_id: int) -> None:
-        """Remove a study with its slices, reads and volume file (the rows first: a crash leaves no visible half)."""
-        record = self.study(study_id)
-        volume = self.volumes / record.volume_file
+        """Remove a study with its slices, reads, volume and header files (the rows first: a crash leaves no
+        visible half). The files are the ones the row named when it was deleted: a re-add of the exam at the
+        same moment writes new names, which stay."""
         with self._write() as db:
+            row = db.execute("SELECT * FROM studies WHERE id = ?", (study_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no study {study_id} on the worklist")
             db.execute("DELETE FROM studies WHERE id = ?", (study_id,))  # slices and reads cascade
-        volume.unlink(missing_ok=True)
-        (self.headers / _header_key(record.study_uid, record.series_uid)).unlink(missing_ok=True)
+        record = StudyRecord.from_rows(row, None)
+        (self.volumes / record.volume_file).unlink(missing_ok=True)
+        (self.headers / record.header_file).unlink(missing_ok=True)
 
     def set_meta(self, key: str, value: str) -> None:
         with self._write() as db:
@@ -490,6 +626,50 @@ class Worklist:
         with self._read() as db:
             row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else row["value"]
+
+    # ------------------------------------------------------------------ intake: exams received, not on the worklist yet
+
+    def note_receiving(self, key: str, source: str, study_uid: str | None = None) -> None:
+        """An exam (``key``: the receiver's name for it, no identifier) is arriving: shown as "receiving"
+        until :meth:`intake_done` or :meth:`intake_failed`."""
+        now = _now()
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO intake (key, source, state, study_uid, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET state = excluded.state, last_seen = excluded.last_seen",
+                (key, source, INTAKE_RECEIVING, study_uid, now, now),
+            )
+
+    def intake_failed(self, key: str, reason: str, next_try: dt.datetime | None, source: str = "dicom") -> int:
+        """Scoring or storing the exam failed: kept as "failed" with ``reason`` (no identifier) and when it is
+        tried again (``None``: not until more instances come); returns how many attempts failed so far."""
+        now = _now()
+        retry = None if next_try is None else next_try.astimezone().isoformat(timespec="seconds")
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO intake (key, source, state, first_seen, last_seen, attempts, next_try, reason)"
+                " VALUES (?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (key) DO UPDATE SET state = excluded.state,"
+                " attempts = attempts + 1, next_try = excluded.next_try, reason = excluded.reason",
+                (key, source, INTAKE_FAILED, now, now, retry, reason),
+            )
+            return int(db.execute("SELECT attempts FROM intake WHERE key = ?", (key,)).fetchone()[0])
+
+    def intake_done(self, key: str) -> None:
+        """The exam is on the worklist (or an admin removed it): no longer pending."""
+        with self._write() as db:
+            db.execute("DELETE FROM intake WHERE key = ?", (key,))
+
+    def intake(self) -> pd.DataFrame:
+        """Exams received and not on the worklist yet, or being updated: ``key``, ``source``, ``state``
+        (receiving / failed), ``study_id`` (the worklist row a late instance will update, else NaN),
+        ``first_seen``, ``last_seen``, ``attempts``, ``next_try``, ``reason``; failed ones first."""
+        with self._read() as db:
+            return pd.read_sql_query(
+                "SELECT i.key, i.source, i.state, s.id AS study_id, i.first_seen, i.last_seen, i.attempts, i.next_try,"
+                " i.reason FROM intake i LEFT JOIN studies s ON s.study_uid = i.study_uid"
+                f" ORDER BY i.state != '{INTAKE_FAILED}', i.first_seen",
+                db,
+            )
 
     # ------------------------------------------------------------------ reading
 
@@ -561,9 +741,8 @@ class Worklist:
         """The study's first slice header as received (no pixel data; patient identifiers included, which is
         why it is only ever read for results sent to PACS), or ``None`` for a study stored before headers
         were kept. The SOPInstanceUIDs of all slices are in :meth:`slices`."""
-        record = self.study(study_id)
         try:
-            return dcmread(self.headers / _header_key(record.study_uid, record.series_uid))
+            return dcmread(self.headers / self.study(study_id).header_file)
         except FileNotFoundError:
             return None
 

@@ -1,0 +1,203 @@
+"""Which series of a head-CT exam the model scores.
+
+A PACS sends a whole exam (one StudyInstanceUID): a scout, an axial soft-tissue series, often a bone-kernel
+series, thin reconstructions, coronal and sagittal reformats, a dose page. :func:`choose_series` scores one
+of them and says, for every other, why not. The rule:
+
+1. Never scored: what is not a CT image (modality OT and other non-CT), a secondary capture (dose page,
+   screenshot), a localizer (scout), a series of fewer than 3 slices (a scout's one or two views, or stray
+   images: too little of the head to triage), and a series that is not axial: coronal, sagittal, or tilted more than 30° from axial. A tilt up to 30° is kept: gantry
+   tilt is common in head CT (3 of the 7 RSNA 2019 series in the project's real-data sample are tilted
+   17-22°, the CQ500 5 mm slice 15°; the model learned from such slices) and gantries tilt at most ~30°.
+2. Of the rest, an image not marked DERIVED or SECONDARY in its ImageType is preferred to one that is
+   (a reformat): that is scored only where nothing else is left.
+3. Then a soft-tissue (brain) kernel before a bone or sharp kernel (Siemens numbered 60 and up: H70h, Hr64, GE
+   BONE/BONEPLUS/EDGE/LUNG, Philips D/E/L/YC/YD/YE, Canon/Toshiba FC30 and above; an unknown kernel
+   counts as soft tissue); then slices of 2.5-5 mm, before thinner ones (scored on ~5 mm slabs), before
+   thicker ones, before unknown thickness; then within 10° of axial before tilted, before unknown
+   orientation; then more slices; then the lower series number.
+
+Where nothing passes step 1, no series is scored.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ich.dicom import Series
+from ich.slabs import THIN_MM  # below: a thin series, scored on ~5 mm slabs
+
+AXIAL_TOLERANCE_DEG = 10.0
+MAX_TILT_DEG = 30.0  # beyond: an oblique reformat, not gantry tilt
+PREFERRED_MM = (2.5, 5.0)
+MIN_SLICES = 3
+
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame children .7.1-.7.4
+_SHARP_WORDS = ("BONE", "SHARP", "EDGE", "LUNG")  # GE BONE, BONEPLUS, EDGE, LUNG and other vendors' words
+_PHILIPS_SHARP = {"D", "E", "L", "YC", "YD", "YE"}
+_CANON = re.compile(r"FC(\d\d)")  # Canon/Toshiba FC01-FC8x: 30 and above are bone, lung, inner ear
+_SIEMENS = re.compile(r"[A-Z]R?(\d\d)")  # Siemens H30s, J70h, Hr38, Br64: the number is the sharpness
+
+
+@dataclass(frozen=True)
+class SeriesChoice:
+    """One series of an exam: what identifies it to a radiologist, and whether (or why not) it is scored."""
+
+    series_uid: str
+    number: int | None  # SeriesNumber
+    description: str  # SeriesDescription ('' if none)
+    n_slices: int
+    thickness: float | None  # SliceThickness, else the spacing between slices
+    kernel: str
+    plane: str  # "axial", "coronal", "sagittal", "oblique", or "unknown"
+    scored: bool  # True for exactly one series of an exam that has a usable one
+    reason: str  # '' for the scored one; else why not, in words a radiologist reads
+
+
+def plane(orientation: np.ndarray | None) -> tuple[str, float]:
+    """The plane of ImageOrientationPatient and the angle (degrees) between slice normal and patient z.
+
+    Within :data:`AXIAL_TOLERANCE_DEG` of an axis: "axial", "coronal" or "sagittal"; else "oblique";
+    without a usable orientation: ("unknown", nan).
+    """
+    if orientation is None:
+        return "unknown", math.nan
+    normal = np.cross(orientation[:3], orientation[3:])
+    length = float(np.linalg.norm(normal))
+    if length < 1e-6:
+        return "unknown", math.nan
+    x, y, z = np.degrees(np.arccos(np.clip(np.abs(normal) / length, 0.0, 1.0)))
+    if z <= AXIAL_TOLERANCE_DEG:
+        return "axial", float(z)
+    name = "coronal" if y <= AXIAL_TOLERANCE_DEG else "sagittal" if x <= AXIAL_TOLERANCE_DEG else "oblique"
+    return name, float(z)
+
+
+def group_exams(series: Iterable[Series]) -> dict[str, list[Series]]:
+    """Series by StudyInstanceUID, in the order they come."""
+    exams: dict[str, list[Series]] = {}
+    for s in series:
+        exams.setdefault(s.study_uid, []).append(s)
+    return exams
+
+
+def _sharp_kernel(kernel: str) -> bool:
+    name = kernel.split("\\")[0].strip().upper()  # Siemens adds e.g. the iterative strength: "Hr38\3"
+    if name in _PHILIPS_SHARP or any(word in name for word in _SHARP_WORDS):
+        return True
+    if match := _CANON.match(name):
+        return int(match[1]) >= 30
+    if match := _SIEMENS.match(name):
+        return int(match[1]) >= 60
+    return False
+
+
+def _mm(value: float) -> str:
+    return f"{value:.3g} mm"
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    index: int
+    choice: SeriesChoice
+    angle: float
+    derived: str  # '' for an original image, else the reason it is not preferred
+    excluded: str  # '' unless never scored (rule step 1)
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """Smaller is better; the order of rule steps 2 and 3."""
+        c = self.choice
+        t = c.thickness
+        thickness = 3 if t is None else 0 if PREFERRED_MM[0] <= t <= PREFERRED_MM[1] else 1 if t < THIN_MM else 2
+        return (
+            bool(self.derived),
+            _sharp_kernel(c.kernel),
+            thickness,
+            {"axial": 0, "oblique": 1}.get(c.plane, 2),
+            -c.n_slices,
+            sys.maxsize if c.number is None else c.number,
+        )
+
+    def beaten_by(self, chosen: _Candidate) -> str:
+        """Why this series lost to ``chosen``: the first rule step where it is worse."""
+        c = self.choice
+        reasons = [
+            self.derived,
+            f"bone kernel ({c.kernel})",
+            (
+                "slice thickness unknown: a series of known thickness was chosen"
+                if c.thickness is None
+                else f"thin ({_mm(c.thickness)}): a thicker series was chosen"
+                if c.thickness < THIN_MM
+                else f"thick ({_mm(c.thickness)}): a thinner series was chosen"
+            ),
+            (
+                f"tilted {self.angle:.0f}° from axial: a less tilted series was chosen"
+                if c.plane == "oblique"
+                else "orientation unknown: a series of known orientation was chosen"
+            ),
+            f"fewer slices ({c.n_slices}) than the chosen series ({chosen.choice.n_slices})",
+            "an equivalent series with a lower series number was chosen",
+        ]
+        for mine, theirs, reason in zip(self.key, chosen.key, reasons):
+            if mine != theirs:
+                return reason
+        return "an equivalent series was chosen"
+
+
+def _candidate(index: int, s: Series) -> _Candidate:
+    first = s.slices[0]
+    name, angle = plane(first.orientation)
+    choice = SeriesChoice(
+        series_uid=s.series_uid,
+        number=first.series_number,
+        description=first.series_description,
+        n_slices=len(s),
+        thickness=s.thickness if s.thickness is not None else s.spacing,
+        kernel=first.kernel,
+        plane=name,
+        scored=False,
+        reason="",
+    )
+    sop_class = first.sop_class_uid
+    if s.modality != "CT":
+        excluded = f"not a CT image (modality {s.modality})"
+    elif sop_class == _SECONDARY_CAPTURE or sop_class.startswith(_SECONDARY_CAPTURE + "."):
+        excluded = "secondary capture (dose page or screenshot)"
+    elif "LOCALIZER" in first.image_type:
+        excluded = "localizer (scout)"
+    elif len(s) < MIN_SLICES:
+        excluded = f"too few slices ({len(s)})"
+    elif name in ("coronal", "sagittal") or (name == "oblique" and angle > MAX_TILT_DEG):
+        excluded = f"{name}, {angle:.0f}° from axial"
+    else:
+        excluded = ""
+    derived = ""
+    if {"DERIVED", "SECONDARY"} & set(first.image_type[:2]):
+        detail = ", ".join(v for v in first.image_type[2:] if v)
+        derived = f"derived/secondary image ({detail})" if detail else "derived/secondary image"
+    return _Candidate(index, choice, angle, derived, excluded)
+
+
+def choose_series(series: Sequence[Series]) -> list[SeriesChoice]:
+    """One :class:`SeriesChoice` per series of one exam (headers are enough): the scored one first
+    (none where no series is usable), then the rest by series number, then input order."""
+    candidates = [_candidate(i, s) for i, s in enumerate(series)]
+    usable = [c for c in candidates if not c.excluded]
+    chosen = min(usable, key=lambda c: c.key) if usable else None
+    rest = sorted(
+        (c for c in candidates if c is not chosen),
+        key=lambda c: (c.choice.number is None, c.choice.number or 0, c.index),
+    )
+    head = [] if chosen is None else [replace(chosen.choice, scored=True)]
+    # Without a chosen series every series was excluded, so each has its reason already.
+    return head + [
+        replace(c.choice, reason=c.excluded if c.excluded or chosen is None else c.beaten_by(chosen)) for c in rest
+    ]
