@@ -24,9 +24,21 @@ from PIL import Image
 from ich import access, dicom, explain, review, scope, viewer
 from ich.inference import STUDY_AGGREGATION, Predictor, default_weights
 from ich.labels import CLASSES, NOT_NAMED, SUBTYPES, read_rsna_csv
+from ich.listener import Inbox
 from ich.viewer.component import publish, slice_viewer
 from ich.windowing import PRESETS, Window
-from ich.worklist import STATUS_NEW, STATUSES, IngestReport, StudyRecord, Worklist, data_dir, ingest, seed_demo
+from ich.worklist import (
+    INTAKE_FAILED,
+    STATUS_NEW,
+    STATUSES,
+    IngestReport,
+    StoreError,
+    StudyRecord,
+    Worklist,
+    data_dir,
+    ingest,
+    seed_demo,
+)
 
 NOTICE = "**Not a medical device — research use only.** The model's scores are not diagnoses."
 VIEW_WINDOWS = ("brain", "subdural", "bone", "stroke")
@@ -215,6 +227,21 @@ def studies_table(studies: pd.DataFrame) -> pd.DataFrame:
             "Most likely subtype": studies["top_subtype"].where(studies["flagged"]).fillna("—"),
             "Flag": np.where(studies["flagged"], "⚠ above threshold", ""),
             "Status": studies["status"],
+        }
+    )
+
+
+def exam_series_table(info: StudyRecord) -> pd.DataFrame:
+    """Every series of the exam: the scored one first, the others with why the model did not score them."""
+    return pd.DataFrame(
+        {
+            "Series": [c.number for c in info.exam_series],
+            "Description": [c.description or "—" for c in info.exam_series],
+            "Slices": [c.n_slices for c in info.exam_series],
+            "Thickness (mm)": [c.thickness for c in info.exam_series],
+            "Kernel": [c.kernel or "—" for c in info.exam_series],
+            "Plane": [c.plane for c in info.exam_series],
+            "Scored": ["scored" if c.scored else f"not scored: {c.reason}" for c in info.exam_series],
         }
     )
 
@@ -429,6 +456,7 @@ def worklist_page() -> None:
     if upload_col.button("Upload studies", icon=":material/upload:", width="stretch"):
         st.switch_page(PAGES["upload"])
     wl = store()
+    intake_ui(wl)
     status = filter_ui()
     studies = wl.studies(status)
     if studies.empty:
@@ -480,6 +508,39 @@ def worklist_page() -> None:
     )
 
 
+def intake_ui(wl: Worklist) -> None:
+    """Exams received but not on the worklist: arriving (not scored on part of an exam), or failed with the
+    reason and the next try. Admins may give up on a failed one (its received files are removed)."""
+    pending = wl.intake()
+    if pending.empty:
+        return
+    failed = pending[pending["state"] == INTAKE_FAILED]
+    if len(pending) > len(failed):
+        st.info(
+            f"{len(pending) - len(failed)} exam(s) arriving: scored once the sender is quiet.",
+            icon=":material/downloading:",
+        )
+    if failed.empty:
+        return
+    with st.expander(f":red[{len(failed)} exam(s) received but not on the worklist]", icon=":material/error:"):
+        st.dataframe(
+            failed[["first_seen", "source", "attempts", "next_try", "reason"]].rename(
+                columns={"first_seen": "Received", "source": "How", "attempts": "Attempts", "next_try": "Next try",
+                         "reason": "Why"}
+            ),
+            hide_index=True,
+        )  # fmt: skip
+        if user().is_admin:
+            key = st.selectbox(
+                "Exam", failed["key"], format_func=lambda k: f"received {failed.set_index('key').at[k, 'first_seen']}"
+            )
+            if st.button("Remove this exam and its received files", key="intake-remove"):
+                Inbox(data_dir() / "inbox").discard(key)
+                wl.intake_done(key)
+                audit("remove failed exam")
+                st.rerun()
+
+
 def study_summary_ui(info: StudyRecord, slices: pd.DataFrame, thresholds: Mapping[str, float]) -> None:
     """The study's score, its predicted-vs-actual line, scope warnings and what the numbers mean."""
     probs, truth = (
@@ -487,10 +548,14 @@ def study_summary_ui(info: StudyRecord, slices: pd.DataFrame, thresholds: Mappin
         slices[[f"y_{c}" for c in CLASSES]].to_numpy(float),
     )
     flag = f":red[**flagged**] · most likely subtype **{info.top_subtype or '—'}**" if info.flagged else "not flagged"
+    updated = f" · :orange[updated {info.updated[:16].replace('T', ' ')}]" if info.updated else ""
     st.markdown(
         f"Likelihood **{pct(info.score)}** · {flag} · status **{info.status}** · "
-        f"{SOURCE_NAMES[info.source]} · scored by {info.model or 'an unnamed model'}"
+        f"{SOURCE_NAMES[info.source]} · scored by {info.model or 'an unnamed model'}{updated}"
     )
+    if len(info.exam_series) > 1:
+        with st.expander(f"Series in this exam: {len(info.exam_series)}, one scored", icon=":material/stacks:"):
+            st.dataframe(exam_series_table(info), hide_index=True)
     study_source = "review" if info.read else next(iter(slices["truth"].dropna()), None)
     st.markdown(
         "**Study** — "
@@ -849,10 +914,13 @@ def main() -> None:
         st.error(f"The model could not be loaded, so uploads and heatmaps are off. {why}")
     else:
         st.sidebar.caption(f"Model: {pred.name}. Worklist and reads are stored on this server only.")
-    identifiers_ui(store())
-    seed_demo_ui(store(), pred)
-    arrivals_ui(store())
-    page.run()
+    try:
+        identifiers_ui(store())
+        seed_demo_ui(store(), pred)
+        arrivals_ui(store())
+        page.run()
+    except StoreError as exc:  # a damaged database: say which file and what to do, never a traceback
+        st.error(str(exc), icon=":material/database:")
 
 
 if __name__ == "__main__":

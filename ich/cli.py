@@ -178,7 +178,7 @@ def _listen(args: argparse.Namespace) -> int:
         after.append(Webhook(args.notify_url, worklist, flagged_only=not args.notify_all))
     if args.send_to:
         heatmap = (lambda hu: explain.grad_cam(predictor, hu, "any")) if "any" in predictor.model_classes else None
-        after.append(SendResults(worklist, args.send_to, heatmap, predictor.aggregation))
+        after.append(SendResults(worklist, args.send_to, heatmap, predictor.aggregation, calling_ae=args.ae_title))
     listener = Listener(
         worklist,
         predictor,
@@ -334,7 +334,9 @@ def get_parser() -> argparse.ArgumentParser:
     ls.add_argument("--data-dir", help=f"worklist and inbox folder (default ${DATA_ENV} or .ich-data/)")
     ls.add_argument("--notify-url", help="POST a JSON note (worklist id, flag, likelihood; no identifiers) here")
     ls.add_argument("--notify-all", action="store_true", help="notify every scored study, not only flagged ones")
-    ls.add_argument("--send-to", help="AE@host:port: send each scored series' DICOM SR and key image there (PACS)")
+    ls.add_argument(
+        "--send-to", help="AE@host:port: send each scored exam's DICOM SR and key image there (PACS), as --ae-title"
+    )
     _model_options(ls)
     ls.set_defaults(func=_listen)
 

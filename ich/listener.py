@@ -336,7 +336,7 @@ class Listener:
 
 
 class SendResults:
-    """``on_scored`` callback: the SR and key image of a scored series (:func:`ich.results.study_objects`),
+    """``on_scored`` callback: the SR and key image of a scored exam (:func:`ich.results.study_objects`),
     C-STORE'd to ``destination`` (AE@host:port) as ``calling_ae`` (the listener's AE title: PACS knows one node).
 
     Once PACS has accepted both (status 0x0000 each) the send is recorded (:func:`ich.results.record_sent`), so

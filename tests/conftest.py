@@ -3,6 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
 from tests.helpers import SHARED_DATA, make_checkpoint
 
@@ -18,3 +20,22 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("weights") / "tiny")
+
+
+@pytest.fixture
+def pacs():
+    """A second Storage SCP standing in for PACS: keeps every object it receives."""
+    received: list = []
+
+    def keep(event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0
+
+    ae = AE(ae_title="PACS")
+    for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, keep)])
+    yield f"PACS@127.0.0.1:{server.server_address[1]}", received
+    server.shutdown()

@@ -12,8 +12,8 @@ import time
 import highdicom as hd
 import numpy as np
 import pytest
-from pydicom.uid import ComprehensiveSRStorage, MRImageStorage, SecondaryCaptureImageStorage, generate_uid
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pydicom.uid import ComprehensiveSRStorage, MRImageStorage, generate_uid
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from ich.listener import Inbox, Listener, SendResults
@@ -155,25 +155,6 @@ def test_worklist_command_prints_without_identifiers(tmp_path):
     assert np.isfinite(row["likelihood"])
 
 
-@pytest.fixture
-def pacs():
-    """A second Storage SCP standing in for PACS: keeps every object it receives."""
-    received: list = []
-
-    def keep(event) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        received.append(ds)
-        return 0
-
-    ae = AE(ae_title="PACS")
-    for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
-        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
-    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, keep)])
-    yield f"PACS@127.0.0.1:{server.server_address[1]}", received
-    server.shutdown()
-
-
 def test_results_go_back_to_pacs_in_the_scanned_study(tmp_path, pacs):
     destination, received = pacs
     wl, inbox = Worklist(tmp_path), Inbox(tmp_path / "inbox", QUIET)
@@ -197,13 +178,14 @@ def test_results_go_back_to_pacs_in_the_scanned_study(tmp_path, pacs):
     assert report.StudyInstanceUID == study == key.StudyInstanceUID
     assert report.SeriesInstanceUID not in {sent[0].SeriesInstanceUID, key.SeriesInstanceUID}
     assert report.PatientID == sent[0].PatientID  # PACS files it with the patient's scan
-    items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in report.ContentSequence}
-    assert "NOT FOR DIAGNOSTIC USE" in items["Disclaimer"].TextValue
-    assert items["Triage flag"].TextValue.startswith("FLAGGED")
-    assert items["How the series likelihood is made"].TextValue == "top-2"
-    likelihood = items["Hemorrhage likelihood of the series"].MeasuredValueSequence[0].NumericValue
+    items = hd.sr.utils.find_content_items(report, recursive=True)  # the TID 1500 tree, flattened
+    named = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in items}
+    assert "NOT FOR DIAGNOSTIC USE" in named["Disclaimer"].TextValue
+    assert named["Triage flag"].ConceptCodeSequence[0].CodeMeaning == "Flagged"
+    assert "series likelihood: top-2" in [item.TextValue for item in items if item.ValueType == "TEXT"]
+    likelihood = named["Hemorrhage likelihood of the series"].MeasuredValueSequence[0].NumericValue
     assert float(likelihood) == pytest.approx(0.9)
-    keys = [i for i in report.ContentSequence if i.ValueType == "IMAGE"]
+    keys = [i for i in items if i.ValueType == "IMAGE"]
     assert keys and {k.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for k in keys} <= sops
     assert key.BurnedInAnnotation == "YES" and key.pixel_array.shape[-1] == 3
     rgb = key.pixel_array.astype(int)

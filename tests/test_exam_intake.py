@@ -1,0 +1,310 @@
+"""Exams, not series, and nothing received lost: a whole exam by C-STORE, failures kept and retried, races
+between processes, a re-score that fails half way, a damaged database."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+import ich.worklist.store
+from ich import dicom
+from ich.listener import Inbox, Listener, SendResults
+from ich.worklist import INTAKE_FAILED, INTAKE_RECEIVING, StoreError, Worklist, ingest
+from tests.dicom_factory import make_ct, to_bytes
+from tests.helpers import ROOT, FakePrediction, FakePredictor, add, series_of, uploads
+from tests.test_listener import QUIET, series, wait_for
+
+AXIAL, CORONAL = [1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, -1]
+
+
+def exam(study: str) -> dict[str, list]:
+    """A head-CT exam as a PACS sends it: scout, axial soft tissue, axial bone kernel, coronal MPR, dose page."""
+
+    def run(n: int, kernel: str, image_type: list[str], orientation=AXIAL, description: str = "") -> list:
+        uid = generate_uid()
+        normal = np.cross(orientation[:3], orientation[3:])
+        return [
+            make_ct(study_uid=study, series_uid=uid, instance=i + 1, ImagePositionPatient=list(normal * 5.0 * i),
+                    ImageOrientationPatient=orientation, ConvolutionKernel=kernel, ImageType=image_type,
+                    SeriesDescription=description)
+            for i in range(n)
+        ]  # fmt: skip
+
+    dose = make_ct(study_uid=study, instance=1, Modality="OT", SeriesDescription="Dose report")
+    dose.SOPClassUID = dose.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    return {
+        "scout": run(1, "H30s", ["ORIGINAL", "PRIMARY", "LOCALIZER"], CORONAL, "Topogram"),
+        "soft": run(6, "H30s", ["ORIGINAL", "PRIMARY", "AXIAL"], description="Head 5mm soft"),
+        "bone": run(6, "H70h", ["ORIGINAL", "PRIMARY", "AXIAL"], description="Head 5mm bone"),
+        "coronal": run(8, "H30s", ["DERIVED", "SECONDARY", "MPR"], CORONAL, "Coronal MPR"),
+        "dose": [dose],
+    }
+
+
+class ByKernel(FakePredictor):
+    """Bleeding only in the soft-tissue series: a flag shows which series was scored."""
+
+    def predict_series(self, series, progress=None):
+        self.calls += 1
+        any_ = 0.9 if series.slices[0].kernel == "H30s" else 0.1
+        probs = np.full((len(series), 6), 0.05, np.float32)
+        probs[:, 0] = any_
+        return FakePrediction(series.sop_uids, probs, any_, "subdural", any_ >= 0.5)
+
+
+def send_all(port: int, datasets: list) -> list[int]:
+    """One association offering CT and Secondary Capture, as a PACS sending a whole exam would."""
+    ae = AE(ae_title="PACS")
+    for sop_class in (CTImageStorage, SecondaryCaptureImageStorage):
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICH")
+    assert assoc.is_established
+    try:
+        return [int(s.Status) if s else -1 for s in (assoc.send_c_store(ds) for ds in datasets)]
+    finally:
+        assoc.release()
+
+
+def test_a_whole_exam_by_c_store_is_one_row_scored_on_the_axial_soft_tissue_series(tmp_path, caplog):
+    wl = Worklist(tmp_path)
+    listener = Listener(wl, ByKernel(), Inbox(tmp_path / "inbox", 1.0))
+    port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
+    parts = exam(generate_uid())
+    try:
+        with caplog.at_level(logging.INFO, logger="ich"):
+            statuses = send_all(port, [ds for part in parts.values() for ds in part])
+            assert set(statuses) == {0}  # every instance, dose page included, answered with success
+            (pending,) = wl.intake().itertuples()  # arriving: shown, not scored on part of the exam
+            assert pending.state == INTAKE_RECEIVING and len(wl) == 0
+            wait_for(lambda: len(wl) == 1 and len(wl.intake()) == 0)
+    finally:
+        listener.stop()
+    (study_id,) = wl.studies()["id"]
+    row = wl.study(int(study_id))
+    assert row.flagged and row.n_slices == 6 and row.series_uid == parts["soft"][0].SeriesInstanceUID
+    reasons = {c.description: c.reason for c in row.exam_series}
+    assert reasons["Head 5mm soft"] == "" and row.exam_series[0].scored
+    assert reasons["Topogram"] == "localizer (scout)"
+    assert "bone kernel" in reasons["Head 5mm bone"] and "coronal" in reasons["Coronal MPR"]
+    assert "Dose report" not in reasons  # set aside at the door: never stored
+    assert "set aside (not CT images): 1 Secondary Capture Image Storage" in caplog.text
+    assert len(list((tmp_path / "inbox").rglob("*.dcm"))) == 1 + 6 + 6 + 8
+
+
+def test_an_upload_of_two_exams_gives_one_row_each(tmp_path):
+    first, second = exam(generate_uid()), exam(generate_uid())
+    files = [
+        dicom.Upload(f"{ds.SOPInstanceUID}.dcm", to_bytes(ds)) for e in (first, second) for p in e.values() for ds in p
+    ]
+    report = ingest(Worklist(tmp_path), ByKernel(), files)
+    assert len(report.added) == 2 and not report.failed
+    wl = Worklist(tmp_path)
+    assert sorted(wl.study(i).series_uid for i in report.added) == sorted(
+        e["soft"][0].SeriesInstanceUID for e in (first, second)
+    )
+
+
+def test_a_full_disk_keeps_the_exam_failed_and_retries_it_until_it_is_on_the_worklist(tmp_path, monkeypatch):
+    """Before: the inbox folder was marked scored though its exam failed, and never reached the worklist."""
+    wl = Worklist(tmp_path)
+    real_write = ich.worklist.store._write_npz
+
+    def disk_full(*args, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ich.worklist.store, "_write_npz", disk_full)
+    listener = Listener(wl, FakePredictor(), Inbox(tmp_path / "inbox", QUIET), retry_seconds=0.3)
+    port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
+    try:
+        assert set(send_all(port, series(4))) == {0}
+        wait_for(lambda: (wl.intake()["state"] == INTAKE_FAILED).any())
+        (failed,) = wl.intake().itertuples()
+        assert "No space left on device" in failed.reason and failed.next_try and len(wl) == 0
+        wait_for(lambda: int(wl.intake()["attempts"].iloc[0]) >= 2)  # tried again, still full
+        monkeypatch.setattr(ich.worklist.store, "_write_npz", real_write)  # space freed
+        wait_for(lambda: len(wl) == 1 and len(wl.intake()) == 0, seconds=30)
+    finally:
+        listener.stop()
+    assert wl.study(int(wl.studies()["id"].iloc[0])).n_slices == 4
+    assert not Inbox(tmp_path / "inbox").unscored()
+
+
+def test_a_failed_exam_is_scored_at_restart(tmp_path):
+    inbox = Inbox(tmp_path / "inbox", QUIET)
+    for ds in series(3):
+        inbox.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, to_bytes(ds))
+    wl = Worklist(tmp_path)
+    first = Listener(wl, FakePredictor(fail_on=1), inbox, retry_seconds=3600)
+    first.start("127.0.0.1", 0, poll_seconds=0.05)
+    try:
+        wait_for(lambda: len(wl.intake()) == 1 and wl.intake()["state"].iloc[0] == INTAKE_FAILED)
+    finally:
+        first.stop()
+    assert len(wl) == 0 and inbox.unscored()  # a model error: not marked done
+    second = Listener(wl, FakePredictor(), Inbox(tmp_path / "inbox", QUIET))
+    second.start("127.0.0.1", 0, poll_seconds=0.05)
+    try:
+        wait_for(lambda: len(wl) == 1 and len(wl.intake()) == 0)
+    finally:
+        second.stop()
+
+
+def test_a_scout_alone_waits_for_more_instances_and_says_why(tmp_path):
+    wl = Worklist(tmp_path)
+    listener = Listener(wl, FakePredictor(), Inbox(tmp_path / "inbox", QUIET))
+    port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
+    study = generate_uid()
+    try:
+        assert send_all(port, exam(study)["scout"]) == [0]
+        wait_for(lambda: (wl.intake()["state"] == INTAKE_FAILED).any())
+        assert "localizer (scout)" in wl.intake()["reason"].iloc[0] and wl.intake()["next_try"].isna().all()
+        assert send_all(port, exam(study)["soft"]) == [0] * 6  # the rest of the exam comes
+        wait_for(lambda: len(wl) == 1 and len(wl.intake()) == 0)
+    finally:
+        listener.stop()
+    assert wl.study(int(wl.studies()["id"].iloc[0])).n_slices == 6 and listener.predictor.calls == 1
+
+
+def test_a_rescore_that_fails_after_writing_its_volume_leaves_the_old_row_and_volume(tmp_path, monkeypatch):
+    """Before: the volume was overwritten in place, so the old 4-slice row pointed at a 6-slice volume."""
+    wl = Worklist(tmp_path)
+    study_id, first = add(wl, 0.3, n=4)
+    grown = series_of(6)
+    for s in grown.slices:
+        s.study_uid = first.study_uid
+    grown.study_uid = first.study_uid
+
+    def killed(values):  # fails while the slice rows are written, after the new volume is on disk
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ich.worklist.store, "_nullable", killed)
+    probs = np.full((6, 6), 0.9, np.float32)
+    with pytest.raises(OSError):
+        wl.add_study(grown, FakePrediction(grown.sop_uids, probs, 0.9, None, True))
+    monkeypatch.undo()
+    row = wl.study(study_id)
+    assert row.n_slices == 4 and wl.volume(study_id).shape[0] == 4 and len(wl.slices(study_id)) == 4
+    assert sorted(p.name for p in wl.volumes.iterdir()) == [row.volume_file]  # the new file went with it
+
+
+def test_a_delete_never_removes_the_volume_of_a_re_add_of_the_same_exam(tmp_path, monkeypatch):
+    """A re-add between a delete's transaction and its unlink: before, both used one file name."""
+    wl = Worklist(tmp_path)
+    study_id, series = add(wl, 0.3)
+    readded: list[int] = []
+    unlink = Path.unlink
+
+    def re_add_first(path: Path, missing_ok: bool = False) -> None:
+        if path.parent == wl.volumes and not readded:
+            probs = np.full((len(series), 6), 0.2, np.float32)
+            readded.append(wl.add_study(series, FakePrediction(series.sop_uids, probs, 0.2, None, False)))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", re_add_first)
+    wl.delete_study(study_id)
+    monkeypatch.undo()
+    (again,) = readded
+    assert wl.volume(again).shape[0] == len(series)  # before: FileNotFoundError
+
+
+# Each process adds the same exams, in the same order, starting together.
+ADD_SAME = """
+import sys, time
+from ich import dicom
+from ich.worklist import Worklist, ingest
+from tests.helpers import FakePredictor
+start = float(sys.argv[2])
+folders = sorted(p for p in __import__("pathlib").Path(sys.argv[1]).iterdir() if p.is_dir())
+time.sleep(max(0.0, start - time.time()))
+problems = []
+for folder in folders:
+    problems += [str(p) for p in ingest(Worklist(sys.argv[3]), FakePredictor(), [folder]).problems]
+print("\\n".join(problems))
+"""
+
+
+def test_two_processes_adding_the_same_exams_at_once_give_one_row_each(tmp_path):
+    """Before: SELECT then INSERT in a deferred transaction: 'UNIQUE constraint failed' in one process."""
+    exams = tmp_path / "exams"
+    for k in range(12):
+        folder = exams / f"{k:02d}"
+        folder.mkdir(parents=True)
+        for u in uploads(3):
+            (folder / u.name).write_bytes(u.data)
+    Worklist(tmp_path / "data")  # created before, so both processes open an existing store
+    start = str(time.time() + 4.0)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ADD_SAME, str(exams), start, str(tmp_path / "data")],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == ["", ""], outputs  # no exam failed in either process
+    wl = Worklist(tmp_path / "data")
+    assert len(wl) == 12 and set(wl.studies()["n_slices"]) == {3}
+
+
+def test_a_damaged_database_is_named_with_what_to_do(tmp_path):
+    wl = Worklist(tmp_path)
+    for score in (0.2, 0.9):
+        add(wl, score)
+    assert wl.check() == []
+    path = tmp_path / "worklist.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the WAL folded in: the damage reaches every page
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + b"\xff" * 200 + data[300:])  # the header and first page overwritten
+    (tmp_path / "worklist.sqlite3-wal").unlink(missing_ok=True)
+    with pytest.raises(StoreError, match=r"worklist\.sqlite3: the worklist database is damaged .* backup"):
+        Worklist(tmp_path).studies()
+    run = [sys.executable, "-m", "ich", "worklist", "--data-dir", str(tmp_path)]
+    for extra in ([], ["--check"]):
+        done = subprocess.run([*run, *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "worklist.sqlite3: the worklist database is damaged" in done.stderr
+        assert "ICH_DATA_DIR" in done.stderr
+
+
+def test_no_identifier_in_any_log_line_from_arrival_to_results_in_pacs(tmp_path, pacs, caplog, recwarn):
+    """Every logger at INFO (what `ich listen` shows) and every warning, for an exam whose names highdicom warns
+    about ("CQ500-CT-0" is not a person name) sent back to PACS as an SR and a key image."""
+    destination, received = pacs
+    wl = Worklist(tmp_path)
+    names = {"PatientName": "CQ500-CT-0", "PatientID": "PID-67890", "ReferringPhysicianName": "Smith",
+             "AccessionNumber": "ACC-4242", "InstitutionName": "St Elsewhere"}  # fmt: skip
+    study, uid = generate_uid(), generate_uid()
+    datasets = [
+        make_ct(study_uid=study, series_uid=uid, instance=i + 1, ImagePositionPatient=[0, 0, 5.0 * i], **names)
+        for i in range(4)
+    ]
+    sender = SendResults(wl, destination, calling_ae="ICH")
+    listener = Listener(wl, FakePredictor({"any": 0.9}), Inbox(tmp_path / "inbox", QUIET), on_scored=[sender])
+    port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
+    try:
+        with caplog.at_level(logging.INFO):
+            assert set(send_all(port, datasets)) == {0}
+            wait_for(lambda: len(received) == 2)
+    finally:
+        listener.stop()
+    assert str(received[0].PatientName) == "CQ500-CT-0"  # PACS gets the identifiers; the logs do not
+    text = caplog.text + "\n".join(str(w.message) for w in recwarn)
+    secrets = [*names.values(), study, uid, *(ds.SOPInstanceUID for ds in datasets)]
+    assert "worklist id" in caplog.text and not [s for s in secrets if s in text]
