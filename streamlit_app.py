@@ -402,8 +402,9 @@ def gallery_ui(
 def upload_page() -> None:
     st.header("Upload")
     st.write(
-        "Drop a head-CT series: its DICOM files, or one or more `.zip` archives. Each series is scored "
-        "and lands on the worklist; files that cannot be read are listed with the reason."
+        "Drop a head-CT exam: its DICOM files, or one or more `.zip` archives. Each exam lands on the worklist, "
+        "scored on one series (axial, soft tissue, not a scout or a reformat); files that cannot be read are "
+        "listed with the reason."
     )
     run = st.session_state.setdefault("upload_run", 0)
     files = st.file_uploader(
@@ -435,16 +436,17 @@ def upload_page() -> None:
     shown: IngestReport | None = st.session_state.get("upload_report")
     if shown is not None:
         if shown.added:
-            st.success(f"{len(shown.added)} series added to the worklist in {shown.seconds:.1f} s.")
+            n = len(shown.added)
+            st.success(f"{n} exam{'' if n == 1 else 's'} added to the worklist in {shown.seconds:.1f} s.")
             studies = store().studies()
             st.dataframe(
                 studies_table(studies[studies["id"].isin(shown.added)]), hide_index=True, column_config=STUDY_COLUMNS
             )
             st.page_link(PAGES["worklist"], label="Open the worklist", icon=":material/list_alt:")
         else:
-            st.warning("No usable CT series was found in the upload.")
+            st.warning("No usable CT exam was found in the upload.")
         if shown.problems:
-            st.warning(f"{len(shown.problems)} file(s) or series could not be used; the rest were added.")
+            st.warning(f"{len(shown.problems)} file(s) or exam(s) could not be used; the rest were added.")
             st.dataframe(
                 pd.DataFrame([(p.path, p.reason) for p in shown.problems], columns=["file", "reason"]), hide_index=True
             )

@@ -166,7 +166,7 @@ def test_upload_scores_series_and_lists_bad_files(data_dir):
     at.file_uploader[1].set_value(("labels.csv", csv.getvalue().encode(), "text/csv")).run()
     next(b for b in at.button if b.label == "Score and add to worklist").click().run()
     assert not at.exception, at.exception
-    assert any("1 series added" in s.value for s in at.success)
+    assert any("1 exam added" in s.value for s in at.success)
     added, problems = at.dataframe[0].value, at.dataframe[1].value
     assert added["Slices"].tolist() == [4] and added["Study"].str.startswith("Study ").all()
     assert problems["file"].tolist() == ["broken.dcm"]
@@ -363,3 +363,29 @@ def test_viewer_leaves_a_subtype_the_model_does_not_name_out_of_its_calls(tmp_pa
     assert pd.isna(cut["epidural"]) and (cut.drop("epidural") == 50.0).all()
     note = viewer_args(at)["notes"][0]
     assert note.endswith("called hemorrhage (IPH, IVH, SAH, SDH)") and "EDH" not in note
+
+
+def test_worklist_shows_failed_exams_and_the_viewer_each_series_of_an_exam(data_dir, monkeypatch):
+    import datetime as dt
+
+    from ich.exam import SeriesChoice
+    from tests.helpers import FakePrediction, series_of
+
+    monkeypatch.setenv("ICH_DEMO", "0")
+    wl = Worklist(data_dir)
+    series = series_of(4)
+    choices = [
+        SeriesChoice(series.series_uid, 2, "Head 5mm soft", 4, 5.0, "H30s", "axial", True, ""),
+        SeriesChoice("1.2.3", 1, "Topogram", 1, None, "H30s", "coronal", False, "localizer (scout)"),
+    ]
+    probs = np.full((4, len(CLASSES)), 0.2, np.float32)
+    wl.add_study(series, FakePrediction(series.sop_uids, probs, 0.2, None, False), exam_series=choices)
+    retry = dt.datetime.now().astimezone() + dt.timedelta(minutes=2)
+    wl.intake_failed("0123abcd", "OSError: [Errno 28] No space left on device", retry)
+    at = start()
+    assert "No space left on device" in shown(at) and "received but not on the worklist" in str(at.expander)
+    next(b for b in at.button if b.label == "Remove this exam and its received files").click().run()
+    assert wl.intake().empty  # the local user is an admin
+    at = start()
+    next(b for b in at.button if b.label.startswith("Open ")).click().run()
+    assert "Topogram" in shown(at) and "not scored: localizer (scout)" in shown(at)

@@ -143,7 +143,7 @@ def test_upload_triage_view(server, uploads, tmp_path):
             go = page.get_by_role("button", name="Score and add to worklist")
             expect(go).to_be_enabled(timeout=60_000)
             go.click()
-            expect(page.get_by_text("2 series added to the worklist")).to_be_visible(timeout=SLOW_MS)
+            expect(page.get_by_text("2 exams added to the worklist")).to_be_visible(timeout=SLOW_MS)
             shot(page, "2-upload-done")
 
             page.get_by_role("link", name="Open the worklist").click()

@@ -129,7 +129,7 @@ def test_four_senders_and_two_dashboard_sessions_at_once(tmp_path, shared_data, 
                 session.kill()
     assert all(set(s) == {0} for s in statuses)
     for page, session in zip(pages, sessions):
-        assert session.returncode == 0 and "1 series added" in page and "could not" not in page, page + logs(tmp_path)
+        assert session.returncode == 0 and "1 exam added" in page and "could not" not in page, page + logs(tmp_path)
     assert "database is locked" not in caplog.text + "".join(pages) + logs(tmp_path)
     got = sorted(int(n) for n in wl.studies()["n_slices"])
     assert got == sorted(len(d) for d in real)  # every study once, with every slice
