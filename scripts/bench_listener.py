@@ -67,10 +67,10 @@ def main() -> None:
         rates, latencies = [], []
         try:
             for _ in range(args.repeat):
-                series_uid = generate_uid()  # a new series each time, so each repeat is scored afresh
+                study_uid, series_uid = generate_uid(), generate_uid()  # a new exam each time: a new worklist row
                 for ds in originals:
                     ds.SOPClassUID = ds.get("SOPClassUID") or CTImageStorage  # RSNA's anonymised files lack it
-                    ds.SeriesInstanceUID = series_uid
+                    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
                     ds.SOPInstanceUID = generate_uid()
                 before = len(wl)
                 seconds = push(port, originals)
