@@ -43,7 +43,9 @@ IMAGE_BATCH = 64
 
 @dataclass
 class Predictions:
-    frame: pd.DataFrame  # index sop_uid; study_uid, series_uid, slice_index, then one column per class
+    # index sop_uid; study_uid, series_uid, slice_index, slab (what was scored: the slice, or a thin series'
+    # ~5 mm slab, ich.slabs), then one column per class
+    frame: pd.DataFrame
     problems: list[dicom.Problem] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -69,13 +71,14 @@ def predict(predictor: Predictor, sources: Iterable, progress: bool = True) -> P
             totals["preprocess_s"] += result.timings["preprocess_s"]
             totals["infer_s"] += result.timings["infer_s"]
             frame = pd.DataFrame(result.probs, columns=list(CLASSES), index=pd.Index(result.sop_uids, name=INDEX_NAME))
+            frame.insert(0, "slab", np.arange(len(frame)) if result.slab_of_slice is None else result.slab_of_slice)
             frame.insert(0, "slice_index", np.arange(len(frame)))
             frame.insert(0, "series_uid", series.series_uid)
             frame.insert(0, "study_uid", series.study_uid)
             rows.append(frame)
             bar.update(len(series))
     totals["total_s"] = time.perf_counter() - start
-    columns = ["study_uid", "series_uid", "slice_index", *CLASSES]
+    columns = ["study_uid", "series_uid", "slice_index", "slab", *CLASSES]
     frame = pd.concat(rows) if rows else pd.DataFrame(columns=columns).rename_axis(INDEX_NAME)
     return Predictions(frame, problems, totals)
 
@@ -119,6 +122,7 @@ def predict_images(predictor: Predictor, manifest: pd.DataFrame, progress: bool 
             frame = pd.DataFrame(
                 probs, columns=list(CLASSES), index=pd.Index([r.image_id for r in kept], name=INDEX_NAME)
             )
+            frame.insert(0, "slab", 0)
             frame.insert(0, "slice_index", 0)
             frame.insert(0, "series_uid", [r.patient_id for r in kept])
             frame.insert(0, "study_uid", [r.patient_id for r in kept])
@@ -126,7 +130,7 @@ def predict_images(predictor: Predictor, manifest: pd.DataFrame, progress: bool 
             bar.update(len(chunk))
     totals["total_s"] = time.perf_counter() - start
     return Predictions(
-        pd.concat(rows) if rows else pd.DataFrame(columns=["study_uid", "series_uid", "slice_index", *CLASSES]),
+        pd.concat(rows) if rows else pd.DataFrame(columns=["study_uid", "series_uid", "slice_index", "slab", *CLASSES]),
         problems,
         totals,
     )
@@ -183,9 +187,14 @@ def evaluate(
         "series_scores": [],
         "reliability": {c: calibration.reliability(y_true[:, i], y_prob[:, i]) for i, c in enumerate(classes)},
     }
+    # The score counts what was scored once: a thin series' slab, not each of its slices (as the worklist does).
     per_series = joined.groupby("series_uid").apply(
         lambda g: pd.Series(
-            {"score": study_score(g["any"].to_numpy(), top_k), "truth": float(g["any_true"].max()), "slices": len(g)}
+            {
+                "score": study_score(g.drop_duplicates("slab")["any"].to_numpy(), top_k),
+                "truth": float(g["any_true"].max()),
+                "slices": len(g),
+            }
         ),
         include_groups=False,
     )

@@ -82,7 +82,7 @@ class StudyPrediction:
     top_subtype: str | None
     flagged: bool
     timings: dict[str, float] = field(default_factory=dict)
-    slabs: int | None = None  # how many ~5 mm slabs a thin series was scored on (ich.slabs); None: per slice
+    slab_of_slice: np.ndarray | None = None  # a thin series' slab of each slice (ich.slabs); None: scored per slice
 
 
 class Predictor:
@@ -208,8 +208,7 @@ class Predictor:
             peaks = {c: float(np.nanmax(probs[:, CLASSES.index(c)])) for c in subtypes}
             top = max(peaks, key=lambda c: peaks[c])
         flagged = bool(score >= self.thresholds.get("any", DEFAULT_THRESHOLD))
-        n_slabs = None if slab_of_slice is None else len(any_col)
-        return StudyPrediction(sop_uids, probs, score, top, flagged, dict(timings or {}), n_slabs)
+        return StudyPrediction(sop_uids, probs, score, top, flagged, dict(timings or {}), slab_of_slice)
 
     def predict_series(self, series: Series, progress: Callable[[float], None] | None = None) -> StudyPrediction:
         """One row per slice of ``series``; a thin one is scored on its slab means (module docstring)."""

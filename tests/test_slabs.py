@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from pydicom.uid import generate_uid
 
 from ich import dicom
 from ich.dicom.series import sort_series
 from ich.inference import Predictor, study_score
+from ich.labels import CLASSES
 from ich.slabs import SLAB_MM, slab_means, slab_of_slice
 from tests.dicom_factory import make_ct, to_bytes
 from tests.helpers import make_checkpoint
@@ -87,12 +89,16 @@ def predictor(tiny_checkpoint):
 
 
 def series_at(step: float, n: int) -> dicom.Series:
+    return dicom.load(series_uploads(step, n)).series[0]
+
+
+def series_uploads(step: float, n: int) -> list[dicom.Upload]:
     """``n`` slices ``step`` mm apart; the disc's HU rises along the series, so each slab looks different."""
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[:32, :32]
     disc = (yy - 16) ** 2 + (xx - 16) ** 2 < 120
     study, uid = generate_uid(), generate_uid()
-    uploads = [
+    return [
         dicom.Upload(
             f"{i}.dcm",
             to_bytes(
@@ -107,14 +113,13 @@ def series_at(step: float, n: int) -> dicom.Series:
         )
         for i in range(n)
     ]
-    return dicom.load(uploads).series[0]
 
 
 def test_thin_series_is_scored_on_its_slabs(predictor):
     series = series_at(0.625, 24)
     slab = np.repeat(np.arange(3), 8)
     result = predictor.predict_series(series)
-    assert result.probs.shape == (24, 6) and result.sop_uids == series.sop_uids and result.slabs == 3
+    assert result.probs.shape == (24, 6) and result.sop_uids == series.sop_uids and len(set(result.slab_of_slice)) == 3
     # Each thin slice carries exactly its slab mean's probabilities...
     expected, _ = predictor.predict_volume(slab_means(series.volume(), slab))
     np.testing.assert_array_equal(result.probs, expected[slab])
@@ -140,7 +145,7 @@ def test_5_mm_series_is_scored_per_slice_as_before(predictor):
     np.testing.assert_array_equal(result.probs, before)
     assert len(np.unique(before[:, 0])) == 6
     assert result.score == study_score(before[:, 0], predictor.top_k)
-    assert result.slabs is None and series.notes == notes
+    assert result.slab_of_slice is None and series.notes == notes
 
 
 def test_study_score_counts_each_slab_once(tmp_path):
@@ -149,5 +154,24 @@ def test_study_score_counts_each_slab_once(tmp_path):
     probs = np.full((len(slab), 6), 0.05, np.float32)
     probs[:, 0] = np.array([0.9, 0.6, 0.3, 0.1], np.float32)[slab]
     result = predictor.summarize([str(i) for i in range(len(slab))], probs, slab_of_slice=slab)
-    assert result.score == pytest.approx(0.6) and result.slabs == 4  # (0.9 + 0.6 + 0.3) / 3, not 0.9
+    assert result.score == pytest.approx(0.6)  # (0.9 + 0.6 + 0.3) / 3, not 0.9
     assert predictor.summarize([str(i) for i in range(len(slab))], probs).score == pytest.approx(0.9)
+
+
+def test_evaluate_scores_a_thin_series_as_the_worklist_does(predictor, tmp_path):
+    """``ich evaluate``'s series score counts each slab once, as Predictor.predict_series does."""
+    from ich import evaluate
+
+    uploads = series_uploads(0.625, 24)
+    worklist_score = predictor.predict_series(dicom.load(uploads).series[0]).score
+    folder = tmp_path / "thin"
+    folder.mkdir()
+    for u in uploads:
+        (folder / u.name).write_bytes(u.data)
+    result = evaluate.predict(predictor, [folder], progress=False)
+    assert sorted(set(result.frame["slab"])) == [0, 1, 2]
+    labels = pd.DataFrame(0.0, index=result.frame.index, columns=list(CLASSES))
+    labels.iloc[:8, 0] = 1.0
+    report = evaluate.evaluate(result.frame, labels, predictor.thresholds, predictor.top_k)
+    (row,) = report["series_scores"]
+    assert row["score"] == pytest.approx(worklist_score, abs=1e-6) and row["slices"] == 24

@@ -182,7 +182,7 @@ def test_ingest_keeps_going_past_bad_files_and_exams(tmp_path, caplog):
     assert steps == sorted(steps) and steps[-1] == 1.0 and 0 < steps[-2] < 1.0
     # The server log has the traceback, with the series' place in the upload but no identifier.
     (record,) = caplog.records
-    assert record.exc_info is not None and record.getMessage().startswith("exam 1 (")
+    assert record.exc_info is not None and record.getMessage().startswith("exam 1 of 2 (")
     loaded = dicom.load([*good, *failing]).series
     identifiers = ["DOE", "TEST-0001", *(uid for s in loaded for uid in (s.study_uid, s.series_uid, *s.sop_uids))]
     assert not [i for i in identifiers if i in caplog.text]
@@ -205,7 +205,7 @@ def test_ingest_of_a_folder_with_a_zipped_series_and_a_corrupt_file(tmp_path):
     assert [(p.path, "not a DICOM file" in p.reason) for p in report.problems] == [(str(folder / "corrupt.dcm"), True)]
     fractions = [f for f, _ in steps]
     assert fractions == sorted(fractions) and steps[-1] == (1.0, "Done")
-    assert any(text == "Scoring exam 1 (3 slices)" for _, text in steps)
+    assert any(text == "Scoring exam 1 of 1 (3 slices)" for _, text in steps)
 
 
 @pytest.mark.slow

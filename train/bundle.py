@@ -558,7 +558,8 @@ def external_checks(predictor: Predictor, shared: Path) -> dict[str, dict]:
             result = evaluate.predict(predictor, [scan], progress=False)
             vote = votes[votes["name"] == scan.name]
             rows.append({"scan": scan.name, "slices": len(result.frame), "score": float(predictor.summarize(
-                list(result.frame.index), result.frame[list(CLASSES)].to_numpy()).score),
+                list(result.frame.index), result.frame[list(CLASSES)].to_numpy(),
+                slab_of_slice=result.frame.groupby(["series_uid", "slab"]).ngroup().to_numpy()).score),
                 "truth": int(vote["ICH_majority"].iloc[0]) if len(vote) else None})  # fmt: skip
         for r in rows:
             r["flagged"] = r["score"] >= predictor.thresholds["any"]

@@ -107,12 +107,11 @@ def ingest(
     start = time.perf_counter()
     report = IngestReport()
     bar = _Bar(progress or _silent, len(sources))
-    failed: list[tuple[int, int, str]] = []  # (exam number, slices, why): named once the total is known
     exams: dict[str, list[exam.SeriesChoice]] = {}  # study UID -> every series of the exam, scored first
 
     def choose(headers: list[dicom.Series]) -> list[dicom.Series]:
         chosen = []
-        for number, (study_uid, members) in enumerate(exam.group_exams(headers).items(), start=1):
+        for number, (study_uid, members) in enumerate(groups := exam.group_exams(headers).items(), start=1):
             choices = exams[study_uid] = exam.choose_series(members)
             if choices[0].scored:
                 chosen.append(next(s for s in members if s.series_uid == choices[0].series_uid))
@@ -120,13 +119,15 @@ def ingest(
                 why = "; ".join(
                     f"{c.description or f'series {c.number or k}'}: {c.reason}" for k, c in enumerate(choices, 1)
                 )
-                report.problems.append(dicom.Problem(f"exam {number}", f"no series to score ({why})"))
+                report.problems.append(dicom.Problem(f"exam {number} of {len(groups)}", f"no series to score ({why})"))
         return chosen
 
-    done = count = 0  # slices of the exams finished, exams read
+    done = 0  # slices of the exams finished
     bar.show(done, done, "Reading files…")
-    for count, series in enumerate(dicom.iter_series(sources, report.problems, select=choose), start=1):
-        n, message = len(series), f"Scoring exam {count} ({len(series)} slices)"
+    for series in dicom.iter_series(sources, report.problems, select=choose):
+        number = list(exams).index(series.study_uid) + 1  # its place in the upload, never an identifier
+        n, place = len(series), f"exam {number} of {len(exams)}"
+        message = f"Scoring {place} ({n} slices)"
 
         def on_batch(fraction: float, done: int = done, n: int = n, message: str = message) -> None:
             bar.show(done + 0.5 * n * (1 + fraction), done + n, message)
@@ -149,13 +150,12 @@ def ingest(
                 )
             )
         except Exception as exc:  # one bad exam must not sink the upload
-            log.exception("exam %d (%d slices) of an upload could not be added", count, n)
-            failed.append((count, n, f"{type(exc).__name__}: {exc}"))  # not exc: its frames hold the pixels
+            log.exception("%s (%d slices) of an upload could not be added", place, n)
+            why = f"{type(exc).__name__}: {exc}"  # not exc: its frames hold the pixels
+            report.problems.append(dicom.Problem(f"{place} ({n} slices)", f"could not be added: {why}"))
+            report.failed.append(why)
         done += n
         bar.show(done, done, "Reading files…")
-    for number, n, why in failed:
-        report.problems.append(dicom.Problem(f"exam {number} of {count} ({n} slices)", f"could not be added: {why}"))
-        report.failed.append(why)
     bar.step(1.0, "Done")
     report.seconds = time.perf_counter() - start
     return report
