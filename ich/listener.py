@@ -8,8 +8,9 @@
   ``--allow`` (when given) and a called AE title other than its own are refused.
 - Each CT instance is written as received (no decoding) under ``<data dir>/inbox/<exam key>/<series
   key>/``; the keys are hashes, so no UID or name appears in a path. A repeated SOP instance is ignored.
-- While an exam arrives it shows as "receiving" (:meth:`ich.worklist.Worklist.intake`). It is scored when
-  no instance of it has arrived for ``quiet_seconds``, through the same :func:`ich.worklist.ingest` as an
+- While an exam arrives it shows as "receiving" (:meth:`ich.worklist.Worklist.intake`). It is scored once
+  every association that delivered some of it has closed and no instance has arrived for ``quiet_seconds``
+  since (a sender pausing mid-exam does not get it scored on part of its slices), through the same :func:`ich.worklist.ingest` as an
   upload: one worklist row per exam, on the series :func:`ich.exam.choose_series` picks (a corrupt
   instance is a problem line, the rest scores). An exam that grows later is scored again and its row updated.
 - Nothing received is lost: an exam is marked done (``scored.json`` beside its files) only once it is on
@@ -75,7 +76,8 @@ class Inbox:
         self.root, self.quiet_seconds = Path(root), quiet_seconds
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._last: dict[Path, float] = {}  # series folder -> monotonic time of its newest instance
+        self._last: dict[Path, float] = {}  # exam folder -> monotonic time of its newest instance
+        self._sending: Counter[Path] = Counter()  # exam folder -> open associations that delivered some of it
 
     def folder(self, study_uid: str) -> Path:
         """The exam's folder (its name, a hash, is the exam's key in :meth:`ich.worklist.Worklist.intake`)."""
@@ -93,6 +95,20 @@ class Inbox:
             self._last[exam] = time.monotonic()
         return True
 
+    def hold(self, exam: Path) -> None:
+        """An open association is delivering ``exam``: not due until it closes (a sender pausing mid-exam,
+        longer than the quiet period, must not get the exam scored on part of its slices)."""
+        with self._lock:
+            self._sending[exam] += 1
+
+    def release(self, exam: Path) -> None:
+        """That association closed: the quiet period counts from now."""
+        with self._lock:
+            self._sending[exam] -= 1
+            if self._sending[exam] <= 0:
+                del self._sending[exam]
+            self._last[exam] = time.monotonic()
+
     def discard(self, key: str) -> None:
         """Remove an exam's files (an admin gave up on a failed exam)."""
         shutil.rmtree(self.root / Path(key).name, ignore_errors=True)
@@ -101,7 +117,7 @@ class Inbox:
         """Exams quiet for ``quiet_seconds``: taken off the pending list and returned."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            ready = [f for f, t in self._last.items() if now - t >= self.quiet_seconds]
+            ready = [f for f, t in self._last.items() if now - t >= self.quiet_seconds and not self._sending[f]]
             for folder in ready:
                 del self._last[folder]
         return ready
@@ -135,6 +151,7 @@ class _Association:
     duplicates: int = 0
     failed: int = 0
     set_aside: Counter[str] = field(default_factory=Counter)  # SOP class name -> instances not stored
+    exams: set[Path] = field(default_factory=set)  # exam folders it delivered to (held in the inbox until it closes)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -172,7 +189,7 @@ class Listener:
     def _on_established(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
         self._associations[id(event.assoc)] = _Association(requestor.ae_title, f"{requestor.address}")
-        # Senders often offer every storage class they know: one line, the names at debug level.
+        # Every storage class is accepted: what is refused (a query, a print service...) is worth naming.
         refused = sorted({c.abstract_syntax.name for c in event.assoc.rejected_contexts if c.abstract_syntax})
         if refused:
             log.info(
@@ -193,6 +210,8 @@ class Listener:
     def _on_closed(self, event: evt.Event) -> None:
         a = self._associations.pop(id(event.assoc), None)
         if a is not None:
+            for exam in a.exams:
+                self.inbox.release(exam)
             aside = ", ".join(f"{n} {name}" for name, n in sorted(a.set_aside.items()))
             log.info(
                 "association from AE %r (%s): %d stored, %d duplicates ignored, %d failed%s in %.1f s",
@@ -226,6 +245,9 @@ class Listener:
             counts.stored += new
             counts.duplicates += not new
         exam = self.inbox.folder(uids[0])
+        if counts and exam not in counts.exams:
+            counts.exams.add(exam)
+            self.inbox.hold(exam)
         if exam not in self._receiving:  # once per exam: the database is not written per instance
             self._receiving.add(exam)
             try:

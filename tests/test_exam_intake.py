@@ -103,6 +103,28 @@ def test_a_whole_exam_by_c_store_is_one_row_scored_on_the_axial_soft_tissue_seri
     assert len(list((tmp_path / "inbox").rglob("*.dcm"))) == 1 + 6 + 6 + 8
 
 
+def test_a_sender_pausing_mid_exam_does_not_get_it_scored_on_part_of_its_slices(tmp_path):
+    """Found under load in the concurrent-senders test: a pause longer than the quiet period, the association still
+    open, scored the first 4 of 36 slices (flagged or not on them) until the rest came."""
+    wl = Worklist(tmp_path)
+    listener = Listener(wl, FakePredictor(), Inbox(tmp_path / "inbox", QUIET))
+    port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
+    datasets = series(6)
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICH")
+    try:
+        assert [int(assoc.send_c_store(ds).Status) for ds in datasets[:3]] == [0] * 3
+        time.sleep(6 * QUIET)  # the sender pauses; its association stays open
+        assert len(wl) == 0 and listener.predictor.calls == 0
+        assert [int(assoc.send_c_store(ds).Status) for ds in datasets[3:]] == [0] * 3
+        assoc.release()
+        wait_for(lambda: len(wl) == 1)
+    finally:
+        listener.stop()
+    assert wl.study(int(wl.studies()["id"].iloc[0])).n_slices == 6 and listener.predictor.calls == 1
+
+
 def test_an_upload_of_two_exams_gives_one_row_each(tmp_path):
     first, second = exam(generate_uid()), exam(generate_uid())
     files = [

@@ -282,9 +282,8 @@ class StudyRecord:
     notes: tuple[str, ...]  # the series' reading notes (gaps, duplicate positions...)
     volume_file: str  # the volume's file name under ``volumes/`` (a hash, no UIDs)
     read: Read | None  # the latest radiologist's read
-    exam_series: tuple[
-        SeriesChoice, ...
-    ] = ()  # every series of the exam: the scored one first, the others with why not
+    # Every series of the exam: the scored one first, the others with why not.
+    exam_series: tuple[SeriesChoice, ...] = ()
     updated: str | None = None  # when a re-score last changed the row (None: scored once)
     header_file: str = ""  # the header copy's file name under ``headers/`` (it may not exist: none was kept)
 
