@@ -8,6 +8,7 @@ Not a medical device.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import io
 import logging
@@ -18,14 +19,14 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-import streamlit_authenticator as stauth
 from PIL import Image
 
-from ich import access, dicom, explain, review, scope, viewer
+from ich import access, dicom, explain, files, review, scope, viewer
+from ich.exam import SeriesChoice
 from ich.inference import STUDY_AGGREGATION, Predictor, default_weights
 from ich.labels import CLASSES, NOT_NAMED, SUBTYPES, read_rsna_csv
 from ich.listener import Inbox
-from ich.viewer.component import publish, slice_viewer
+from ich.viewer.component import data_id, download_button, slice_viewer
 from ich.windowing import PRESETS, Window
 from ich.worklist import (
     INTAKE_FAILED,
@@ -74,19 +75,34 @@ def worklist(directory: str) -> Worklist:
 # A volume is shared read-only by every session; cache_resource hands out the same array, where
 # cache_data would unpickle 18 MB on every slider move.
 @st.cache_resource(max_entries=4, show_spinner="Loading images…")
-def volume(directory: str, study_id: int, version: str) -> np.ndarray:
-    vol = worklist(directory).volume(study_id)
+def volume(directory: str, study_id: int, version: str, series_uid: str | None = None) -> np.ndarray:
+    """The scored series' HU, or (``series_uid``) another series of the exam kept for the viewer."""
+    vol = worklist(directory).volume(study_id, series_uid)
     vol.flags.writeable = False
     return vol
 
 
-def viewer_volume(directory: str, study_id: int, version: str) -> tuple[str, list[float], list[float], bool]:
-    """The study as a served ``.nii.gz``: (URL, slice normal, slice positions, whether the headers gave them)."""
-    affine = worklist(directory).affine(study_id)
-    vol = volume(directory, study_id, version)
-    url = publish(f"volume:{directory}:{study_id}:{version}", lambda: viewer.volume_nifti(vol, affine))
-    normal, locations = viewer.slice_axis(affine, len(vol))
-    return url, normal, locations, affine is not None
+@st.cache_resource(max_entries=4, show_spinner=False)
+def volume_file(directory: str, study_id: int, version: str, series_uid: str | None = None) -> bytes:
+    """A series as ``.nii.gz`` bytes for the viewer (sent to a browser only while it does not hold them)."""
+    affine = worklist(directory).affine(study_id, series_uid)
+    return viewer.volume_nifti(volume(directory, study_id, version, series_uid), affine)
+
+
+def viewer_volume(
+    directory: str, study_id: int, version: str, series_uid: str | None = None
+) -> tuple[str, Callable[[], bytes], list[float], list[float], bool]:
+    """A series for the viewer: (its id, its ``.nii.gz`` bytes on demand, slice normal, slice positions,
+    whether the headers gave them)."""
+    affine = worklist(directory).affine(study_id, series_uid)
+    normal, locations = viewer.slice_axis(affine, len(volume(directory, study_id, version, series_uid)))
+    return (
+        data_id(f"volume:{directory}:{study_id}:{version}:{series_uid or ''}"),
+        lambda: volume_file(directory, study_id, version, series_uid),
+        normal,
+        locations,
+        affine is not None,
+    )
 
 
 # The NIfTI bytes, not the float maps: a 238-slice study's maps are 250 MB, its compressed file a few MB.
@@ -98,11 +114,6 @@ def heatmap_file(directory: str, study_id: int, version: str, target: str, weigh
     cams = explain.study_heatmap(predictor(weights), vol, target, progress=bar.progress)
     bar.empty()
     return viewer.heatmap_nifti(cams, worklist(directory).affine(study_id))
-
-
-def viewer_heatmap(directory: str, study_id: int, version: str, target: str, weights: str) -> str:
-    key = f"heatmap:{directory}:{study_id}:{version}:{target}:{weights}"
-    return publish(key, lambda: heatmap_file(directory, study_id, version, target, weights))
 
 
 def store() -> Worklist:
@@ -297,6 +308,23 @@ def heatmap_ui(classes: tuple[str, ...], enabled: bool) -> str | None:
     return target if on else None
 
 
+def series_ui(info: StudyRecord, kept: Mapping[str, int]) -> SeriesChoice:
+    """The series the viewer shows: the scored one (the default), or another one of the exam kept for it."""
+    choices = [c for c in info.exam_series if c.scored or c.series_uid in kept]
+    if not choices or not choices[0].scored:  # a study stored before exams were kept (schema < 5)
+        return SeriesChoice(info.series_uid, None, "", info.n_slices, None, "", "axial", True, "")
+
+    def name(c: SeriesChoice) -> str:
+        number = f"Series {c.number}" if c.number is not None else "Series"
+        what = " · ".join(v for v in (c.description, c.plane, f"{c.n_slices} slices") if v)
+        return f"{number} · {what}" + (" — scored" if c.scored else " — not scored")
+
+    return st.selectbox(
+        "Series", choices, format_func=name, key=f"series-{info.id}", disabled=len(choices) < 2,
+        help="The model scored one series of the exam; the others are here to look at, without probabilities.",
+    )  # fmt: skip
+
+
 def read_ui(
     study_id: int, n_slices: int, previous: review.Read | None, current: int
 ) -> tuple[bool, list[str], list[int], bool] | None:
@@ -376,6 +404,14 @@ def study_picker_ui(studies: pd.DataFrame) -> int:
     return study_id
 
 
+def png_data_uri(image: np.ndarray) -> str:
+    """An image as a ``data:`` URI: shown from the session's own message, never from a ``/media`` URL that
+    a signed-out client could fetch (``st.image`` of an array puts it there)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def gallery_ui(
     slices: pd.DataFrame,
     vol: np.ndarray,
@@ -388,7 +424,7 @@ def gallery_ui(
     probs = slices["p_any"].to_numpy(float)
     for col, i in zip(st.columns(GALLERY), np.argsort(-np.nan_to_num(probs, nan=-1.0), kind="stable")[:GALLERY]):
         with col:
-            st.image(explain.render(vol[i], window)[::2, ::2], output_format="PNG", width="stretch")
+            st.image(png_data_uri(explain.render(vol[i], window)[::2, ::2]), width="stretch")
             st.markdown(
                 f"**Slice {i + 1}** · any {pct(probs[i])}  \n"
                 + findings_markdown(*slice_findings(slices.iloc[i], thresholds), unknown=unknown)
@@ -500,14 +536,12 @@ def worklist_page() -> None:
     uids = uid_col.checkbox(
         "Include DICOM UIDs", key="export_uids", help="Off by default: UIDs can identify a patient's exam."
     )
-    export_col.download_button(
-        "Download worklist (CSV)",
-        wl.export_csv(uids=uids),
-        "ich-worklist.csv",
-        "text/csv",
-        on_click=audit,
-        args=("export",),
-    )
+    with export_col:
+        if download_button(
+            "Download worklist (CSV)", wl.export_csv(uids=uids).encode(), "ich-worklist.csv", "text/csv",
+            key="export-worklist",
+        ):  # fmt: skip
+            audit("export")
 
 
 def intake_ui(wl: Worklist) -> None:
@@ -628,28 +662,35 @@ def viewer_page() -> None:
     with side_col:  # filled top-down: the slice's numbers first, controls and the study's summary below
         slice_panel, controls, summary = st.container(), st.container(), st.container()
     with controls:
+        shown_series = series_ui(info, wl.other_series(study_id))
+        scored = shown_series.series_uid == info.series_uid
         window = window_ui()
-        target = heatmap_ui(pred.model_classes if pred else ("any",), enabled=pred is not None)
+        target = heatmap_ui(pred.model_classes if pred else ("any",), enabled=pred is not None and scored)
     with image_col:
-        url, normal, locations, known = viewer_volume(directory, study_id, version)
-        shown = slice_viewer(
-            url,
-            n,
-            normal=normal,
-            locations=locations,
-            positions_known=known,
-            goto=st.session_state[slice_key],
-            goto_nonce=st.session_state.get(nonce_key, 0),
-            window=(window.name, window.level, window.width),
-            presets={name: (PRESETS[name].level, PRESETS[name].width) for name in VIEW_WINDOWS},
-            slice_notes=[slice_note(row, thresholds) for _, row in slices.iterrows()],
-            thickness=thickness,
-            heatmap_url=viewer_heatmap(directory, study_id, version, target, str(default_weights()))
-            if target
-            else None,
-            heatmap_label=target or "",
-            key=f"viewer-{study_id}",
-        )
+        shown = None
+        if not scored:  # another series of the exam: its images only, the numbers stay the scored series'
+            other_series_ui(directory, study_id, version, shown_series, window)
+        else:
+            volume_id, volume_bytes, normal, locations, known = viewer_volume(directory, study_id, version)
+            weights = str(default_weights())
+            shown = slice_viewer(
+                volume_id,
+                volume_bytes,
+                n,
+                normal=normal,
+                locations=locations,
+                positions_known=known,
+                goto=st.session_state[slice_key],
+                goto_nonce=st.session_state.get(nonce_key, 0),
+                window=(window.name, window.level, window.width),
+                presets={name: (PRESETS[name].level, PRESETS[name].width) for name in VIEW_WINDOWS},
+                slice_notes=[slice_note(row, thresholds) for _, row in slices.iterrows()],
+                thickness=thickness,
+                heatmap_id=data_id(f"heatmap:{directory}:{study_id}:{version}:{target}:{weights}") if target else None,
+                heatmap=(lambda: heatmap_file(directory, study_id, version, target, weights)) if target else None,
+                heatmap_label=target or "",
+                key=f"viewer-{study_id}",
+            )
     if shown and shown.get("seq") != st.session_state.get(seen_key):  # the reader settled on a slice
         st.session_state[seen_key] = shown["seq"]
         st.session_state[slice_key] = int(np.clip(shown["slice"], 1, n))
@@ -705,17 +746,40 @@ def viewer_page() -> None:
     uids = st.checkbox(
         "Include SOPInstanceUIDs", key="slice_uids", help="Off by default: UIDs can identify a patient's exam."
     )
-    st.download_button(
-        "Download slice scores (CSV)",
-        wl.slices_csv(study_id, uids=uids),
-        f"ich-study-{study_id}-slices.csv",
-        "text/csv",
-        on_click=audit,
-        args=("export", study_id),
-    )
+    if download_button(
+        "Download slice scores (CSV)", wl.slices_csv(study_id, uids=uids).encode(),
+        f"ich-study-{study_id}-slices.csv", "text/csv", key=f"export-slices-{study_id}",
+    ):  # fmt: skip
+        audit("export", study_id)
     results_ui(wl, study_id)
     if user().is_admin:
         delete_ui(wl, study_id, info.label)
+
+
+def other_series_ui(directory: str, study_id: int, version: str, series: SeriesChoice, window: Window) -> None:
+    """An unscored series of the exam in the slice viewer: its images, no probabilities, no heatmap."""
+    st.info(
+        f"Not scored by the model: {series.reason}. The probabilities, the heatmap and your read are for the "
+        "scored series (choose it under Series).",
+        icon=":material/info:",
+    )
+    volume_id, volume_bytes, normal, locations, known = viewer_volume(directory, study_id, version, series.series_uid)
+    n = len(locations)
+    slice_viewer(
+        volume_id,
+        volume_bytes,
+        n,
+        normal=normal,
+        locations=locations,
+        positions_known=known,
+        goto=(n + 1) // 2,
+        goto_nonce=0,
+        window=(window.name, window.level, window.width),
+        presets={name: (PRESETS[name].level, PRESETS[name].width) for name in VIEW_WINDOWS},
+        slice_notes=["not scored"] * n,
+        thickness=series.thickness,
+        key=f"viewer-{study_id}-{series.series_uid}",
+    )
 
 
 def delete_ui(wl: Worklist, study_id: int, label: str) -> None:
@@ -733,8 +797,8 @@ def delete_ui(wl: Worklist, study_id: int, label: str) -> None:
 def results_ui(wl: Worklist, study_id: int) -> None:
     """The study's DICOM results (SR + key image, :func:`ich.results.study_results_zip`) for the reader's PACS.
 
-    Built only when clicked (a callable as data: Streamlit runs it on its own thread, so the model is
-    taken here, in the script run); audited like the CSV exports.
+    Built only when asked for (a SR and a Grad-CAM key image take a few seconds), then offered from the
+    page itself (:func:`ich.viewer.component.download_button`); audited like the CSV exports.
     """
     from ich import results  # highdicom, loaded once a study is shown rather than at every start
 
@@ -744,15 +808,17 @@ def results_ui(wl: Worklist, study_id: int) -> None:
     pred = model()
     cam = (lambda hu: explain.grad_cam(pred, hu, "any")) if pred and "any" in pred.model_classes else None
     aggregation = pred.aggregation if pred else STUDY_AGGREGATION
-    st.download_button(
-        "Download results for PACS (DICOM SR + key image)",
-        lambda: results.study_results_zip(wl, study_id, cam, aggregation),
-        f"ich-study-{study_id}-results.zip",
-        "application/zip",
-        on_click=audit,
-        args=("export", study_id),
-        icon=":material/download:",
-    )
+    built = f"results-{study_id}-{wl.study(study_id).received}"  # a re-score needs new results
+    if built not in st.session_state:
+        if st.button("Prepare results for PACS (DICOM SR + key image)", icon=":material/download:"):
+            with st.spinner("Building the structured report and the key image…"):
+                st.session_state[built] = results.study_results_zip(wl, study_id, cam, aggregation)
+            st.rerun()
+    elif download_button(
+        "Download results for PACS (.zip)", st.session_state[built], f"ich-study-{study_id}-results.zip",
+        "application/zip", key=f"export-results-{study_id}",
+    ):  # fmt: skip
+        audit("export", study_id)
     st.caption(
         "Two DICOM files for the scanned study, as new series: a structured report and a key image. "
         "**They carry the patient's identifiers from the original headers** (name, ID, birth date, "
@@ -824,12 +890,16 @@ def audit(action: str, study: int | None = None) -> None:
     access.AuditLog().record(user().username, action, study)
 
 
+SIGNED_IN = "ich_signed_in"  # session state: the user this browser tab signed in as (no cookie: docs/ARCHITECTURE.md)
+
+
 def sign_in_ui() -> access.User:
     """The signed-in user; stops the page at the sign-in form until there is one.
 
     Without a sign-in file the server is single-user and local: everyone is the local admin, and a
     server listening beyond this machine refuses to serve (see :func:`ich.access.refuse_reason`).
     """
+    files.warn_permissions(data_dir())
     config = access.load_config()
     refusal = access.refuse_reason(str(st.get_option("server.address") or ""), config)
     if refusal:
@@ -837,28 +907,33 @@ def sign_in_ui() -> access.User:
         st.stop()
     if config is None:
         return access.User("local", "admin")
-    authenticator = stauth.Authenticate(
-        config["credentials"],
-        config["cookie"]["name"],
-        config["cookie"]["key"],
-        config["cookie"]["expiry_days"],
-        auto_hash=False,
-    )
-    try:
-        authenticator.login(location="main", fields={"Form name": "Sign in to ich"})
-    except stauth.LoginError as exc:
-        st.error(str(exc))
-    status = st.session_state.get("authentication_status")
-    if status is False:
-        st.error("Wrong user name or password.")
-    if not status:
-        st.stop()
-    name = str(st.session_state["username"])
-    signed_in = access.User(name, access.role_of(config, name))
-    if st.session_state.get("ich_user") != signed_in:
-        access.AuditLog().record(name, "sign-in")
-    authenticator.logout(location="sidebar")
-    return signed_in
+    name = str(st.session_state.get(SIGNED_IN, ""))
+    if name not in config["credentials"]["usernames"]:  # signed out, or removed from the sign-in file since
+        sign_in_form_ui(config)
+    st.sidebar.button("Sign out", on_click=st.session_state.pop, args=(SIGNED_IN, None))
+    return access.User(name, access.role_of(config, name))
+
+
+def sign_in_form_ui(config: dict) -> None:
+    """The sign-in form; stops the page. A right password, while no lock holds, signs this tab in.
+
+    :func:`ich.access.sign_in` throttles and audits each attempt, so a sign-in is audited once, when
+    its password is checked, however often the page reruns.
+    """
+    with st.form("sign-in", clear_on_submit=True):
+        st.subheader("Sign in to ich")
+        username = st.text_input("Username", autocomplete="username")
+        password = st.text_input("Password", type="password", autocomplete="current-password")
+        submitted = st.form_submit_button("Login")
+    if submitted:
+        address = access.client_address(st.context.ip_address)
+        try:
+            st.session_state[SIGNED_IN] = access.sign_in(config, username, password, address).username
+        except access.SignInError as exc:
+            st.error(str(exc), icon=":material/lock:")
+        else:
+            st.rerun()  # the page, without the form
+    st.stop()
 
 
 @st.fragment(run_every=ARRIVALS_POLL_SECONDS)

@@ -77,17 +77,22 @@ def _predictor(args: argparse.Namespace):
     return Predictor.from_checkpoint(args.weights, args.device)
 
 
-def _score(predictor, paths: Sequence, quiet: bool):
-    """``evaluate.predict`` with every skipped file on stderr; ``None`` when no slice was readable."""
+def _score(predictor, paths: Sequence, quiet: bool, every_series: bool):
+    """``evaluate.predict`` with every skipped file and exam on stderr; ``None`` when no slice was scored."""
     from ich import evaluate
 
-    result = evaluate.predict(predictor, paths, progress=not quiet)
+    result = evaluate.predict(predictor, paths, progress=not quiet, every_series=every_series)
     for p in result.problems:
         print(f"skipped {p}", file=sys.stderr)
     if result.frame.empty:
         print("no readable slice found", file=sys.stderr)
         return None
     return result
+
+
+def exams_path(submission: Path) -> Path:
+    """Where ``ich predict`` writes the exam-level CSV: beside the submission, ``<name>_exams.csv``."""
+    return submission.with_name(f"{submission.stem}_exams.csv")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -101,19 +106,26 @@ def _predict(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     predictor = _predictor(args)
     load_s = time.perf_counter() - start
-    result = _score(predictor, args.paths, args.quiet)
+    result = _score(predictor, args.paths, args.quiet, args.every_series)
     if result is None:
         return EXIT_NOTHING_USABLE
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    evaluate.submission(result.frame).to_csv(args.out, index=False)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    evaluate.submission(result.frame).to_csv(out, index=False)
+    exams = exams_path(out)
+    result.exams.to_csv(exams, index=False)
     print(
-        f"wrote {len(result.frame)} slices x 6 classes to {args.out} ({predictor.name} on {predictor.device})",
+        f"wrote {len(result.frame)} slices x 6 classes to {out} and {len(result.exams)} "
+        f"{'series' if args.every_series else 'exams'} to {exams} ({predictor.name} on {predictor.device})",
         file=sys.stderr,
     )
     if args.timings:
         timings = {"load_s": load_s, **result.timings}
         # Later calls find the model resident and warm (cuDNN plans, thread pools): a listener's steady state.
-        warm = [evaluate.predict(predictor, args.paths, progress=False).timings for _ in range(args.repeat - 1)]
+        warm = [
+            evaluate.predict(predictor, args.paths, progress=False, every_series=args.every_series).timings
+            for _ in range(args.repeat - 1)
+        ]
         if warm:
             timings |= {f"warm_{k}": statistics.median(t[k] for t in warm) for k in warm[0]}
             timings["warm_calls"] = len(warm)
@@ -133,7 +145,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         for p in result.problems:
             print(f"skipped {p}", file=sys.stderr)
     else:
-        result = _score(predictor, [args.data], args.quiet)
+        result = _score(predictor, [args.data], args.quiet, args.every_series)
     if result is None or result.frame.empty:
         return EXIT_NOTHING_USABLE
     report = evaluate.evaluate(result.frame, labels, predictor.thresholds, predictor.top_k)
@@ -150,11 +162,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     markdown = evaluate.report_markdown(report, f"Evaluation of {predictor.name} on {args.data}")
     (out / "report.md").write_text(markdown)
     evaluate.submission(result.frame).to_csv(out / "predictions.csv", index=False)
+    result.exams.to_csv(out / "exams.csv", index=False)
     figure = evaluate.reliability_figure(report["reliability"], f"Reliability of {predictor.name} on {args.data}")
     figure.write_html(out / "reliability.html", include_plotlyjs=True)  # embedded: opens offline
     print(markdown)
     print(
-        f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'predictions.csv'}, {out / 'reliability.html'}",
+        f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'predictions.csv'}, {out / 'exams.csv'}, "
+        f"{out / 'reliability.html'}",
         file=sys.stderr,
     )
     return EXIT_OK
@@ -274,6 +288,15 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _every_series_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--every-series",
+        action="store_true",
+        help="score every series, not only the one per exam the worklist scores (axial, soft tissue, not a "
+        "scout or reformat): for labels on series the rule leaves out",
+    )
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ich", description="Intracranial hemorrhage triage on head CT (not a medical device)."
@@ -300,7 +323,12 @@ def get_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="score every slice and write an RSNA submission CSV")
     pr.add_argument("paths", nargs="+", help="DICOM files, folders or .zip archives")
-    pr.add_argument("--out", required=True, help="submission CSV (ID,Label; six rows per slice)")
+    pr.add_argument(
+        "--out",
+        required=True,
+        help="submission CSV (ID,Label; six rows per slice); the exams go beside it, to <name>_exams.csv",
+    )
+    _every_series_option(pr)
     pr.add_argument(
         "--timings", action="store_true", help="print load/read/preprocess/infer/total seconds as JSON last"
     )
@@ -319,7 +347,8 @@ def get_parser() -> argparse.ArgumentParser:
         help="labelled folder: RSNA layout (stage_2_train.csv + DICOM), or an image layout (RSNA PNG, PHE-SICH, boxes)",
     )
     ev.add_argument("--labels", help="RSNA-format label CSV, if not in DATA")
-    ev.add_argument("--out", default="evaluation", help="folder for report.json, report.md, predictions.csv")
+    ev.add_argument("--out", default="evaluation", help="folder for report.json, report.md, predictions.csv, exams.csv")
+    _every_series_option(ev)
     _model_options(ev)
     ev.set_defaults(func=_evaluate)
 

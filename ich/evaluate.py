@@ -1,4 +1,7 @@
-"""``ich predict`` and ``ich evaluate``: score every readable slice, then compare with labels.
+"""``ich predict`` and ``ich evaluate``: score each exam's chosen series, every readable slice, then compare with labels.
+
+The exam rule (:class:`ich.exam.ExamRule`) picks one series per exam, as the worklist does; ``every_series``
+scores them all.
 
 Folders and zip archives (also zips inside folders) are read by :func:`ich.dicom.iter_series` in two
 passes — headers first (grouping and order), then pixels one series at a time — so a large folder
@@ -19,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ich import calibration, datasets, dicom, metrics
+from ich import calibration, datasets, dicom, exam, metrics
 from ich.inference import TOP_K, Predictor, aggregation_text, study_score
 from ich.labels import CLASSES, DEFAULT_THRESHOLD, INDEX_NAME, NOT_NAMED, read_rsna_csv
 
 __all__ = [
+    "EXAM_COLUMNS",
     "Predictions",
     "predict",
     "predict_images",
@@ -41,6 +45,12 @@ __all__ = [
 IMAGE_BATCH = 64
 
 
+EXAM_COLUMNS = [
+    "exam", "study_uid", "series_uid", "series_number", "series_description", "slices", "score", "flagged",
+    "top_subtype", "not_scored",
+]  # fmt: skip
+
+
 @dataclass
 class Predictions:
     # index sop_uid; study_uid, series_uid, slice_index, slab (what was scored: the slice, or a thin series'
@@ -48,18 +58,28 @@ class Predictions:
     frame: pd.DataFrame
     problems: list[dicom.Problem] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # One row per scored series (EXAM_COLUMNS): per exam under the exam rule, where an exam with no series
+    # to score has a row without a score; ``not_scored`` lists the exam's other series and why.
+    exams: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=EXAM_COLUMNS))
 
 
-def predict(predictor: Predictor, sources: Iterable, progress: bool = True) -> Predictions:
-    """Probabilities for every readable slice (blank ones included) of every series in ``sources``."""
+def predict(predictor: Predictor, sources: Iterable, progress: bool = True, every_series: bool = False) -> Predictions:
+    """Probabilities for every readable slice (blank ones included) of each exam's scored series in ``sources``.
+
+    The exam rule (:func:`ich.exam.choose_series`) picks one series per exam, as the worklist does; an exam
+    with none to score is a problem line and an unscored row of ``exams``. ``every_series`` scores every
+    series instead: for slice labels that cover series the rule does not score (a scout, single slices).
+    """
     from tqdm.auto import tqdm
 
     sources = list(sources)
     problems: list[dicom.Problem] = []
     rows: list[pd.DataFrame] = []
+    exams: list[dict] = []
     totals = {"read_s": 0.0, "preprocess_s": 0.0, "infer_s": 0.0}
     start = time.perf_counter()
-    series_iter = dicom.iter_series(sources, problems)
+    rule = None if every_series else exam.ExamRule(problems)
+    series_iter = dicom.iter_series(sources, problems, select=rule)
     with tqdm(desc="scoring", unit="slice", disable=not progress) as bar:
         while True:
             t0 = time.perf_counter()
@@ -76,11 +96,34 @@ def predict(predictor: Predictor, sources: Iterable, progress: bool = True) -> P
             frame.insert(0, "series_uid", series.series_uid)
             frame.insert(0, "study_uid", series.study_uid)
             rows.append(frame)
+            first = series.slices[0]
+            exams.append(
+                {
+                    "study_uid": series.study_uid, "series_uid": series.series_uid,
+                    "series_number": first.series_number, "series_description": first.series_description,
+                    "slices": len(series), "score": result.score, "flagged": result.flagged,
+                    "top_subtype": result.top_subtype,
+                    "not_scored": "" if rule is None else exam.not_scored_text(rule.exams[series.study_uid]),
+                }
+            )  # fmt: skip
             bar.update(len(series))
     totals["total_s"] = time.perf_counter() - start
     columns = ["study_uid", "series_uid", "slice_index", "slab", *CLASSES]
     frame = pd.concat(rows) if rows else pd.DataFrame(columns=columns).rename_axis(INDEX_NAME)
-    return Predictions(frame, problems, totals)
+    return Predictions(frame, problems, totals, _exam_table(exams, rule))
+
+
+def _exam_table(scored: list[dict], rule: exam.ExamRule | None) -> pd.DataFrame:
+    """The scored rows, with the unscored exams added, in the order the exams came."""
+    unscored = [
+        {"study_uid": uid, "not_scored": exam.not_scored_text(choices)}
+        for uid, choices in (rule.exams.items() if rule else ())
+        if not choices[0].scored
+    ]
+    table = pd.DataFrame(scored + unscored, columns=EXAM_COLUMNS)
+    order = list(rule.exams) if rule else list(dict.fromkeys(table["study_uid"]))
+    table["exam"] = [order.index(uid) + 1 for uid in table["study_uid"]]
+    return table.sort_values("exam", kind="stable").reset_index(drop=True)
 
 
 def image_layout(data: str | os.PathLike) -> bool:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ich.dicom import Series
+from ich.dicom import Problem, Series
 from ich.slabs import THIN_MM  # below: a thin series, scored on ~5 mm slabs
 
 AXIAL_TOLERANCE_DEG = 10.0
@@ -166,10 +166,9 @@ def _candidate(index: int, s: Series) -> _Candidate:
         scored=False,
         reason="",
     )
-    sop_class = first.sop_class_uid
     if s.modality != "CT":
         excluded = f"not a CT image (modality {s.modality})"
-    elif sop_class == _SECONDARY_CAPTURE or sop_class.startswith(_SECONDARY_CAPTURE + "."):
+    elif not viewable(s):
         excluded = "secondary capture (dose page or screenshot)"
     elif "LOCALIZER" in first.image_type:
         excluded = "localizer (scout)"
@@ -184,6 +183,15 @@ def _candidate(index: int, s: Series) -> _Candidate:
         detail = ", ".join(v for v in first.image_type[2:] if v)
         derived = f"derived/secondary image ({detail})" if detail else "derived/secondary image"
     return _Candidate(index, choice, angle, derived, excluded)
+
+
+def viewable(s: Series) -> bool:
+    """Whether a series not scored is still kept for the viewer: a CT image (bone kernel, thin, reformat,
+    scout), not a dose page or another modality's image."""
+    sop_class = s.slices[0].sop_class_uid
+    return s.modality == "CT" and not (
+        sop_class == _SECONDARY_CAPTURE or sop_class.startswith(_SECONDARY_CAPTURE + ".")
+    )
 
 
 def choose_series(series: Sequence[Series]) -> list[SeriesChoice]:
@@ -201,3 +209,49 @@ def choose_series(series: Sequence[Series]) -> list[SeriesChoice]:
     return head + [
         replace(c.choice, reason=c.excluded if c.excluded or chosen is None else c.beaten_by(chosen)) for c in rest
     ]
+
+
+def not_scored_text(choices: Sequence[SeriesChoice]) -> str:
+    """Every series of an exam with why it was not scored, on one line ('' where all were scored)."""
+    return "; ".join(
+        f"{c.description or f'series {c.number or k}'}: {c.reason}" for k, c in enumerate(choices, 1) if not c.scored
+    )
+
+
+class ExamRule:
+    """The ``select`` of :func:`ich.dicom.iter_series` that applies :func:`choose_series` to each exam.
+
+    Called with every series' headers, it returns each exam's scored series, followed (with
+    ``keep_viewable``) by the exam's other :func:`viewable` series, so a caller storing them gets them
+    after the series they belong with. Afterwards ``exams`` maps each Study Instance UID to its choices
+    (scored first), and an exam with no series to score is a :class:`ich.dicom.Problem` in ``problems``,
+    named by its place in the input ("exam 2 of 3"), never by an identifier.
+    """
+
+    def __init__(self, problems: list[Problem], keep_viewable: bool = False) -> None:
+        self.problems = problems
+        self.keep_viewable = keep_viewable
+        self.exams: dict[str, list[SeriesChoice]] = {}
+
+    def place(self, study_uid: str) -> str:
+        """'exam N of M': where the exam came in the input."""
+        return f"exam {list(self.exams).index(study_uid) + 1} of {len(self.exams)}"
+
+    def scored(self, series: Series) -> bool:
+        """Whether ``series`` (as :func:`ich.dicom.iter_series` yields it) is its exam's scored one."""
+        choice = self.exams[series.study_uid][0]
+        return choice.scored and choice.series_uid == series.series_uid
+
+    def __call__(self, headers: list[Series]) -> list[Series]:
+        groups = group_exams(headers)
+        self.exams = {study_uid: choose_series(members) for study_uid, members in groups.items()}
+        wanted: list[Series] = []
+        for study_uid, choices in self.exams.items():
+            if not choices[0].scored:
+                self.problems.append(Problem(self.place(study_uid), f"no series to score ({not_scored_text(choices)})"))
+                continue
+            by_uid = {s.series_uid: s for s in groups[study_uid]}
+            wanted.append(by_uid[choices[0].series_uid])
+            if self.keep_viewable:
+                wanted += [by_uid[c.series_uid] for c in choices[1:] if viewable(by_uid[c.series_uid])]
+        return wanted

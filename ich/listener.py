@@ -5,7 +5,10 @@
 - Accepts every storage SOP class (a CT head exam also holds secondary captures, dose reports,
   structured reports...) and C-ECHO, so the sender sees success for a whole exam; stores only CT and
   Enhanced CT images and logs what it set aside (SOP class names and counts). Calling AE titles not on
-  ``--allow`` (when given) and a called AE title other than its own are refused.
+  ``--allow`` (when given) and a called AE title other than its own are refused. Every transfer syntax
+  is accepted but Deflated Explicit VR Little Endian: pynetdicom would inflate such a dataset whole, with no
+  limit, on receipt (a few MB can become gigabytes); a sender falls back to another, and one offering
+  nothing else is refused with a log line naming the SOP class and the syntax.
 - Each CT instance is written as received (no decoding) under ``<data dir>/inbox/<exam key>/<series
   key>/``; the keys are hashes, so no UID or name appears in a path. A repeated SOP instance is ignored.
 - While an exam arrives it shows as "receiving" (:meth:`ich.worklist.Worklist.intake`). It is scored once
@@ -44,7 +47,7 @@ from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verific
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ich import results
-from ich.files import atomic_write
+from ich.files import atomic_write, private_dir
 from ich.worklist import Worklist, ingest
 from ich.worklist.intake import Scorer
 
@@ -53,6 +56,9 @@ __all__ = ["DEFAULT_AE_TITLE", "DEFAULT_PORT", "SCORED_SOP_CLASSES", "Inbox", "L
 log = logging.getLogger(__name__)
 
 SCORED_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage)  # stored and scored; other storage classes set aside
+# Deflated is left out: pynetdicom inflates a deflated dataset whole, unbounded, as soon as it is read.
+TRANSFER_SYNTAXES = [uid for uid in ALL_TRANSFER_SYNTAXES if not UID(uid).is_deflated]
+SYNTAX_NOT_SUPPORTED = 0x04  # A-ASSOCIATE-AC presentation context result (PS3.8 9.3.3.2)
 DEFAULT_PORT = 11112  # the registered DICOM port; 104 needs root
 DEFAULT_AE_TITLE = "ICH"
 DEFAULT_QUIET_SECONDS = 10.0
@@ -74,7 +80,7 @@ class Inbox:
 
     def __init__(self, root: Path, quiet_seconds: float = DEFAULT_QUIET_SECONDS) -> None:
         self.root, self.quiet_seconds = Path(root), quiet_seconds
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)  # received instances carry patient identifiers
         self._lock = threading.Lock()
         self._last: dict[Path, float] = {}  # exam folder -> monotonic time of its newest instance
         self._sending: Counter[Path] = Counter()  # exam folder -> open associations that delivered some of it
@@ -172,7 +178,7 @@ class Listener:
         self.on_scored, self.retry_seconds = on_scored, retry_seconds
         self.ae = AE(ae_title=ae_title)
         for context in AllStoragePresentationContexts:
-            self.ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+            self.ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
         self.ae.require_calling_aet = list(allow)
         self.ae.require_called_aet = True
@@ -190,11 +196,22 @@ class Listener:
         requestor = event.assoc.requestor
         self._associations[id(event.assoc)] = _Association(requestor.ae_title, f"{requestor.address}")
         # Every storage class is accepted: what is refused (a query, a print service...) is worth naming.
-        refused = sorted({c.abstract_syntax.name for c in event.assoc.rejected_contexts if c.abstract_syntax})
+        rejected = [(c.abstract_syntax.name, c) for c in event.assoc.rejected_contexts if c.abstract_syntax]
+        refused = sorted({name for name, c in rejected if c.result != SYNTAX_NOT_SUPPORTED})
         if refused:
             log.info(
                 "AE %r offered %d SOP class(es) refused here: %s", requestor.ae_title, len(refused), ", ".join(refused)
             )
+        syntaxes = sorted(
+            f"{name} only in {', '.join(UID(t).name for t in c.transfer_syntax)}"
+            for name, c in rejected
+            if c.result == SYNTAX_NOT_SUPPORTED
+        )
+        if syntaxes:
+            log.warning(
+                "AE %r offered %s: no transfer syntax accepted here (Deflated is refused: inflated whole, unbounded)",
+                requestor.ae_title, "; ".join(syntaxes),
+            )  # fmt: skip
 
     def _on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,3 +159,12 @@ def streamlit_server(data: Path, weights: Path | None, log_path: Path, **env: st
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    """A deflated zip archive of ``entries`` (member name -> bytes), in memory."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()

@@ -8,7 +8,8 @@ import io
 import json
 import re
 import sqlite3
-from pathlib import Path
+import time
+import zipfile
 
 import nibabel as nib
 import numpy as np
@@ -19,7 +20,6 @@ from streamlit.testing.v1 import AppTest
 
 import ich.worklist
 from ich.labels import CLASSES, write_rsna_csv
-from ich.viewer import component
 from ich.worklist import STATUS_HEMORRHAGE, Worklist
 from tests.dicom_factory import make_ct, to_bytes
 from tests.helpers import ROOT, add
@@ -75,9 +75,21 @@ def test_first_start_fills_demo_worklist_in_likelihood_order(data_dir):
 
 
 def viewer_args(at: AppTest) -> dict:
-    """What the page handed the browser slice viewer (the component's arguments)."""
-    (viewer,) = [e for e in at.get("component_instance") if e.proto.component_name.endswith("slice_viewer")]
-    return json.loads(viewer.proto.json_args)
+    """What the page handed the browser slice viewer (the component's arguments; bytes by name, or None)."""
+    (proto,) = [e.proto for e in at.get("component_instance") if e.proto.component_name.endswith("slice_viewer")]
+    return json.loads(proto.json_args) | {a.key: a.bytes for a in proto.special_args}
+
+
+def downloads(at: AppTest) -> dict[str, bytes]:
+    """The page's download buttons: label -> the file's bytes, as they reach the browser."""
+    found = [e.proto for e in at.get("component_instance") if e.proto.component_name.endswith("download_button")]
+    return {json.loads(p.json_args)["label"]: next(a.bytes for a in p.special_args if a.key == "data") for p in found}
+
+
+def click_download(at: AppTest, key: str) -> None:
+    """What the browser reports after a click on download button ``key``: a new value (the click's time)."""
+    at.session_state[key] = time.time()
+    at.run()
 
 
 def test_viewer_follows_the_browser_viewer_windows_heatmap_and_read(data_dir):
@@ -95,17 +107,18 @@ def test_viewer_follows_the_browser_viewer_windows_heatmap_and_read(data_dir):
     assert args["n"] == n and len(args["locations"]) == n and len(args["notes"]) == n
     assert args["window"] == {"name": "brain", "level": 40.0, "width": 80.0} and args["heatmap"] is None
     assert args["notes"][0].startswith("model: any ") and "called" in args["notes"][0]
-    name = Path(args["volume"]).name
-    assert re.fullmatch(r"[0-9a-f]{40}\.nii\.gz", name)  # a keyed hash: no UID, no study number
-    served = nib.Nifti1Image.from_bytes(gzip.decompress((component._shelf()[0] / name).read_bytes()))
+    assert re.fullmatch(r"[0-9a-f]{24}", args["volume_id"])  # a hash: no UID, no study number
+    # The study travels in the session's own message (bytes), not as a URL any client could fetch.
+    served = nib.Nifti1Image.from_bytes(gzip.decompress(args["volume"]))
     assert served.shape[2] == n and served.get_data_dtype() == np.int16
 
-    # The reader settles on slice 3 in the browser: the side panel follows, without moving the viewer.
-    at.session_state[f"viewer-{study_id}"] = {"slice": 3, "seq": 1}
+    # The reader settles on slice 3 in the browser, which holds the study now: the side panel follows,
+    # without moving the viewer, and the study is not sent again.
+    at.session_state[f"viewer-{study_id}"] = {"slice": 3, "seq": 1, "have": args["volume_id"], "have_heatmap": None}
     at.run()
     assert "**Slice 3 / " in texts(at)
     assert "pred:" in texts(at) and "actual:" in texts(at)  # phantom labels give every slice an actual
-    assert viewer_args(at)["goto_nonce"] == args["goto_nonce"]
+    assert viewer_args(at)["goto_nonce"] == args["goto_nonce"] and viewer_args(at)["volume"] is None
     # "Show" on a gallery card is a request: the viewer is told to go there.
     show = next(b for b in at.button if (b.key or "").startswith("go-"))
     target = int(show.key.removeprefix("go-")) + 1
@@ -120,7 +133,9 @@ def test_viewer_follows_the_browser_viewer_windows_heatmap_and_read(data_dir):
     at.toggle(key="heatmap").set_value(True).run()
     assert not at.exception, at.exception
     heat = viewer_args(at)
-    assert heat["heatmap"].endswith(".nii.gz") and heat["heatmap_label"] == "any"
+    assert re.fullmatch(r"[0-9a-f]{24}", heat["heatmap_id"]) and heat["heatmap_label"] == "any"
+    cams = nib.Nifti1Image.from_bytes(gzip.decompress(heat["heatmap"]))
+    assert cams.shape[2] == n and cams.get_data_dtype() == np.uint8
 
     # A contradictory read is refused, and what made it contradictory does not linger into the next save.
     at.radio(key=f"hem-{study_id}").set_value("no")
@@ -227,11 +242,15 @@ def test_signed_out_client_gets_only_the_sign_in_form(with_users):
 def test_reader_reads_but_cannot_delete_and_every_action_is_audited(with_users):
     at = sign_in(start(), "rita", "reader-pass-1")
     assert at.dataframe and "Signed in as **rita** (reader)" in shown(at)
+    exported = downloads(at)["Download worklist (CSV)"].decode()  # in the session's message, not at a URL
+    assert len(pd.read_csv(io.StringIO(exported))) == DEMO
+    click_download(at, "export-worklist")
+    assert ("rita", "export") in [(e["user"], e["action"]) for e in with_users.entries()]
     next(b for b in at.button if b.label.startswith("Open ")).click().run()
     assert not at.exception, at.exception
     assert not [e for e in at.expander if e.label.startswith("Delete")]
     actions = [(e["user"], e["action"]) for e in with_users.entries()]
-    assert actions[:2] == [("rita", "sign-in"), ("rita", "open")]
+    assert actions[:3] == [("rita", "sign-in"), ("rita", "export"), ("rita", "open")]
     assert all(set(e) == {"time", "user", "action", "study"} for e in with_users.entries())
 
 
@@ -330,16 +349,26 @@ def test_reader_downloads_dicom_results_and_it_is_audited(with_users, data_dir):
     at = sign_in(start(), "rita", "reader-pass-1")
     next(b for b in at.button if b.label.startswith("Open ")).click().run()
     study_id = at.selectbox(key="study").value
-    label = "Download results for PACS (DICOM SR + key image)"
-    button = next(b for b in at.download_button if b.label == label)
+    label = "Prepare results for PACS (DICOM SR + key image)"
     assert "identifiers from the original headers" in shown(at)
-    button.click().run()
+    next(b for b in at.button if b.label == label).click().run()
     assert not at.exception, at.exception
-    assert ("rita", "export", study_id) in [(e["user"], e["action"], e["study"]) for e in with_users.entries()]
+    with zipfile.ZipFile(io.BytesIO(downloads(at)["Download results for PACS (.zip)"])) as zf:
+        assert len([n for n in zf.namelist() if n.endswith(".dcm")]) == 2
+
+    def exports() -> int:
+        return [(e["user"], e["action"], e["study"]) for e in with_users.entries()].count(("rita", "export", study_id))
+
+    before = exports()
+    click_download(at, f"export-results-{study_id}")
+    assert exports() == before + 1
+    at.run()  # a rerun without a new click audits nothing
+    assert exports() == before + 1
     record = Worklist(data_dir).study(study_id)
     (data_dir / "headers" / record.header_file).unlink()  # as for a study stored before headers were kept
-    at.run()
-    assert not [b for b in at.download_button if b.label == label] and "upload it again" in shown(at)
+    at = sign_in(start(), "rita", "reader-pass-1")
+    next(b for b in at.button if b.label.startswith("Open ")).click().run()
+    assert not [b for b in at.button if b.label == label] and "upload it again" in shown(at)
 
 
 def test_viewer_leaves_a_subtype_the_model_does_not_name_out_of_its_calls(tmp_path, monkeypatch, tiny_checkpoint):
@@ -373,13 +402,15 @@ def test_worklist_shows_failed_exams_and_the_viewer_each_series_of_an_exam(data_
 
     monkeypatch.setenv("ICH_DEMO", "0")
     wl = Worklist(data_dir)
-    series = series_of(4)
+    series, bone = series_of(4), series_of(3)
     choices = [
         SeriesChoice(series.series_uid, 2, "Head 5mm soft", 4, 5.0, "H30s", "axial", True, ""),
         SeriesChoice("1.2.3", 1, "Topogram", 1, None, "H30s", "coronal", False, "localizer (scout)"),
+        SeriesChoice(bone.series_uid, 3, "Head 5mm bone", 3, 5.0, "H70h", "axial", False, "bone kernel (H70h)"),
     ]
     probs = np.full((4, len(CLASSES)), 0.2, np.float32)
-    wl.add_study(series, FakePrediction(series.sop_uids, probs, 0.2, None, False), exam_series=choices)
+    study_id = wl.add_study(series, FakePrediction(series.sop_uids, probs, 0.2, None, False), exam_series=choices)
+    assert wl.add_other_series(series.study_uid, bone)  # kept for the viewer; the scout was not
     retry = dt.datetime.now().astimezone() + dt.timedelta(minutes=2)
     wl.intake_failed("0123abcd", "OSError: [Errno 28] No space left on device", retry)
     at = start()
@@ -389,3 +420,12 @@ def test_worklist_shows_failed_exams_and_the_viewer_each_series_of_an_exam(data_
     at = start()
     next(b for b in at.button if b.label.startswith("Open ")).click().run()
     assert "Topogram" in shown(at) and "not scored: localizer (scout)" in shown(at)
+    assert viewer_args(at)["n"] == 4
+    box = at.selectbox(key=f"series-{study_id}")  # the scored series and the one kept besides it
+    assert len(box.options) == 2 and "Head 5mm bone" in box.options[1] and "scored" in box.options[0]
+    box.select(choices[2]).run()
+    assert not at.exception, at.exception
+    args = viewer_args(at)  # the bone series' own images, without the model's notes or a heatmap
+    assert args["n"] == 3 and args["notes"] == ["not scored"] * 3 and args["heatmap"] is None
+    assert "Not scored by the model: bone kernel (H70h)" in shown(at)
+    assert "Slice " in texts(at)  # the scored series' numbers stay beside it

@@ -301,3 +301,97 @@ def test_viewer_scrolls_windows_and_fits_a_reading_screen(thin_series_server, tm
                 page.close()
         finally:
             browser.close()
+
+
+def _study_data_in(body: bytes, known: list[bytes], gallery_shape: tuple[int, int]) -> str | None:
+    """Why ``body`` carries study data (``None`` when it does not): a NIfTI volume or heatmap, the bytes of
+    an export the signed-in page downloaded, or a slice image the size of the gallery's."""
+    import gzip
+    import io
+
+    from PIL import Image
+
+    raw = body
+    if body[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(body)
+        except OSError:
+            pass
+    if raw[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "a NIfTI image"
+    if any(k in body for k in known):
+        return "an export's rows"
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            if image.size[::-1] == gallery_shape:
+                return "a slice image"
+    except Exception:  # noqa: BLE001 - not an image: fine
+        pass
+    return None
+
+
+def test_a_signed_out_client_gets_no_study_data_from_any_address_the_signed_in_page_fetched(tmp_path, tiny_checkpoint):
+    """Issue 21: Streamlit's /media and component files check no sign-in, so study data must never be there.
+    A reader signs in, opens the worklist and a study with its heatmap, downloads both CSVs; then every
+    URL the page and its frames requested is fetched again without a cookie."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from ich import access
+    from ich.inference import Predictor
+    from ich.worklist import Worklist, seed_demo
+
+    data = tmp_path / "data"
+    wl = Worklist(data)
+    seed_demo(wl, Predictor.from_checkpoint(tiny_checkpoint, device="cpu"), size=96)
+    access.add_user("rita", "reader-pass-1", "reader", data / "auth.yaml")
+    downloaded: list[bytes] = []
+    requested: list[str] = []
+    with streamlit_server(data, tiny_checkpoint, tmp_path / "streamlit.log") as server:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 2000}).new_page()
+                page.on("request", lambda r: requested.append(r.url))  # the page's frames' requests too
+                page.goto(f"{server}/worklist")
+                page.get_by_label("Username").fill("rita")
+                page.get_by_label("Password", exact=True).fill("reader-pass-1")
+                page.get_by_role("button", name="Login").click()
+                expect(page.get_by_role("heading", name="Worklist")).to_be_visible(timeout=60_000)
+                for label in ("Download worklist (CSV)",):
+                    with page.expect_download(timeout=60_000) as download:
+                        page.frame_locator("iframe[title$='download_button']").get_by_role("button", name=label).click()
+                    downloaded.append(Path(download.value.path()).read_bytes())
+                page.get_by_role("button", name=re.compile(r"^Open .* in the viewer$")).click()
+                frame = page.frame_locator(VIEWER)
+                expect(frame.locator("#hud-slice")).to_contain_text("Slice", timeout=SLOW_MS)
+                page.get_by_text("Heatmap (Grad-CAM)").click()
+                expect(frame.locator("#hud-window")).to_contain_text("heatmap any", timeout=SLOW_MS)
+                slices = page.frame_locator("iframe[title$='download_button']").get_by_role(
+                    "button", name="Download slice scores (CSV)"
+                )
+                with page.expect_download(timeout=60_000) as download:
+                    slices.click()
+                downloaded.append(Path(download.value.path()).read_bytes())
+                expect(page.get_by_test_id("stStatusWidget")).to_be_hidden(timeout=SLOW_MS)
+                page.wait_for_timeout(1000)
+            finally:
+                browser.close()
+            anonymous = pw.request.new_context()  # no cookie, no storage
+            try:
+                fetched = {
+                    url: anonymous.get(url, fail_on_status_code=False).body()
+                    for url in dict.fromkeys(requested)
+                    if url.startswith("http")  # data: and blob: never reach the server
+                }
+            finally:
+                anonymous.dispose()
+    # The detectors can fail: what the signed-in page downloaded is study data by each of them.
+    known = [d.splitlines()[1] for d in downloaded]  # a first data row of each export
+    assert all(_study_data_in(d, known, (48, 48)) for d in downloaded)
+    volume = wl.volume(int(wl.studies()["id"].iloc[0]))
+    from ich import viewer
+
+    assert _study_data_in(viewer.volume_nifti(volume, None), known, (48, 48)) == "a NIfTI image"
+    assert len(fetched) > 10 and any("/_stcore/" in u or "/static/" in u for u in fetched)
+    leaks = {url: why for url, body in fetched.items() if (why := _study_data_in(body, known, (48, 48)))}
+    assert not leaks, leaks

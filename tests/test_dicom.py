@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import warnings
-import zipfile
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from pydicom.uid import EnhancedCTImageStorage, MRImageStorage, generate_uid
 
 from ich import dicom
 from tests.dicom_factory import make_ct, to_bytes
+from tests.helpers import zip_bytes
 
 
 def series_files(tmp_path, n=5, spacing=5.0, shuffle=True, **kw):
@@ -266,18 +266,10 @@ def test_missing_path():
 # ----------------------------------------------------------------------------- zip archives
 
 
-def _zip(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
 def test_zip_upload_and_file(tmp_path):
     (tmp_path / "s").mkdir()
     paths = series_files(tmp_path / "s", n=3)
-    archive = _zip({f"study/{p.name}": p.read_bytes() for p in paths} | {"study/labels.csv": b"ID,Label\n"})
+    archive = zip_bytes({f"study/{p.name}": p.read_bytes() for p in paths} | {"study/labels.csv": b"ID,Label\n"})
     result = dicom.load([dicom.Upload("upload.zip", archive)])
     assert len(result.series) == 1 and len(result.series[0]) == 3 and result.problems == []
     assert result.series[0].slices[0].path.startswith("upload.zip/study/")
@@ -288,25 +280,25 @@ def test_zip_upload_and_file(tmp_path):
 
 def test_zip_slip_refused():
     good = to_bytes(make_ct())
-    result = dicom.load([dicom.Upload("evil.zip", _zip({"../../etc/evil.dcm": good, "ok.dcm": good}))])
+    result = dicom.load([dicom.Upload("evil.zip", zip_bytes({"../../etc/evil.dcm": good, "ok.dcm": good}))])
     assert len(result.series) == 1
     assert any("zip slip" in p.reason and "evil.dcm" in p.path for p in result.problems)
 
 
 def test_zip_bomb_ratio_refused():
-    result = dicom.load([dicom.Upload("bomb.zip", _zip({"zeros.dcm": bytes(8 << 20)}))])
+    result = dicom.load([dicom.Upload("bomb.zip", zip_bytes({"zeros.dcm": bytes(8 << 20)}))])
     assert result.series == []
     assert any("zip bomb" in p.reason for p in result.problems)
 
 
 def test_zip_bomb_total_size_refused(monkeypatch):
     monkeypatch.setattr(dicom.sources, "MAX_ARCHIVE_BYTES", 1000)  # patched where the zip guard reads it
-    result = dicom.load([dicom.Upload("big.zip", _zip({"a.dcm": to_bytes(make_ct())}))])
+    result = dicom.load([dicom.Upload("big.zip", zip_bytes({"a.dcm": to_bytes(make_ct())}))])
     assert "inflate" in result.problems[0].reason
 
 
 def test_zip_without_dicom():
-    result = dicom.load([dicom.Upload("docs.zip", _zip({"readme.txt": b"hi"}))])
+    result = dicom.load([dicom.Upload("docs.zip", zip_bytes({"readme.txt": b"hi"}))])
     assert result.series == [] and "no DICOM" in result.problems[0].reason
 
 

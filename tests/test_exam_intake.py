@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE
@@ -99,6 +100,10 @@ def test_a_whole_exam_by_c_store_is_one_row_scored_on_the_axial_soft_tissue_seri
     assert reasons["Topogram"] == "localizer (scout)"
     assert "bone kernel" in reasons["Head 5mm bone"] and "coronal" in reasons["Coronal MPR"]
     assert "Dose report" not in reasons  # set aside at the door: never stored
+    kept = wl.other_series(row.id)  # for the viewer: scout, bone and coronal, unscored
+    assert sorted(kept.values()) == [1, 6, 8]
+    coronal = parts["coronal"][0].SeriesInstanceUID
+    assert wl.volume(row.id, coronal).shape == (8, 32, 32) and wl.affine(row.id, coronal) is not None
     assert "set aside (not CT images): 1 Secondary Capture Image Storage" in caplog.text
     assert len(list((tmp_path / "inbox").rglob("*.dcm"))) == 1 + 6 + 6 + 8
 
@@ -136,6 +141,39 @@ def test_an_upload_of_two_exams_gives_one_row_each(tmp_path):
     assert sorted(wl.study(i).series_uid for i in report.added) == sorted(
         e["soft"][0].SeriesInstanceUID for e in (first, second)
     )
+
+
+def test_the_other_series_are_kept_for_the_viewer_replaced_on_re_upload_and_deleted_with_the_exam(tmp_path):
+    parts = exam(generate_uid())
+    files = [dicom.Upload(f"{ds.SOPInstanceUID}.dcm", to_bytes(ds)) for p in parts.values() for ds in p]
+    wl = Worklist(tmp_path)
+    (study_id,) = ingest(wl, ByKernel(), files).added
+    bone = parts["bone"][0].SeriesInstanceUID
+    assert set(wl.other_series(study_id)) == {parts[k][0].SeriesInstanceUID for k in ("scout", "bone", "coronal")}
+    assert wl.volume(study_id, bone).shape == (6, 32, 32)
+    with pytest.raises(KeyError):  # the dose page is not a CT image: never kept
+        wl.volume(study_id, parts["dose"][0].SeriesInstanceUID)
+    first = sorted(wl.volumes.iterdir())
+    assert ingest(wl, ByKernel(), files).added == [study_id]  # a re-upload: new files, the old ones gone
+    again = sorted(wl.volumes.iterdir())
+    assert len(again) == len(first) == 4 and not set(first) & set(again)
+    wl.delete_study(study_id)
+    assert list(wl.volumes.iterdir()) == []
+
+
+def test_a_series_kept_for_the_viewer_that_becomes_the_scored_one_is_not_kept_twice(tmp_path):
+    parts = exam(generate_uid())
+    wl = Worklist(tmp_path)
+    bone_first = [
+        dicom.Upload(f"{ds.SOPInstanceUID}.dcm", to_bytes(ds)) for k in ("bone", "coronal") for ds in parts[k]
+    ]
+    (study_id,) = ingest(wl, ByKernel(), bone_first).added
+    assert wl.study(study_id).series_uid == parts["bone"][0].SeriesInstanceUID
+    soft = [dicom.Upload(f"{ds.SOPInstanceUID}.dcm", to_bytes(ds)) for ds in parts["soft"]]
+    ingest(wl, ByKernel(), bone_first + soft)  # the soft-tissue series came late: it is scored now
+    assert wl.study(study_id).series_uid == parts["soft"][0].SeriesInstanceUID
+    assert sorted(wl.other_series(study_id).values()) == [6, 8]  # bone and coronal
+    assert len(list(wl.volumes.iterdir())) == 3
 
 
 def test_a_full_disk_keeps_the_exam_failed_and_retries_it_until_it_is_on_the_worklist(tmp_path, monkeypatch):
@@ -330,3 +368,34 @@ def test_no_identifier_in_any_log_line_from_arrival_to_results_in_pacs(tmp_path,
     text = caplog.text + "\n".join(str(w.message) for w in recwarn)
     secrets = [*names.values(), study, uid, *(ds.SOPInstanceUID for ds in datasets)]
     assert "worklist id" in caplog.text and not [s for s in secrets if s in text]
+
+
+def test_ich_predict_scores_each_exam_on_its_chosen_series_and_writes_an_exam_csv(tmp_path, tiny_checkpoint):
+    from tests.test_predict import run_ich
+
+    first, second, scout_only = exam(generate_uid()), exam(generate_uid()), exam(generate_uid())
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for ds in [ds for e in (first, second) for p in e.values() for ds in p] + scout_only["scout"]:
+        (folder / f"{ds.SOPInstanceUID}.dcm").write_bytes(to_bytes(ds))
+    out = tmp_path / "sub.csv"
+    proc = run_ich("predict", str(folder), "--weights", str(tiny_checkpoint), "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    soft = {ds.SOPInstanceUID for e in (first, second) for ds in e["soft"]}
+    assert {i.rsplit("_", 1)[0] for i in pd.read_csv(out)["ID"]} == soft  # the axial soft-tissue series only
+    exams = pd.read_csv(tmp_path / "sub_exams.csv")
+    assert len(exams) == 3 and exams["exam"].tolist() == [1, 2, 3]
+    scored = exams.dropna(subset=["score"])
+    assert set(scored["series_uid"]) == {e["soft"][0].SeriesInstanceUID for e in (first, second)}
+    assert (scored["slices"] == 6).all() and scored["not_scored"].str.contains("bone kernel").all()
+    (unscored,) = exams[exams["score"].isna()].itertuples()
+    assert unscored.study_uid == scout_only["scout"][0].StudyInstanceUID and "localizer" in unscored.not_scored
+    assert "no series to score (Topogram: localizer (scout))" in proc.stderr
+
+    every = run_ich(
+        "predict", str(folder), "--weights", str(tiny_checkpoint), "--out", str(out), "--quiet", "--every-series"
+    )
+    assert every.returncode == 0, every.stderr
+    assert (
+        pd.read_csv(out)["ID"].str.rsplit("_", n=1).str[0].nunique() == 2 * (1 + 6 + 6 + 8 + 1) + 1
+    )  # the dose pages too

@@ -115,13 +115,13 @@ def test_predict_cli_every_slice(shared_data, tiny_checkpoint, tmp_path):
 
 def test_predict_cli_keeps_going_past_bad_files(tmp_path, tiny_checkpoint):
     series, study = generate_uid(), generate_uid()
-    for i in range(3):
+    for i in range(4):
         (tmp_path / f"{i}.dcm").write_bytes(to_bytes(make_ct(z=5.0 * i, series_uid=series, study_uid=study)))
     (tmp_path / "2.dcm").write_bytes((tmp_path / "2.dcm").read_bytes()[:-64])
     out = tmp_path / "out" / "sub.csv"
     proc = run_ich("predict", str(tmp_path), "--weights", str(tiny_checkpoint), "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert len(pd.read_csv(out)) == 2 * 6
+    assert len(pd.read_csv(out)) == 3 * 6
     assert "2.dcm: pixel data too short" in proc.stderr
     assert "Traceback" not in proc.stderr
 

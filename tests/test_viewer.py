@@ -105,36 +105,14 @@ def test_study_heatmap_is_batched_grad_cam_on_one_scale(tmp_path):
     np.testing.assert_allclose([study[i].max() for i in range(3)], [r.max() / peak for r in raw], rtol=1e-5)
 
 
-def test_publish_serves_each_study_once_under_an_unguessable_name():
-    from ich.viewer import component
-
-    made: list[int] = []
-
-    def make() -> bytes:
-        made.append(1)
-        return b"nifti"
-
-    url = component.publish("volume:study 1", make)
-    assert component.publish("volume:study 1", make) == url and len(made) == 1  # built once
-    folder, base, _ = component._shelf()
-    name = url.removeprefix(base + "/")
-    assert (folder / name).read_bytes() == b"nifti" and "study" not in name and len(name) == 40 + len(".nii.gz")
-    assert component.publish("volume:study 2", make) != url
-    for i in range(component.KEEP_FILES + 3):  # old files go: the folder stays small
-        component.publish(f"volume:other {i}", make)
-    assert len(list(folder.glob("*.nii.gz"))) == component.KEEP_FILES
-    before = len(made)
-    assert component.publish("volume:study 1", make) == url and len(made) == before + 1  # pruned: rebuilt
-    assert (folder / name).read_bytes() == b"nifti"
-
-
 @pytest.mark.parametrize("n_notes", [2, 4])
 def test_slice_viewer_refuses_notes_that_do_not_match_the_slices(n_notes):
     from ich.viewer import component
 
     with pytest.raises(ValueError, match="for 3 slices"):
         component.slice_viewer(
-            "x.nii.gz",
+            "x",
+            bytes,
             3,
             normal=[0, 0, 1],
             locations=[0.0, 1.0, 2.0],

@@ -540,12 +540,16 @@ def _failures(
 
 
 def external_checks(predictor: Predictor, shared: Path) -> dict[str, dict]:
-    """Scores on the DICOM sets that no model here trained on, through the product's DICOM path."""
+    """Scores on the DICOM sets that no model here trained on, through the product's DICOM path.
+
+    Every labelled series is scored (``every_series``), those the exam rule leaves out too: CQ500-CT-1 and
+    the PhysioNet CT-ICH subset are samples of single slices, which the worklist would not score.
+    """
     reports: dict[str, dict] = {}
     folder = shared / "rsna-sample"
     if folder.is_dir():
         labels = read_rsna_csv(folder / "stage_2_train.csv")
-        result = evaluate.predict(predictor, [folder], progress=False)
+        result = evaluate.predict(predictor, [folder], progress=False, every_series=True)
         report = evaluate.evaluate(result.frame, labels, predictor.thresholds, predictor.top_k)
         any_true = labels["any"].reindex(result.frame.index)
         report["failures"] = _failures(labels.drop(columns="any"), any_true, result.frame["any"])
@@ -555,7 +559,7 @@ def external_checks(predictor: Predictor, shared: Path) -> dict[str, dict]:
         votes = pd.read_csv(folder / "cq500_labels_for_these_patients.csv")
         rows: list[dict[str, Any]] = []
         for scan in sorted(p for p in folder.iterdir() if p.is_dir()):
-            result = evaluate.predict(predictor, [scan], progress=False)
+            result = evaluate.predict(predictor, [scan], progress=False, every_series=True)
             vote = votes[votes["name"] == scan.name]
             rows.append({"scan": scan.name, "slices": len(result.frame), "score": float(predictor.summarize(
                 list(result.frame.index), result.frame[list(CLASSES)].to_numpy(),
@@ -567,7 +571,9 @@ def external_checks(predictor: Predictor, shared: Path) -> dict[str, dict]:
     folder = shared / "physionet-ctich"
     if folder.is_dir():
         table = pd.read_csv(folder / "labels_raw_ct_numbering.csv", dtype={"file": str})
-        result = evaluate.predict(predictor, sorted((folder / "hemo_subset").glob("*.dcm")), progress=False)
+        result = evaluate.predict(
+            predictor, sorted((folder / "hemo_subset").glob("*.dcm")), progress=False, every_series=True
+        )
         sops = {dicom.read_slice(folder / "hemo_subset" / f"{f}.dcm", pixels=False).sop_uid: f for f in table["file"]}
         probs = result.frame.rename(index=sops)
         # As a reader sees them: a subtype counts only where the slice is also called bleeding.

@@ -1,14 +1,17 @@
 """Parse one DICOM file into Hounsfield-unit slices.
 
 Header checks refuse, by name, what is not a greyscale CT image and what a lying header would make
-us allocate; pixels are decoded by pydicom and converted to HU (with the RSNA 12-bit wrap fix), and a
-multi-frame (enhanced) CT object is split into one slice per frame. Anything unusable raises a
+us allocate; a Deflated-syntax file is inflated under the zip limits of :mod:`.sources` (at most
+``MAX_COMPRESSION_RATIO`` times its size and ``MAX_FILE_BYTES``), counted in chunks before pydicom
+inflates it whole. Pixels are decoded by pydicom and converted to HU (with the RSNA 12-bit wrap fix),
+and a multi-frame (enhanced) CT object is split into one slice per frame. Anything unusable raises a
 :class:`DicomError` naming the file.
 """
 
 from __future__ import annotations
 
 import io
+import zlib
 from typing import Any
 
 import numpy as np
@@ -16,16 +19,18 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from ich.dicom.series import DicomError, Slice, is_wrapped
-from ich.dicom.sources import Source, open_source
+from ich.dicom.sources import MAX_COMPRESSION_RATIO, MAX_FILE_BYTES, READ_CHUNK, Source, open_source, size_text
 
 # A lying header must not make us allocate gigabytes: no CT slice is larger than this.
 MAX_DIM = 4096
 MAX_FRAMES = 2048
 HEADER_DEFER_BYTES = 4096  # values above this stay unread in a header-only pass (the pixel data)
 PIXEL_DATA = 0x7FE00010
+_INFLATE_INPUT = 1 << 16  # compressed bytes fed per step while counting a Deflated dataset
 
 # Undoing the RSNA 2019 wrap (see :func:`ich.dicom.series.is_wrapped`): shift by the offset, modulo 4096.
 _WRAP_MODULUS = 4096
@@ -70,7 +75,48 @@ def quiet_invalid_values() -> None:
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
+def _deflated_start(fp: io.BytesIO) -> int | None:
+    """Where a Deflated Explicit VR Little Endian file's dataset starts; ``None`` for any other file."""
+    try:
+        read_preamble(fp, force=True)  # pydicom reads the file meta of a file without a preamble too
+        # pydicom's public read_file_meta_info takes a path only; this is what it calls on the open file.
+        syntax = _read_file_meta_info(fp).get("TransferSyntaxUID")
+        start = fp.tell()
+    except Exception:  # noqa: BLE001 - an unreadable header is reported, by name, by the parse that follows
+        return None
+    finally:
+        fp.seek(0)
+    return start if syntax == DeflatedExplicitVRLittleEndian else None
+
+
+def _check_deflated(fp: io.BytesIO, name: str) -> None:
+    """Refuse a Deflated-syntax file inflating past the limits: pydicom would inflate it whole, unbounded."""
+    start = _deflated_start(fp)
+    if start is None:
+        return
+    data = fp.getvalue()
+    compressed = len(data) - start
+    limit = min(MAX_FILE_BYTES, MAX_COMPRESSION_RATIO * max(compressed, 1))
+    inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    try:
+        for offset in range(start, len(data), _INFLATE_INPUT):
+            chunk = data[offset : offset + _INFLATE_INPUT]
+            while chunk and not inflater.eof:
+                inflated += len(inflater.decompress(chunk, READ_CHUNK))  # max_length: never more than a chunk
+                if inflated > limit:
+                    raise DicomError(
+                        name,
+                        f"decompression bomb suspected: Deflated dataset inflates past {size_text(limit)} "
+                        f"(limit {MAX_COMPRESSION_RATIO}x its {size_text(compressed)}, "
+                        f"at most {size_text(MAX_FILE_BYTES)})",
+                    )
+                chunk = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise DicomError(name, f"corrupt Deflated dataset ({exc})") from None
+
+
 def _parse(fp: Any, name: str, pixels: bool) -> Dataset:
+    _check_deflated(fp, name)
     # Headers only: large values (the pixel data) are left unread, but their length is still known,
     # so a file whose pixel data is missing or cut short is reported without decoding an image.
     defer = None if pixels else HEADER_DEFER_BYTES

@@ -1,7 +1,8 @@
 """What reading DICOM produces: slices, series sorted along the slice normal, and problems.
 
 Every file that cannot be used becomes a :class:`Problem` naming the file and the reason (a
-:class:`DicomError` while it is being read); the rest still load.
+:class:`DicomError` while it is being read); the rest still load. So does every slice that differs
+from the rest of its series in size, pixel spacing or orientation (:func:`consistent_geometry`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
+
+# Slices of one series further apart than this are not one volume (:func:`consistent_geometry`).
+SPACING_TOLERANCE = 1e-3  # relative: the same spacing written to different precision
+ORIENTATION_TOLERANCE = 1e-2  # direction cosines: about half a degree
 
 
 @dataclass(frozen=True)
@@ -216,8 +221,61 @@ class LoadResult:
     problems: list[Problem]
 
 
+def _close(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0) -> bool:
+    """Two optional vectors alike (both missing counts as alike)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.allclose(a, b, rtol=rtol, atol=atol))
+
+
+def _numbers(values: Any, sep: str) -> str:
+    return sep.join(f"{v + 0.0:.4g}" for v in values)  # + 0.0: no "-0"
+
+
+def _difference(s: Slice, ref: Slice) -> str:
+    """How ``s`` differs from ``ref`` in size, pixel spacing and orientation ('' when it does not)."""
+    found = []
+    if (s.rows, s.columns) != (ref.rows, ref.columns):
+        found.append(f"{s.rows}x{s.columns} vs {ref.rows}x{ref.columns}")
+    if not _close(s.pixel_spacing, ref.pixel_spacing, rtol=SPACING_TOLERANCE):
+        a, b = (f"{_numbers(x.pixel_spacing, 'x')} mm" if x.pixel_spacing else "none" for x in (s, ref))
+        found.append(f"pixel spacing {a} vs {b}")
+    if not _close(s.orientation, ref.orientation, atol=ORIENTATION_TOLERANCE):
+        a, b = (f"({_numbers(x.orientation, ', ')})" if x.orientation is not None else "none" for x in (s, ref))
+        found.append(f"orientation {a} vs {b}")
+    return "; ".join(found)
+
+
+def consistent_geometry(slices: list[Slice]) -> tuple[list[Slice], list[Problem]]:
+    """The largest group of ``slices`` (of one series) alike in size, pixel spacing and orientation, and a
+    problem for each other slice, saying how it differs.
+
+    The others are left out, not made series of their own: those would share the series' Series Instance
+    UID, by which an exam's series are chosen (:func:`ich.exam.choose_series`) and stored on the worklist.
+    A tie goes to the group read first.
+    """
+    groups: list[list[Slice]] = []
+    for s in slices:
+        group = next((g for g in groups if not _difference(s, g[0])), None)
+        if group is None:
+            groups.append([s])
+        else:
+            group.append(s)
+    kept = max(groups, key=len)
+    problems = [
+        Problem(s.path, f"slice differs from the rest of its series: {_difference(s, kept[0])}")
+        for group in groups
+        if group is not kept
+        for s in group
+    ]
+    return kept, problems
+
+
 def sort_series(study_uid: str, series_uid: str, slices: list[Slice]) -> Series:
-    """The slices of one (study, series) as a :class:`Series`: sorted along the normal, spacing, gaps, notes."""
+    """The slices of one (study, series) as a :class:`Series`: sorted along the normal, spacing, gaps, notes.
+
+    The slices share one orientation (:func:`consistent_geometry`): the first one's normal orders them.
+    """
     notes: list[str] = []
     slice_notes: dict[str, int] = {}
     for s in slices:
@@ -229,10 +287,7 @@ def sort_series(study_uid: str, series_uid: str, slices: list[Slice]) -> Series:
     if len(slices) == 1:
         keys = [0.0]
     elif len(normals) == len(positions) == len(slices):
-        reference = normals[0]
-        if any(abs(float(n @ reference)) < 0.99 for n in normals):
-            notes.append("slices have different orientations")
-        keys = [float(np.dot(p, reference)) for p in positions]
+        keys = [float(np.dot(p, normals[0])) for p in positions]
     else:
         notes.append("no usable ImagePositionPatient/ImageOrientationPatient: sorted by InstanceNumber")
         keys = [float(s.instance_number) if s.instance_number is not None else float(i) for i, s in enumerate(slices)]

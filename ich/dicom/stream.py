@@ -1,7 +1,9 @@
 """Many sources into series: :func:`load` (everything at once) and :func:`iter_series` (one series at a time).
 
 Series are grouped by (study, series) UID and sorted along the slice normal; every file that cannot
-be used becomes a :class:`Problem` naming the file and the reason, and the rest still load.
+be used becomes a :class:`Problem` naming the file and the reason, and the rest still load. A slice that
+differs from the rest of its series in size, pixel spacing or orientation is one too
+(:func:`ich.dicom.series.consistent_geometry`): a series is never scored on mixed geometry.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from pathlib import Path
 
 from ich.dicom.reader import read_file
-from ich.dicom.series import DicomError, LoadResult, Problem, Series, Slice, sort_series
-from ich.dicom.sources import Source, Upload, iter_sources, read_member
+from ich.dicom.series import DicomError, LoadResult, Problem, Series, Slice, consistent_geometry, sort_series
+from ich.dicom.sources import Archives, Member, Source, Upload, iter_sources
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ def load(
 ) -> LoadResult:
     """Read every source into series grouped by (study, series) UID and sorted along the normal.
 
-    ``progress(count, name)`` is called after each file (for progress bars).
+    Of a series whose slices differ in geometry, the largest consistent group is kept and every other
+    slice becomes a problem. ``progress(count, name)`` is called after each file (for progress bars).
     """
     if isinstance(sources, (str, os.PathLike, Upload)):
         sources = [sources]
@@ -52,7 +54,11 @@ def load(
             problems.append(Problem(exc.path, exc.reason))
         if progress is not None:
             progress(count, name)
-    series = [sort_series(study, ser, slices) for (study, ser), slices in groups.items()]
+    series = []
+    for (study, ser), slices in groups.items():
+        kept, left_out = consistent_geometry(slices)
+        problems += left_out
+        series.append(sort_series(study, ser, kept))
     series.sort(key=lambda s: (s.study_uid, s.series_uid))
     return LoadResult(series, problems)
 
@@ -68,17 +74,18 @@ def iter_series(
     ``select(headers)``, given every series read headers-only, returns those whose pixels are wanted (an
     exam's scored series, :func:`ich.exam.choose_series`); the others are never decoded.
 
-    Files in folders and zip archives on disk (also zips inside folders, and zips inside zips) are
-    read again per series, zip members from their archive (:func:`read_member`). Uploads (and the
-    members of uploaded zips) are bytes already: they are kept as bytes, decoded one series at a
-    time and let go once their series is read. So only one series' HU are in memory at a time. Every
-    unreadable file is appended to ``problems``; a series none of whose pixels read is skipped.
+    Files in folders are read again per series, and so are zip members (also zips inside folders, and
+    zips inside zips), each from its archive (:class:`ich.dicom.sources.Archives`): a zip on disk, or
+    an uploaded zip's own bytes; no member is held between the passes. Uploaded files are bytes already:
+    they are kept, decoded one series at a time and let go once their series is read. So only one
+    series' HU are in memory at a time. Every unreadable file is appended to ``problems``; a series none
+    of whose pixels read is skipped.
     ``progress(count, name)`` is called after each file of the header pass.
     """
     if isinstance(sources, (str, os.PathLike, Upload)):
         sources = [sources]
-    # Uploaded bytes by the name their slices carry. A browser sends bare file names and two folders
-    # may both hold "1.dcm": a repeated name becomes "1.dcm (2)", so each name means one upload.
+    # Uploads and zip members by the name their slices carry. A browser sends bare file names and two
+    # folders may both hold "1.dcm": a repeated name becomes "1.dcm (2)", so each name means one file.
     held: dict[str, Upload] = {}
 
     def expanded() -> Iterator[Source]:
@@ -91,7 +98,9 @@ def iter_series(
                 while name in held:
                     k += 1
                     name = f"{item.name} ({k})"
-                item = held[name] = Upload(name, item.data)
+                item = replace(item, name=name)
+                # A zip member is read again from its archive: only an upload's own files are kept as bytes.
+                held[name] = replace(item, data=b"") if isinstance(item, Member) else item
             yield item
 
     headers = load(expanded(), pixels=False, progress=progress)
@@ -101,16 +110,17 @@ def iter_series(
     for number, series in enumerate(wanted, 1):
         read: dict[str, list[Slice]] = {}  # a multi-frame file is read once for all its frames
         kept: list[Slice] = []
-        for s in series.slices:
-            try:
-                if s.path not in read:
-                    read[s.path] = _read_again(s.path, held)
-                found = next((f for f in read[s.path] if f.sop_uid == s.sop_uid), None)
-                if found is None:
-                    raise DicomError(s.path, "changed since its header was read")
-                kept.append(found)
-            except DicomError as exc:
-                problems.append(Problem(exc.path, exc.reason))
+        with Archives() as archives:
+            for s in series.slices:
+                try:
+                    if s.path not in read:
+                        read[s.path] = _read_again(s.path, held, archives)
+                    found = next((f for f in read[s.path] if f.sop_uid == s.sop_uid), None)
+                    if found is None:
+                        raise DicomError(s.path, "changed since its header was read")
+                    kept.append(found)
+                except DicomError as exc:
+                    problems.append(Problem(exc.path, exc.reason))
         for path in read:
             held.pop(path, None)
         log.debug("series %d of %d: %d of %d slices read", number, len(wanted), len(kept), len(series))
@@ -118,8 +128,9 @@ def iter_series(
             yield replace(series, slices=kept)
 
 
-def _read_again(path: str, held: dict[str, Upload]) -> list[Slice]:
+def _read_again(path: str, held: dict[str, Upload], archives: Archives) -> list[Slice]:
     """Every slice, with pixels, of the file a header-only slice came from."""
-    if path in held:
-        return read_file(held[path])
-    return read_file(path if Path(path).is_file() else Upload(path, read_member(path)))
+    item = held.get(path)
+    if isinstance(item, Member):
+        return read_file(replace(item, data=archives.read(item)))
+    return read_file(path if item is None else item)

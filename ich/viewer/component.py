@@ -1,35 +1,28 @@
-"""The slice viewer as a Streamlit component: NiiVue in the browser, fed by files this server hands out.
+"""The slice viewer and a download button as Streamlit components: study data only over the session.
 
-The study goes to the browser once, as a ``.nii.gz`` file fetched from this server; scrolling, window
-and level, zoom, pan, reformats and the HU probe then run in the browser. Only the slice a reader
-settles on comes back to Python (after a short pause), so the probabilities and the read form follow.
-
-Files are served by a second, never-drawn component whose folder is a private temporary directory:
-Streamlit serves a component's folder as static files, which is the one public way to hand a browser
-a large file without passing it through every rerun. Names are keyed hashes, unguessable without
-this process's random key, carry no identifier, and vanish with the process.
+Streamlit serves ``/media`` files (``st.image``, ``st.download_button``) and a component's folder to any
+client that asks, signed in or not (issue 21; ``docs/ARCHITECTURE.md``). So study data never goes there:
+the viewer gets its volume and heatmap as ``bytes`` arguments, which travel in the signed-in session's
+websocket messages, and opens them in the browser as ``blob:`` URLs; the viewer reports which volume it
+holds, so later reruns leave the bytes out. A file download is built in the page from bytes the same way
+(:func:`download_button`). The components' own folders hold code only.
 """
 
 from __future__ import annotations
 
-import atexit
 import functools
 import hashlib
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import streamlit as st
 import streamlit.components.v1 as components
 
-from ich.files import atomic_write
-
-__all__ = ["publish", "slice_viewer"]
+__all__ = ["download_button", "data_id", "slice_viewer"]
 
 FRONTEND = Path(__file__).with_name("frontend")
-KEEP_FILES = 12  # the most recent published files kept; a few studies with their heatmaps
+DOWNLOAD = Path(__file__).with_name("download")
 
 
 @functools.cache
@@ -38,35 +31,36 @@ def _viewer() -> Any:
 
 
 @functools.cache
-def _shelf() -> tuple[Path, str, bytes]:
-    """(folder, its URL relative to the viewer's page, the naming key), made once per process."""
-    folder = Path(tempfile.mkdtemp(prefix="ich-viewer-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    served = components.declare_component("viewer_files", path=str(folder))
-    return folder, f"../{served.name}", os.urandom(32)
+def _download() -> Any:
+    return components.declare_component("download_button", path=str(DOWNLOAD))
 
 
-def publish(key: str, make: Callable[[], bytes], suffix: str = ".nii.gz") -> str:
-    """Serve ``make()`` under a keyed-hash name for ``key`` and return its URL for the viewer.
+def data_id(key: str) -> str:
+    """A short name for what ``key`` says (e.g. a study's volume version), carrying no identifier."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
-    ``make`` runs only when the file is not there (first use, or pruned since): call this on every
-    rerun, not from inside a cache, so a URL handed to the browser always names a file that exists.
+
+def _held(key: str | None, field: str) -> Any:
+    """What the browser said it holds in the component ``key``'s last value (``None`` when unknown)."""
+    value = st.session_state.get(key) if key else None
+    return value.get(field) if isinstance(value, dict) else None
+
+
+def download_button(label: str, data: bytes, file_name: str, mime: str, *, key: str) -> bool:
+    """A button that saves ``data`` as ``file_name`` from the page itself; ``True`` on the run after a click.
+
+    The bytes reach the page in the session's messages, never as a URL another client could fetch.
     """
-    folder, url, secret = _shelf()
-    name = hashlib.sha256(secret + key.encode()).hexdigest()[:40] + suffix
-    path = folder / name
-    try:
-        os.utime(path)  # recently used: pruned last
-    except FileNotFoundError:  # new, or pruned since: (re)build it
-        data = make()
-        atomic_write(path, lambda tmp: tmp.write_bytes(data))  # every session shares the folder
-        for old in sorted(folder.glob(f"*{suffix}"), key=lambda p: p.stat().st_mtime)[:-KEEP_FILES]:
-            old.unlink(missing_ok=True)
-    return f"{url}/{name}"
+    clicked = _download()(label=label, data=data, file_name=file_name, mime=mime, key=key, default=None)
+    seen_key = f"{key}-seen"  # the click (its time in the browser) already reported
+    new = clicked is not None and clicked != st.session_state.get(seen_key)
+    st.session_state[seen_key] = clicked
+    return new
 
 
 def slice_viewer(
-    volume_url: str,
+    volume_id: str,
+    volume: Callable[[], bytes],
     n_slices: int,
     *,
     normal: Sequence[float],
@@ -78,7 +72,8 @@ def slice_viewer(
     slice_notes: Sequence[str],
     thickness: float | None,
     positions_known: bool = True,
-    heatmap_url: str | None = None,
+    heatmap_id: str | None = None,
+    heatmap: Callable[[], bytes] | None = None,
     heatmap_label: str = "",
     height: int = 480,
     key: str | None = None,
@@ -91,12 +86,16 @@ def slice_viewer(
     level, width), likewise applied when it changes. ``slice_notes[i]`` is the model's one-line
     summary of slice i+1, shown on the image while scrolling, with no round trip to the server.
     ``height`` is the least height in pixels: the browser grows the viewer to the bottom of the screen.
+
+    ``volume()`` (``.nii.gz`` bytes, named ``volume_id``) and ``heatmap()`` (likewise, or ``None`` for no
+    overlay) are called only while the browser does not hold them yet.
     """
     if len(locations) != n_slices or len(slice_notes) != n_slices:
         raise ValueError(f"{len(locations)} locations and {len(slice_notes)} notes for {n_slices} slices")
     name, level, width = window
     return _viewer()(
-        volume=volume_url,
+        volume_id=volume_id,
+        volume=None if _held(key, "have") == volume_id else volume(),
         n=n_slices,
         normal=[float(v) for v in normal],
         locations=[float(v) for v in locations],
@@ -107,7 +106,8 @@ def slice_viewer(
         presets={k: {"level": lv, "width": wd} for k, (lv, wd) in presets.items()},
         notes=list(slice_notes),
         thickness=thickness,
-        heatmap=heatmap_url,
+        heatmap_id=heatmap_id,
+        heatmap=None if heatmap is None or _held(key, "have_heatmap") == heatmap_id else heatmap(),
         heatmap_label=heatmap_label,
         height=height,
         key=key,

@@ -2,8 +2,10 @@
 
 The unit is the exam (Study Instance UID): the headers of everything are read first, grouped by exam,
 and :func:`ich.exam.choose_series` picks the one series per exam the model scores (axial, original, soft
-tissue, not a scout or a reformat); only that series' pixels are then read (:func:`ich.dicom.iter_series`,
-zip members from their archive), so an upload never holds more than one series' pixels beside the store's.
+tissue, not a scout or a reformat). Then the series' pixels are read one series at a time
+(:func:`ich.dicom.iter_series`, zip members from their archive), so an upload never holds more than one
+series' pixels beside the store's: each exam's scored series first, which puts the exam on the worklist,
+then its other CT series, kept unscored for the viewer (:meth:`ich.worklist.Worklist.add_other_series`).
 """
 
 from __future__ import annotations
@@ -107,26 +109,19 @@ def ingest(
     start = time.perf_counter()
     report = IngestReport()
     bar = _Bar(progress or _silent, len(sources))
-    exams: dict[str, list[exam.SeriesChoice]] = {}  # study UID -> every series of the exam, scored first
-
-    def choose(headers: list[dicom.Series]) -> list[dicom.Series]:
-        chosen = []
-        for number, (study_uid, members) in enumerate(groups := exam.group_exams(headers).items(), start=1):
-            choices = exams[study_uid] = exam.choose_series(members)
-            if choices[0].scored:
-                chosen.append(next(s for s in members if s.series_uid == choices[0].series_uid))
-            else:
-                why = "; ".join(
-                    f"{c.description or f'series {c.number or k}'}: {c.reason}" for k, c in enumerate(choices, 1)
-                )
-                report.problems.append(dicom.Problem(f"exam {number} of {len(groups)}", f"no series to score ({why})"))
-        return chosen
+    rule = exam.ExamRule(report.problems, keep_viewable=True)
+    stored: set[str] = set()  # exams on the worklist: their other series are kept for the viewer
 
     done = 0  # slices of the exams finished
     bar.show(done, done, "Reading files…")
-    for series in dicom.iter_series(sources, report.problems, select=choose):
-        number = list(exams).index(series.study_uid) + 1  # its place in the upload, never an identifier
-        n, place = len(series), f"exam {number} of {len(exams)}"
+    for series in dicom.iter_series(sources, report.problems, select=rule):
+        n, place = len(series), rule.place(series.study_uid)  # its place in the upload, never an identifier
+        if not rule.scored(series):
+            bar.show(done, done + n, f"Keeping the other series of {place} for the viewer ({n} slices)")
+            if series.study_uid in stored:
+                _keep_other(worklist, series, place, report)
+            done += n
+            continue
         message = f"Scoring {place} ({n} slices)"
 
         def on_batch(fraction: float, done: int = done, n: int = n, message: str = message) -> None:
@@ -146,9 +141,10 @@ def ingest(
                     model=predictor.name,
                     demo=demo,
                     source=source,
-                    exam_series=exams[series.study_uid],
+                    exam_series=rule.exams[series.study_uid],
                 )
             )
+            stored.add(series.study_uid)
         except Exception as exc:  # one bad exam must not sink the upload
             log.exception("%s (%d slices) of an upload could not be added", place, n)
             why = f"{type(exc).__name__}: {exc}"  # not exc: its frames hold the pixels
@@ -159,6 +155,18 @@ def ingest(
     bar.step(1.0, "Done")
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _keep_other(worklist: Worklist, series: dicom.Series, place: str, report: IngestReport) -> None:
+    """Keep an unscored series for the viewer; failing costs only that view (the exam is scored), so it
+    is a problem line, not a failed exam."""
+    try:
+        worklist.add_other_series(series.study_uid, series)
+    except Exception as exc:  # noqa: BLE001 - a full disk or an odd geometry: the exam's result stands
+        log.warning("a series of %s could not be kept for the viewer (%s)", place, type(exc).__name__)
+        report.problems.append(
+            dicom.Problem(f"{place}, series {series.slices[0].series_number or '?'}", f"not kept for the viewer: {exc}")
+        )
 
 
 def seed_demo(

@@ -3,6 +3,8 @@
 Everything lives in one data directory (:func:`ich.files.data_dir`: ``$ICH_DATA_DIR``, default ``.ich-data/`` in a
 checkout): ``worklist.sqlite3``, ``volumes/<key>.npz`` (int16 HU, compressed, read without pickle) and
 ``headers/<key>.dcm`` (the scored series' first header without pixels, for the results sent back to PACS).
+The exam's other CT series (bone kernel, thin, reformats, scout) are kept as volumes too, unscored, so the
+viewer can switch to them (:meth:`Worklist.add_other_series`).
 A :class:`Worklist` opens a new SQLite connection per call; every write is one ``BEGIN IMMEDIATE``
 transaction, so one object is safely shared by every Streamlit session (thread) of a server and several
 processes (dashboards, the listener) share one data directory: a look-up-then-insert cannot interleave.
@@ -56,7 +58,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from ich import dicom
 from ich.exam import SeriesChoice
-from ich.files import atomic_write, data_dir
+from ich.files import atomic_write, data_dir, private_dir, warn_permissions
 from ich.labels import CLASSES
 from ich.review import Read, read_truth
 
@@ -83,8 +85,9 @@ STATUS_CLEAR = "reviewed: no hemorrhage"
 STATUSES = (STATUS_NEW, STATUS_HEMORRHAGE, STATUS_CLEAR)
 TRUTH_SOURCES = ("csv", "phantom", "review")
 
-# 2: reviews.others_clear; 3: what the worklist shows of the exam; 4: identifiers; 5: one row per exam, intake
-_SCHEMA_VERSION = 5
+# 2: reviews.others_clear; 3: what the worklist shows of the exam; 4: identifiers; 5: one row per exam, intake;
+# 6: the exam's other series, kept for the viewer
+_SCHEMA_VERSION = 6
 SOURCES = ("upload", "dicom", "demo")  # how a study reached the worklist
 # Columns added after version 1, with their definitions: an older store gets them on open.
 _ADDED_COLUMNS = {
@@ -163,6 +166,13 @@ CREATE TABLE IF NOT EXISTS intake (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_try TEXT,
     reason TEXT
+);
+CREATE TABLE IF NOT EXISTS other_series (
+    study_id INTEGER NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
+    series_uid TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    n_slices INTEGER NOT NULL,
+    PRIMARY KEY (study_id, series_uid)
 );
 PRAGMA user_version = {_SCHEMA_VERSION}
 """
@@ -334,7 +344,8 @@ class Worklist:
     """The persistent worklist in ``directory`` (created if missing)."""
 
     def __init__(self, directory: str | os.PathLike | None = None) -> None:
-        self.directory = Path(directory) if directory is not None else data_dir()
+        self.directory = private_dir(Path(directory) if directory is not None else data_dir())  # patient data
+        warn_permissions(self.directory)  # the dashboard and the listener open it at start
         self.volumes = self.directory / "volumes"
         self.volumes.mkdir(parents=True, exist_ok=True)
         self.headers = self.directory / "headers"  # one pixel-free header copy per series (see header())
@@ -443,6 +454,38 @@ class Worklist:
             path.unlink(missing_ok=True)
         return study_id
 
+    def add_other_series(self, study_uid: str, series: dicom.Series) -> bool:
+        """Keep a series of an exam already on the worklist that the model did not score, for the viewer.
+
+        Written under a new name and switched inside the transaction, as :meth:`add_study` does; ``False``
+        (and nothing kept) when the exam is no longer on the worklist (deleted meanwhile).
+        """
+        key = _new_name("volume", study_uid, series.series_uid, ".npz")
+        path = self.volumes / key
+        try:
+            _write_npz(path, series.volume(), series.affine())
+            with self._write() as db:
+                found = db.execute("SELECT id FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+                old = None
+                if found:
+                    old = db.execute(
+                        "SELECT volume FROM other_series WHERE study_id = ? AND series_uid = ?",
+                        (found["id"], series.series_uid),
+                    ).fetchone()
+                    db.execute(
+                        "INSERT OR REPLACE INTO other_series (study_id, series_uid, volume, n_slices) VALUES (?, ?, ?, ?)",
+                        (found["id"], series.series_uid, key, len(series)),
+                    )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        if not found:
+            path.unlink(missing_ok=True)
+            return False
+        if old:  # after the commit: nothing names it any more
+            (self.volumes / old["volume"]).unlink(missing_ok=True)
+        return True
+
     def _upsert(
         self,
         series: dicom.Series,
@@ -527,6 +570,13 @@ class Worklist:
                     self.volumes / found["volume"],
                     self.headers / StudyRecord.from_rows(found, None).header_file,
                 ]
+                # A series kept for the viewer that is now the scored one: its volume is the row's own now.
+                where = "FROM other_series WHERE study_id = ? AND series_uid = ?"
+                replaced += [
+                    self.volumes / r["volume"]
+                    for r in db.execute(f"SELECT volume {where}", (study_id, series.series_uid))
+                ]
+                db.execute(f"DELETE {where}", (study_id, series.series_uid))
             else:
                 study_id = db.execute(
                     f"INSERT INTO studies (label, {', '.join(fields)}) VALUES ('', {', '.join('?' * len(fields))})",
@@ -593,9 +643,13 @@ class Worklist:
             row = db.execute("SELECT * FROM studies WHERE id = ?", (study_id,)).fetchone()
             if row is None:
                 raise KeyError(f"no study {study_id} on the worklist")
-            db.execute("DELETE FROM studies WHERE id = ?", (study_id,))  # slices and reads cascade
+            others = [
+                r["volume"] for r in db.execute("SELECT volume FROM other_series WHERE study_id = ?", (study_id,))
+            ]
+            db.execute("DELETE FROM studies WHERE id = ?", (study_id,))  # slices, reads, other series cascade
         record = StudyRecord.from_rows(row, None)
-        (self.volumes / record.volume_file).unlink(missing_ok=True)
+        for name in (record.volume_file, *others):
+            (self.volumes / name).unlink(missing_ok=True)
         (self.headers / record.header_file).unlink(missing_ok=True)
 
     def set_meta(self, key: str, value: str) -> None:
@@ -726,14 +780,36 @@ class Worklist:
             frame.loc[decided, "truth"] = "review"
         return frame
 
-    def volume(self, study_id: int) -> np.ndarray:
-        """int16 ``(N, H, W)`` HU."""
-        with np.load(self.volumes / self.study(study_id).volume_file, allow_pickle=False) as npz:
+    def other_series(self, study_id: int) -> dict[str, int]:
+        """The exam's series kept for the viewer besides the scored one: series UID -> slices."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT o.series_uid, o.n_slices FROM other_series o JOIN studies s ON s.id = o.study_id"
+                " WHERE o.study_id = ? AND o.series_uid != s.series_uid",
+                (study_id,),
+            ).fetchall()
+        return {r["series_uid"]: int(r["n_slices"]) for r in rows}
+
+    def _volume_path(self, study_id: int, series_uid: str | None) -> Path:
+        record = self.study(study_id)
+        if series_uid is None or series_uid == record.series_uid:
+            return self.volumes / record.volume_file
+        with self._read() as db:
+            row = db.execute(
+                "SELECT volume FROM other_series WHERE study_id = ? AND series_uid = ?", (study_id, series_uid)
+            ).fetchone()
+        if row is None:
+            raise KeyError(f"study {study_id} keeps no such series")
+        return self.volumes / row["volume"]
+
+    def volume(self, study_id: int, series_uid: str | None = None) -> np.ndarray:
+        """int16 ``(N, H, W)`` HU of the scored series, or of another series of the exam (:meth:`other_series`)."""
+        with np.load(self._volume_path(study_id, series_uid), allow_pickle=False) as npz:
             return npz["hu"]
 
-    def affine(self, study_id: int) -> np.ndarray | None:
+    def affine(self, study_id: int, series_uid: str | None = None) -> np.ndarray | None:
         """4x4 voxel (column, row, slice) to patient LPS mm; ``None`` for a volume stored without one."""
-        with np.load(self.volumes / self.study(study_id).volume_file, allow_pickle=False) as npz:
+        with np.load(self._volume_path(study_id, series_uid), allow_pickle=False) as npz:
             return npz["affine"] if "affine" in npz.files else None
 
     def header(self, study_id: int) -> Dataset | None:

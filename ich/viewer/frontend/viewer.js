@@ -22,8 +22,8 @@
   const state = {
     nv: null,
     args: null,
-    volumeUrl: null,
-    heatmapUrl: null,
+    volumeId: null, // what the browser holds; Python sends the bytes only while these differ from its ids
+    heatmapId: null,
     heatmapOn: true,
     gotoNonce: null,
     windowKey: null,
@@ -47,14 +47,22 @@
   function setHeight() {
     send("streamlit:setFrameHeight", { height: document.body.scrollHeight });
   }
+  function sendValue() {
+    send("streamlit:setComponentValue", {
+      value: { slice: state.reported + 1, seq: state.seq, have: state.volumeId, have_heatmap: state.heatmapId },
+      dataType: "json",
+    });
+  }
   function report() {
     if (state.slice === state.reported) return;
     state.reported = state.slice;
     state.seq += 1;
-    send("streamlit:setComponentValue", {
-      value: { slice: state.slice + 1, seq: state.seq },
-      dataType: "json",
-    });
+    sendValue();
+  }
+  // The bytes arrive in the session's websocket message: NiiVue loads them from a blob: URL, so no
+  // request another client could repeat ever carries study data.
+  function blobUrl(bytes) {
+    return URL.createObjectURL(new Blob([bytes]));
   }
 
   // ------------------------------------------------------------------ geometry: slices by position
@@ -108,7 +116,7 @@
     const preset = Object.entries(state.args.presets).find(
       ([, p]) => Math.abs(p.level - level) < 0.5 && Math.abs(p.width - width) < 0.5
     );
-    const heat = state.heatmapUrl ? `\nheatmap ${state.args.heatmap_label}${state.heatmapOn ? "" : " (hidden: H)"}` : "";
+    const heat = state.heatmapId ? `\nheatmap ${state.args.heatmap_label}${state.heatmapOn ? "" : " (hidden: H)"}` : "";
     hud.window.textContent = `W ${Math.round(width)}  L ${Math.round(level)}${preset ? `  (${preset[0]})` : ""}${heat}`;
   }
   function sliceChanged() {
@@ -142,24 +150,30 @@
     const entries = Object.values(state.args.presets);
     if (i < entries.length) setWindow(entries[i].level, entries[i].width);
   }
-  async function setHeatmap(url) {
+  async function setHeatmap(id, bytes) {
     const nv = state.nv;
     while (nv.volumes.length > 1) nv.removeVolumeByIndex(1);
-    state.heatmapUrl = url;
-    if (url) {
-      await nv.addVolumeFromUrl({
-        url: url,
-        name: "heatmap.nii.gz",
-        colormap: "inferno",
-        cal_min: HEATMAP_FLOOR,
-        cal_max: 255,
-        opacity: state.heatmapOn ? HEATMAP_OPACITY : 0,
-      });
+    state.heatmapId = id;
+    if (id) {
+      const url = blobUrl(bytes);
+      try {
+        await nv.addVolumeFromUrl({
+          url: url,
+          name: "heatmap.nii.gz",
+          colormap: "inferno",
+          cal_min: HEATMAP_FLOOR,
+          cal_max: 255,
+          opacity: state.heatmapOn ? HEATMAP_OPACITY : 0,
+        });
+      } finally {
+        URL.revokeObjectURL(url);
+      }
     }
     showWindow();
+    sendValue();
   }
   function toggleHeatmap() {
-    if (!state.heatmapUrl || state.nv.volumes.length < 2) return;
+    if (!state.heatmapId || state.nv.volumes.length < 2) return;
     state.heatmapOn = !state.heatmapOn;
     state.nv.setOpacity(1, state.heatmapOn ? HEATMAP_OPACITY : 0);
     showWindow();
@@ -280,24 +294,30 @@
     probe.loaded = false;
     while (nv.volumes.length) nv.removeVolumeByIndex(0);
     const started = performance.now();
-    await nv.loadVolumes([
-      {
-        url: args.volume,
-        name: "study.nii.gz",
-        colormap: "gray",
-        cal_min: args.window.level - args.window.width / 2,
-        cal_max: args.window.level + args.window.width / 2,
-        trustCalMinMax: true,
-      },
-    ]);
+    const url = blobUrl(args.volume);
+    try {
+      await nv.loadVolumes([
+        {
+          url: url,
+          name: "study.nii.gz",
+          colormap: "gray",
+          cal_min: args.window.level - args.window.width / 2,
+          cal_max: args.window.level + args.window.width / 2,
+          trustCalMinMax: true,
+        },
+      ]);
+    } finally {
+      URL.revokeObjectURL(url);
+    }
     nv.setSliceType(nv.sliceTypeAxial);
     probe.loadMs = performance.now() - started;
-    state.heatmapUrl = null;
+    state.heatmapId = null;
     state.slice = -1;
     state.reported = args.goto - 1; // Python already shows this one
     state.windowKey = null;
     hud.status.textContent = "";
     probe.loaded = true;
+    sendValue(); // Python leaves the bytes out from now on
   }
 
   // As tall as the screen allows below the viewer's top (measured once, unscrolled), never taller
@@ -320,8 +340,15 @@
     state.args = args;
     if (first) fitHeight();
     try {
-      if (args.volume !== state.volumeUrl) {
-        state.volumeUrl = args.volume; // renders arriving while it loads wait for this load
+      if (args.volume_id !== state.volumeId) {
+        if (!args.volume) {
+          // Python believes this page holds the study (the viewer was redrawn): ask for the bytes again.
+          hud.status.textContent = "Loading the study…";
+          state.volumeId = null;
+          sendValue();
+          return;
+        }
+        state.volumeId = args.volume_id; // renders arriving while it loads wait for this load
         state.gotoNonce = null;
         state.loading = load(args);
       }
@@ -332,7 +359,15 @@
         state.windowKey = windowKey;
         setWindow(args.window.level, args.window.width);
       }
-      if ((args.heatmap || null) !== state.heatmapUrl) await setHeatmap(args.heatmap || null);
+      const heatmapId = args.heatmap_id || null;
+      if (heatmapId !== state.heatmapId) {
+        if (heatmapId && !args.heatmap) {
+          state.heatmapId = null;
+          sendValue(); // as for the study: ask for the bytes
+        } else {
+          await setHeatmap(heatmapId, args.heatmap);
+        }
+      }
       if (args.goto_nonce !== state.gotoNonce) {
         const first = state.gotoNonce === null;
         state.gotoNonce = args.goto_nonce;
