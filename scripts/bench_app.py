@@ -81,14 +81,14 @@ def main() -> None:
         for name, ms in stage_medians(wl, pred, uploads, args.repeat).items():
             print(f"  {name:11s} {ms:6.0f} ms")
 
-        import streamlit_app as app  # after the library numbers: importing Streamlit takes a while
+        from ich.presentation import probability_figure
 
         study_id = int(wl.studies().iloc[0]["id"])
         slices, vol, thresholds = wl.slices(study_id), wl.volume(study_id), wl.study(study_id).thresholds
         indices = iter(range(10**9))
 
         def settle() -> None:
-            app.probability_figure(slices, next(indices) % len(vol), thresholds).to_json()  # what st.plotly_chart sends
+            probability_figure(slices, next(indices) % len(vol), thresholds).to_json()  # what st.plotly_chart sends
 
         settle()
         med, worst = median_ms(settle, 20)

@@ -278,31 +278,6 @@ def test_server_beyond_localhost_without_sign_in_refuses(data_dir):
     assert any("without sign-in" in e.value for e in at.error) and not at.dataframe
 
 
-def test_local_time_reads_like_a_person_writes_it(monkeypatch):
-    import time
-
-    from streamlit_app import local_time
-
-    monkeypatch.setenv("TZ", "Europe/Berlin")
-    time.tzset()
-    try:
-        assert local_time("2026-11-27T16:12:50+00:00") == "27 Nov 2026, 17:12"
-    finally:
-        monkeypatch.undo()
-        time.tzset()
-
-
-def test_findings_lines_colour_each_question():
-    from streamlit_app import findings_markdown
-
-    lines = findings_markdown(frozenset({"subdural", "intraparenchymal"}), frozenset({"subdural"}), "csv")
-    assert ":green[hemorrhage: yes / yes ✓]" in lines and ":green[subdural: yes / yes ✓]" in lines
-    assert ":red[intraparenchymal: yes / no ✗]" in lines and "(label CSV)" in lines
-    assert ":gray[actual: not assessed by the read]" in findings_markdown(
-        frozenset({"subdural"}), None, unknown="not assessed by the read"
-    )
-
-
 def test_a_link_with_a_study_opens_it_in_the_viewer(data_dir):
     start()  # seeds the demo worklist
     wanted = int(Worklist(data_dir).studies()["id"].iloc[-1])
@@ -429,3 +404,18 @@ def test_worklist_shows_failed_exams_and_the_viewer_each_series_of_an_exam(data_
     assert args["n"] == 3 and args["notes"] == ["not scored"] * 3 and args["heatmap"] is None
     assert "Not scored by the model: bone kernel (H70h)" in shown(at)
     assert "Slice " in texts(at)  # the scored series' numbers stay beside it
+
+
+def test_open_opens_the_clicked_study_after_the_worklist_was_re_sorted(data_dir):
+    """Issue 23: the click named a row position, applied to a list queried again; an arrival in between
+    opened another patient's study."""
+    at = start()
+    wl = Worklist(data_dir)
+    shown = at.dataframe[0].value
+    first_id = int(shown["Open"].iloc[0].removeprefix("Open "))
+    assert shown["Study"].iloc[0] == wl.study(first_id).label
+    arrived, _ = add(wl, 0.99)  # a flagged arrival sorts first from the next run on
+    at.session_state["open-row-None"] = {"row": 0, "label": shown["Open"].iloc[0]}  # the reader's click on row 0
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="study").value == first_id != arrived

@@ -1,0 +1,69 @@
+"""The Upload page: drop an exam's DICOM files or zips, score them onto the worklist."""
+
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+import streamlit as st
+
+from ich import dicom
+from ich.dashboard import navigation
+from ich.dashboard.resources import model, store
+from ich.dashboard.worklist_page import STUDY_COLUMNS
+from ich.labels import read_rsna_csv
+from ich.presentation import studies_table
+from ich.worklist import IngestReport, ingest
+
+
+def page() -> None:
+    st.header("Upload")
+    st.write(
+        "Drop a head-CT exam: its DICOM files, or one or more `.zip` archives. Each exam lands on the worklist, "
+        "scored on one series (axial, soft tissue, not a scout or a reformat); files that cannot be read are "
+        "listed with the reason."
+    )
+    run = st.session_state.setdefault("upload_run", 0)
+    files = st.file_uploader(
+        "DICOM files (.dcm or no extension) or .zip archives", accept_multiple_files=True, key=f"files-{run}"
+    )
+    csv = st.file_uploader(
+        "Labels (optional): RSNA-format CSV, `ID,Label` with ID = `<SOPInstanceUID>_<class>`",
+        type=["csv"],
+        key=f"labels-{run}",
+    )
+    pred = model()
+    clicked = st.button("Score and add to worklist", type="primary", disabled=not files or pred is None)
+    if clicked and pred is not None:  # a disabled button is never clicked
+        labels, csv_problem = None, None
+        if csv is not None:
+            try:
+                labels = read_rsna_csv(io.StringIO(csv.getvalue().decode("utf-8-sig")))
+            except (ValueError, UnicodeDecodeError) as exc:
+                csv_problem = dicom.Problem(csv.name, f"not an RSNA label CSV, so no labels were used: {exc}")
+        bar = st.progress(0.0, "Reading files…")
+        uploads = [dicom.Upload(f.name, f.getvalue()) for f in files]
+        report = ingest(store(), pred, uploads, labels, progress=lambda f, text: bar.progress(f, text))
+        if csv_problem:
+            report.problems.append(csv_problem)
+        bar.empty()
+        st.session_state["upload_report"] = report
+        st.session_state["upload_run"] = run + 1  # fresh, empty uploaders: the files are on the worklist now
+        st.rerun()
+    shown: IngestReport | None = st.session_state.get("upload_report")
+    if shown is not None:
+        if shown.added:
+            n = len(shown.added)
+            st.success(f"{n} exam{'' if n == 1 else 's'} added to the worklist in {shown.seconds:.1f} s.")
+            studies = store().studies()
+            st.dataframe(
+                studies_table(studies[studies["id"].isin(shown.added)]), hide_index=True, column_config=STUDY_COLUMNS
+            )
+            st.page_link(navigation.pages()["worklist"], label="Open the worklist", icon=":material/list_alt:")
+        else:
+            st.warning("No usable CT exam was found in the upload.")
+        if shown.problems:
+            st.warning(f"{len(shown.problems)} file(s) or exam(s) could not be used; the rest were added.")
+            st.dataframe(
+                pd.DataFrame([(p.path, p.reason) for p in shown.problems], columns=["file", "reason"]), hide_index=True
+            )

@@ -1,0 +1,427 @@
+"""The Viewer page: one exam's slices in the browser viewer, the model's numbers beside them, the read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from ich import explain, review, scope
+from ich.dashboard.resources import heatmap_file, model, pred_metadata, store, viewer_volume, volume
+from ich.dashboard.session import audit, user
+from ich.dashboard.worklist_page import PERCENT_BAR
+from ich.exam import SeriesChoice
+from ich.inference import STUDY_AGGREGATION, default_weights
+from ich.labels import CLASSES, NOT_NAMED, SUBTYPES
+from ich.presentation import (
+    SOURCE_NAMES,
+    exam_series_table,
+    findings_markdown,
+    local_time,
+    pct,
+    png_data_uri,
+    probability_figure,
+    slice_findings,
+    slice_note,
+)
+from ich.viewer.component import data_id, download_button, slice_viewer
+from ich.windowing import PRESETS, Window
+from ich.worklist import STATUS_NEW, StudyRecord, Worklist, data_dir
+
+VIEW_WINDOWS = ("brain", "subdural", "bone", "stroke")
+GALLERY = 6
+
+
+def window_ui() -> Window:
+    name = st.segmented_control(
+        "Window", (*VIEW_WINDOWS, "custom"), default="brain", required=True, key="window", persist_state="session"
+    )
+    if name != "custom":
+        return PRESETS[name]
+    level_col, width_col = st.columns(2)
+    level = level_col.number_input("Level (HU)", -1000, 3000, 40, step=10, key="level", persist_state="session")
+    width = width_col.number_input("Width (HU)", 1, 4000, 80, step=10, key="width", persist_state="session")
+    return Window("custom", float(level), float(width))
+
+
+def heatmap_ui(classes: tuple[str, ...], enabled: bool) -> str | None:
+    """The class to explain, or ``None`` when the overlay is off."""
+    on_col, target_col = st.columns([1, 1])
+    on = on_col.toggle(
+        "Heatmap (Grad-CAM)",
+        key="heatmap",
+        disabled=not enabled,
+        persist_state="session",
+        help="Where the model looked for the chosen class; it is not a segmentation of the bleed.",
+    )
+    target = target_col.selectbox(
+        "for", classes, key="heatmap_target", disabled=not on, label_visibility="collapsed", persist_state="session"
+    )
+    return target if on else None
+
+
+def series_ui(info: StudyRecord, kept: Mapping[str, int]) -> SeriesChoice:
+    """The series the viewer shows: the scored one (the default), or another one of the exam kept for it."""
+    choices = [c for c in info.exam_series if c.scored or c.series_uid in kept]
+    if not choices or not choices[0].scored:  # a study stored before exams were kept (schema < 5)
+        return SeriesChoice(info.series_uid, None, "", info.n_slices, None, "", "axial", True, "")
+
+    def name(c: SeriesChoice) -> str:
+        number = f"Series {c.number}" if c.number is not None else "Series"
+        what = " · ".join(v for v in (c.description, c.plane, f"{c.n_slices} slices") if v)
+        return f"{number} · {what}" + (" — scored" if c.scored else " — not scored")
+
+    return st.selectbox(
+        "Series", choices, format_func=name, key=f"series-{info.id}", disabled=len(choices) < 2,
+        help="The model scored one series of the exam; the others are here to look at, without probabilities.",
+    )  # fmt: skip
+
+
+def read_ui(
+    study_id: int, n_slices: int, previous: review.Read | None, current: int
+) -> tuple[bool, list[str], list[int], bool] | None:
+    """The radiologist's read form; ``(hemorrhage, subtypes, 0-based key slices, others clear)`` when saved."""
+    marks_key, subtypes_key, rejected_key = f"marks-{study_id}", f"sub-{study_id}", f"read-rejected-{study_id}"
+    if rejected_key in st.session_state:  # the last save was refused: its choices are cleared, not kept for the next
+        st.session_state[subtypes_key], st.session_state[marks_key] = [], []
+        st.error(st.session_state.pop(rejected_key))
+    if marks_key not in st.session_state:
+        st.session_state[marks_key] = [i + 1 for i in previous.slice_marks] if previous else []
+    if subtypes_key not in st.session_state:
+        st.session_state[subtypes_key] = list(previous.subtypes) if previous else []
+
+    def mark_current() -> None:
+        st.session_state[marks_key] = sorted(set(st.session_state[marks_key]) | {current + 1})
+
+    st.button(f"Mark slice {current + 1} as showing hemorrhage", on_click=mark_current, key=f"mark-{study_id}")
+    with st.form(f"read-{study_id}", border=True):
+        answer = st.radio(
+            "Hemorrhage",
+            ("yes", "no"),
+            horizontal=True,
+            key=f"hem-{study_id}",
+            index=None if previous is None else (0 if previous.hemorrhage else 1),
+        )
+        subtypes = st.multiselect("Subtypes", SUBTYPES, key=subtypes_key)
+        marks = st.multiselect(
+            "Key slices: where you see hemorrhage (optional; slices not marked count as not assessed)",
+            range(1, n_slices + 1),
+            key=marks_key,
+        )
+        others_clear = st.checkbox(
+            "All other slices are clear",
+            value=bool(previous and previous.others_clear),
+            key=f"others-clear-{study_id}",
+            help="Only with key slices: then every slice not marked counts as no hemorrhage.",
+        )
+        saved = st.form_submit_button("Save read", type="primary")
+    if not saved:
+        return None
+    if answer is None:
+        st.error("Choose yes or no before saving.")
+        return None
+    if answer == "no" and (subtypes or marks):
+        st.session_state[rejected_key] = (
+            "A read of no hemorrhage cannot name subtypes or mark slices: nothing was saved, and they were cleared."
+        )
+        st.rerun()
+    if others_clear and not marks:
+        st.error("'All other slices are clear' needs key slices: mark where you see hemorrhage.")
+        return None
+    return answer == "yes", subtypes, [m - 1 for m in marks], others_clear and answer == "yes"
+
+
+def study_picker_ui(studies: pd.DataFrame) -> int:
+    """The study selector (worklist order) and a "next unread" button; returns the study id."""
+    ids = [int(i) for i in studies["id"]]
+    if st.session_state.get("study") not in ids:
+        st.session_state["study"] = ids[0]
+    unread = [i for i, status in zip(ids, studies["status"]) if status == STATUS_NEW]
+
+    def next_unread() -> None:
+        later = [i for i in unread if ids.index(i) > ids.index(st.session_state["study"])]
+        st.session_state["study"] = (later or unread)[0]
+
+    pick_col, next_col = st.columns([4, 1], vertical_alignment="bottom")
+    labels = {  # what a reader picks by: the likelihood, the flag and whether it is read yet
+        int(r.id): f"{r.label} — likelihood {pct(r.score)}{' · flagged' if r.flagged else ''} · {r.status}"
+        for r in studies.itertuples()
+    }
+    study_id = pick_col.selectbox(
+        "Study (worklist order)", ids, format_func=labels.__getitem__, key="study", persist_state="session"
+    )
+    next_col.button(
+        "Next unread", icon=":material/skip_next:", on_click=next_unread, disabled=not unread, width="stretch"
+    )
+    return study_id
+
+
+def gallery_ui(
+    slices: pd.DataFrame,
+    vol: np.ndarray,
+    window: Window,
+    thresholds: Mapping[str, float],
+    jump: Callable[[int], None],
+    unknown: str = "not labelled",
+) -> None:
+    """The most suspicious slices with predicted/actual lines; "Show" calls ``jump(1-based slice)``."""
+    probs = slices["p_any"].to_numpy(float)
+    for col, i in zip(st.columns(GALLERY), np.argsort(-np.nan_to_num(probs, nan=-1.0), kind="stable")[:GALLERY]):
+        with col:
+            st.image(png_data_uri(explain.render(vol[i], window)[::2, ::2]), width="stretch")
+            st.markdown(
+                f"**Slice {i + 1}** · any {pct(probs[i])}  \n"
+                + findings_markdown(*slice_findings(slices.iloc[i], thresholds), unknown=unknown)
+            )
+            st.button("Show", key=f"go-{i}", icon=":material/visibility:", on_click=jump, args=(int(i) + 1,))
+
+
+def page() -> None:
+    wl = store()
+    studies = wl.studies()
+    if studies.empty:
+        st.info("No studies yet. Add a series on the Upload page.")
+        return
+    study_id = study_picker_ui(studies)
+    st.query_params["study"] = str(study_id)  # the address is a link to this study
+    if st.session_state.get("opened") != study_id:  # audit each study a reader opens, once per switch
+        st.session_state["opened"] = study_id
+        audit("open", study_id)
+    if "flash" in st.session_state:
+        st.success(st.session_state.pop("flash"), icon=":material/check_circle:")
+    info, slices = wl.study(study_id), wl.slices(study_id)
+    directory, version, n, thresholds = str(data_dir()), info.received, info.n_slices, info.thresholds
+    try:
+        vol = volume(directory, study_id, version)
+    except (OSError, ValueError, KeyError) as exc:  # a damaged volume file spoils this study only
+        st.error(f"The images of {info.label} cannot be read ({type(exc).__name__}: {exc}). Upload the series again.")
+        return
+    probs = slices[[f"p_{c}" for c in CLASSES]].to_numpy(float)
+    thickness = studies.set_index("id")["thickness"].get(study_id)
+    thickness = None if thickness is None or pd.isna(thickness) else float(thickness)
+    unassessed = "not assessed by the read" if info.read else "not labelled"  # a slice the read says nothing of
+
+    slice_key, nonce_key, seen_key = f"slice-{study_id}", f"goto-{study_id}", f"viewer-seq-{study_id}"
+    if slice_key not in st.session_state:  # open at the most suspicious slice
+        st.session_state[slice_key] = int(np.argmax(np.nan_to_num(slices["p_any"].to_numpy(float), nan=-1.0))) + 1
+
+    def jump(to: int) -> None:
+        """Move the viewer to slice ``to`` (1-based): a new nonce tells the browser it is a request."""
+        st.session_state[slice_key] = to
+        st.session_state[nonce_key] = st.session_state.get(nonce_key, 0) + 1
+
+    def jump_to_clicked() -> None:
+        points = st.session_state[f"curve-{study_id}"].selection.points
+        if points:
+            jump(round(points[0]["x"]))
+
+    pred = model()
+    image_col, side_col = st.columns([3, 2], gap="medium")
+    with side_col:  # filled top-down: the slice's numbers first, controls and the study's summary below
+        slice_panel, controls, summary = st.container(), st.container(), st.container()
+    with controls:
+        shown_series = series_ui(info, wl.other_series(study_id))
+        scored = shown_series.series_uid == info.series_uid
+        window = window_ui()
+        target = heatmap_ui(pred.model_classes if pred else ("any",), enabled=pred is not None and scored)
+    with image_col:
+        shown = None
+        if not scored:  # another series of the exam: its images only, the numbers stay the scored series'
+            other_series_ui(directory, study_id, version, shown_series, window)
+        else:
+            volume_id, volume_bytes, normal, locations, known = viewer_volume(directory, study_id, version)
+            weights = str(default_weights())
+            shown = slice_viewer(
+                volume_id,
+                volume_bytes,
+                n,
+                normal=normal,
+                locations=locations,
+                positions_known=known,
+                goto=st.session_state[slice_key],
+                goto_nonce=st.session_state.get(nonce_key, 0),
+                window=(window.name, window.level, window.width),
+                presets={name: (PRESETS[name].level, PRESETS[name].width) for name in VIEW_WINDOWS},
+                slice_notes=[slice_note(row, thresholds) for _, row in slices.iterrows()],
+                thickness=thickness,
+                heatmap_id=data_id(f"heatmap:{directory}:{study_id}:{version}:{target}:{weights}") if target else None,
+                heatmap=(lambda: heatmap_file(directory, study_id, version, target, weights)) if target else None,
+                heatmap_label=target or "",
+                key=f"viewer-{study_id}",
+            )
+    if shown and shown.get("seq") != st.session_state.get(seen_key):  # the reader settled on a slice
+        st.session_state[seen_key] = shown["seq"]
+        st.session_state[slice_key] = int(np.clip(shown["slice"], 1, n))
+    index = st.session_state[slice_key] - 1
+    row = slices.iloc[index]
+    with summary:
+        study_summary_ui(info, slices, thresholds)
+    with slice_panel:
+        st.markdown(
+            f"**Slice {index + 1} / {n}** — "
+            + findings_markdown(*slice_findings(row, thresholds), row["truth"], unassessed)
+        )
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "class": CLASSES,
+                    "probability": probs[index] * 100,
+                    # Blank where the checkpoint does not name the class (ich.labels.NOT_NAMED).
+                    "threshold": [
+                        t * 100 if t < NOT_NAMED else None
+                        for t in (thresholds.get(c, review.DEFAULT_THRESHOLD) for c in CLASSES)
+                    ],
+                }
+            ),
+            hide_index=True,
+            column_config={
+                "probability": PERCENT_BAR,
+                "threshold": st.column_config.NumberColumn(
+                    format="%.1f%%", help="Called at or above this. Blank: this model does not name the class."
+                ),
+            },
+        )
+        st.plotly_chart(
+            probability_figure(slices, index, thresholds),
+            key=f"curve-{study_id}",
+            on_select=jump_to_clicked,
+            selection_mode="points",
+            config={"displayModeBar": False},
+        )
+
+    st.subheader("Most suspicious slices")
+    gallery_ui(slices, vol, window, thresholds, jump, unassessed)
+
+    st.subheader("Your read")
+    if info.read:
+        st.caption(f"Last read {local_time(info.read.created)}: {review.describe(info.read.findings)}")
+    saved = read_ui(study_id, n, info.read, index)
+    if saved is not None:
+        read = wl.save_review(study_id, *saved)
+        audit("read", study_id)
+        st.session_state["flash"] = f"Read saved for {info.label}: {review.describe(read.findings)}"
+        st.rerun()  # redraw the header and lines with the read as the actual
+    uids = st.checkbox(
+        "Include SOPInstanceUIDs", key="slice_uids", help="Off by default: UIDs can identify a patient's exam."
+    )
+    if download_button(
+        "Download slice scores (CSV)", wl.slices_csv(study_id, uids=uids).encode(),
+        f"ich-study-{study_id}-slices.csv", "text/csv", key=f"export-slices-{study_id}",
+    ):  # fmt: skip
+        audit("export", study_id)
+    results_ui(wl, study_id)
+    if user().is_admin:
+        delete_ui(wl, study_id, info.label)
+
+
+def study_summary_ui(info: StudyRecord, slices: pd.DataFrame, thresholds: Mapping[str, float]) -> None:
+    """The study's score, its predicted-vs-actual line, scope warnings and what the numbers mean."""
+    probs, truth = (
+        slices[[f"p_{c}" for c in CLASSES]].to_numpy(float),
+        slices[[f"y_{c}" for c in CLASSES]].to_numpy(float),
+    )
+    flag = f":red[**flagged**] · most likely subtype **{info.top_subtype or '—'}**" if info.flagged else "not flagged"
+    updated = f" · :orange[updated {info.updated[:16].replace('T', ' ')}]" if info.updated else ""
+    st.markdown(
+        f"Likelihood **{pct(info.score)}** · {flag} · status **{info.status}** · "
+        f"{SOURCE_NAMES[info.source]} · scored by {info.model or 'an unnamed model'}{updated}"
+    )
+    if len(info.exam_series) > 1:
+        with st.expander(f"Series in this exam: {len(info.exam_series)}, one scored", icon=":material/stacks:"):
+            st.dataframe(exam_series_table(info), hide_index=True)
+    study_source = "review" if info.read else next(iter(slices["truth"].dropna()), None)
+    st.markdown(
+        "**Study** — "
+        + findings_markdown(
+            review.study_predicted(probs, info.flagged, thresholds),
+            review.study_actual(truth, info.read),
+            study_source,
+        )
+    )
+    for note in info.notes:
+        if note.startswith(scope.NOTE_PREFIX):  # the score may not mean here what it meant on validation
+            st.warning(note, icon=":material/report:")
+        else:
+            st.caption(f":material/warning: Series note: {note}")
+    with st.expander("What these numbers mean", icon=":material/info:"):
+        st.markdown(scope.score_meaning(pred_metadata()))
+        lines = scope.validation_lines(pred_metadata())
+        if lines:
+            st.markdown(
+                "Out-of-fold results of this model on RSNA slices it did not train on (95 % intervals):\n"
+                + "\n".join(lines)
+                + "\n\nReal DICOM series it never saw, failure modes and limits: `weights/MODEL_CARD.md`. "
+                "**Not a medical device.**"
+            )
+
+
+def other_series_ui(directory: str, study_id: int, version: str, series: SeriesChoice, window: Window) -> None:
+    """An unscored series of the exam in the slice viewer: its images, no probabilities, no heatmap."""
+    st.info(
+        f"Not scored by the model: {series.reason}. The probabilities, the heatmap and your read are for the "
+        "scored series (choose it under Series).",
+        icon=":material/info:",
+    )
+    volume_id, volume_bytes, normal, locations, known = viewer_volume(directory, study_id, version, series.series_uid)
+    n = len(locations)
+    slice_viewer(
+        volume_id,
+        volume_bytes,
+        n,
+        normal=normal,
+        locations=locations,
+        positions_known=known,
+        goto=(n + 1) // 2,
+        goto_nonce=0,
+        window=(window.name, window.level, window.width),
+        presets={name: (PRESETS[name].level, PRESETS[name].width) for name in VIEW_WINDOWS},
+        slice_notes=["not scored"] * n,
+        thickness=series.thickness,
+        key=f"viewer-{study_id}-{series.series_uid}",
+    )
+
+
+def delete_ui(wl: Worklist, study_id: int, label: str) -> None:
+    """Admins only: remove a study (with a confirmation), e.g. a demo or a wrong upload."""
+    with st.expander(f"Delete {label}", icon=":material/delete:"):
+        sure = st.checkbox("Yes, delete this study, its slices and its reads", key=f"delete-sure-{study_id}")
+        if st.button("Delete", disabled=not sure, key=f"delete-{study_id}"):
+            wl.delete_study(study_id)
+            audit("delete", study_id)
+            st.session_state.pop("study", None)
+            st.session_state["flash"] = f"{label} deleted."
+            st.rerun()
+
+
+def results_ui(wl: Worklist, study_id: int) -> None:
+    """The study's DICOM results (SR + key image, :func:`ich.results.study_results_zip`) for the reader's PACS.
+
+    Built only when asked for (a SR and a Grad-CAM key image take a few seconds), then offered from the
+    page itself (:func:`ich.viewer.component.download_button`); audited like the CSV exports.
+    """
+    from ich import results  # highdicom, loaded once a study is shown rather than at every start
+
+    if wl.header(study_id) is None:
+        st.caption(f":material/info: {results.NO_HEADER}.")
+        return
+    pred = model()
+    cam = (lambda hu: explain.grad_cam(pred, hu, "any")) if pred and "any" in pred.model_classes else None
+    aggregation = pred.aggregation if pred else STUDY_AGGREGATION
+    built = f"results-{study_id}-{wl.study(study_id).received}"  # a re-score needs new results
+    if built not in st.session_state:
+        if st.button("Prepare results for PACS (DICOM SR + key image)", icon=":material/download:"):
+            with st.spinner("Building the structured report and the key image…"):
+                st.session_state[built] = results.study_results_zip(wl, study_id, cam, aggregation)
+            st.rerun()
+    elif download_button(
+        "Download results for PACS (.zip)", st.session_state[built], f"ich-study-{study_id}-results.zip",
+        "application/zip", key=f"export-results-{study_id}",
+    ):  # fmt: skip
+        audit("export", study_id)
+    st.caption(
+        "Two DICOM files for the scanned study, as new series: a structured report and a key image. "
+        "**They carry the patient's identifiers from the original headers** (name, ID, birth date, "
+        "accession), so PACS files them with the scan. Not for diagnostic use."
+    )

@@ -1,0 +1,160 @@
+"""The Worklist page: exams by hemorrhage likelihood, unread first; arrivals, intake problems, the demo."""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+
+import ich.worklist
+from ich import review
+from ich.dashboard import navigation
+from ich.dashboard.resources import model, store
+from ich.dashboard.session import audit, identifiers_shown, user
+from ich.inference import STUDY_AGGREGATION, Predictor
+from ich.listener import Inbox
+from ich.presentation import OPEN_PREFIX, pct, studies_table
+from ich.viewer.component import download_button
+from ich.worklist import INTAKE_FAILED, STATUSES, Worklist, data_dir
+
+ARRIVALS_POLL_SECONDS = 10  # how often an open page checks for flagged studies from the listener or other readers
+PERCENT_BAR = st.column_config.ProgressColumn(format="%.0f%%", min_value=0, max_value=100)
+STUDY_COLUMNS = {
+    "Exam": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm", help="Study date and time from the scanner"),
+    "Received": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm", help="When it reached this worklist"),
+    "Thickness": st.column_config.NumberColumn(format="%.1f mm"),
+    "Likelihood": PERCENT_BAR,
+}
+
+
+def filter_ui() -> str | None:
+    choice = st.segmented_control(
+        "Show", ("all", *STATUSES), default="all", required=True, key="status_filter", persist_state="session"
+    )
+    return None if choice == "all" else choice
+
+
+def page() -> None:
+    title_col, upload_col = st.columns([4, 1], vertical_alignment="bottom")
+    title_col.header("Worklist")
+    if upload_col.button("Upload studies", icon=":material/upload:", width="stretch"):
+        navigation.go("upload")
+    wl = store()
+    intake_ui(wl)
+    status = filter_ui()
+    studies = wl.studies(status)
+    if studies.empty:
+        st.info("No studies yet: upload a series." if status is None else "No studies with this status.")
+        return
+    thresholds = wl.study(int(studies["id"].iloc[0])).thresholds
+    st.caption(
+        f"Unread studies first, each group by likelihood of hemorrhage, highest first. Likelihood = {pred.aggregation if (pred := model()) else STUDY_AGGREGATION}; "
+        f"flagged at ≥ {thresholds.get('any', review.DEFAULT_THRESHOLD):.0%}. "
+        "Open a study with its row's button, or select a row and open it below."
+        + (" Demo studies are synthetic phantoms with known labels." if studies["demo"].any() else "")
+    )
+    table = studies_table(studies)
+    if identifiers_shown(wl):
+        ids = wl.identifiers().set_index("id").reindex(studies["id"])
+        table.insert(1, "Patient ID", ids["patient_id"].fillna("—").to_numpy())
+        table.insert(2, "Accession", ids["accession"].fillna("—").to_numpy())
+    # Each row's button names its study: a click opens that study even if the list was re-sorted since
+    # it was drawn (an arrival, another reader's read); a row position would open whichever sits there now.
+    table.insert(0, "Open", [f"{OPEN_PREFIX}{i}" for i in studies["id"]])
+    open_key = f"open-row-{status}"
+    drawn_key = f"drawn-{status}"  # the ids in the order the reader saw them, for the selection below
+    event = st.dataframe(
+        table,
+        hide_index=True,
+        on_select="rerun",
+        selection_mode="single-row",
+        key=f"table-{status}",
+        selection_default={"selection": {"rows": [0]}},
+        column_config={
+            **STUDY_COLUMNS,
+            "Open": st.column_config.ButtonColumn("", type="tertiary", key=open_key, help="Open in the viewer"),
+        },
+    )
+    clicked = st.session_state.get(open_key)  # set only in the rerun a row's Open button caused
+    seen = st.session_state.get(drawn_key) or studies["id"].tolist()
+    st.session_state[drawn_key] = studies["id"].tolist()
+    row = (event.selection.rows or [0])[0]
+    chosen_id = int(clicked["label"].removeprefix(OPEN_PREFIX)) if clicked else seen[min(row, len(seen) - 1)]
+    try:
+        chosen = wl.study(chosen_id)
+    except KeyError:  # deleted since it was drawn
+        st.warning("That study is no longer on the worklist.", icon=":material/warning:")
+        return
+    open_col, export_col, uid_col = st.columns([2, 1, 1], vertical_alignment="center")
+    if clicked or open_col.button(f"Open {chosen.label} in the viewer", type="primary", icon=":material/radiology:"):
+        st.session_state["study"] = chosen.id
+        navigation.go("viewer")
+    uids = uid_col.checkbox(
+        "Include DICOM UIDs", key="export_uids", help="Off by default: UIDs can identify a patient's exam."
+    )
+    with export_col:
+        if download_button(
+            "Download worklist (CSV)", wl.export_csv(uids=uids).encode(), "ich-worklist.csv", "text/csv",
+            key="export-worklist",
+        ):  # fmt: skip
+            audit("export")
+
+
+def intake_ui(wl: Worklist) -> None:
+    """Exams received but not on the worklist: arriving (not scored on part of an exam), or failed with the
+    reason and the next try. Admins may give up on a failed one (its received files are removed)."""
+    pending = wl.intake()
+    if pending.empty:
+        return
+    failed = pending[pending["state"] == INTAKE_FAILED]
+    if len(pending) > len(failed):
+        st.info(
+            f"{len(pending) - len(failed)} exam(s) arriving: scored once the sender is quiet.",
+            icon=":material/downloading:",
+        )
+    if failed.empty:
+        return
+    with st.expander(f":red[{len(failed)} exam(s) received but not on the worklist]", icon=":material/error:"):
+        st.dataframe(
+            failed[["first_seen", "source", "attempts", "next_try", "reason"]].rename(
+                columns={"first_seen": "Received", "source": "How", "attempts": "Attempts", "next_try": "Next try",
+                         "reason": "Why"}
+            ),
+            hide_index=True,
+        )  # fmt: skip
+        if user().is_admin:
+            key = st.selectbox(
+                "Exam", failed["key"], format_func=lambda k: f"received {failed.set_index('key').at[k, 'first_seen']}"
+            )
+            if st.button("Remove this exam and its received files", key="intake-remove"):
+                Inbox(data_dir() / "inbox").discard(key)
+                wl.intake_done(key)
+                audit("remove failed exam")
+                st.rerun()
+
+
+@st.fragment(run_every=ARRIVALS_POLL_SECONDS)
+def arrivals_ui(wl: Worklist) -> None:
+    """A toast for each flagged study that lands while this page is open (DICOM listener, other uploads)."""
+    studies = wl.studies()
+    newest = int(studies["id"].max()) if len(studies) else 0
+    seen = st.session_state.setdefault("seen_study_id", newest)
+    for row in studies[(studies["id"] > seen) & studies["flagged"]].itertuples():
+        st.toast(f"Flagged: {row.label} ({pct(row.score)} likelihood)", icon=":material/priority_high:")
+    st.session_state["seen_study_id"] = max(seen, newest)
+
+
+def seed_demo_ui(wl: Worklist, pred: Predictor | None) -> None:
+    """First start: fill an empty worklist with synthetic demo studies, showing progress.
+
+    Never where real studies already arrived (the listener, an earlier upload), or with ``ICH_DEMO=0``.
+    """
+    if pred is None or wl.get_meta("demo_seeded") is not None or len(wl) or os.environ.get("ICH_DEMO") == "0":
+        return
+    bar = st.progress(0.0, "First start: preparing demo studies…")
+    report = ich.worklist.seed_demo(  # looked up when called: tests make it faster
+        wl, pred, progress=lambda f, text: bar.progress(f, f"First start: preparing demo studies — {text}")
+    )
+    bar.empty()
+    if report is not None and report.problems:
+        st.warning("Some demo studies could not be prepared: " + "; ".join(map(str, report.problems)))

@@ -1,0 +1,112 @@
+"""What the dashboard shows, without Streamlit: probabilities, findings lines, tables, the slice curve, images."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ich.exam import SeriesChoice
+from ich.labels import CLASSES
+from ich.presentation import (
+    exam_series_table,
+    findings_markdown,
+    local_time,
+    pct,
+    png_data_uri,
+    probability_figure,
+    slice_note,
+    studies_table,
+)
+
+
+def test_a_probability_is_never_a_bare_certainty():
+    assert [pct(v) for v in (0.999, 0.991, 0.5, 0.004, None, float("nan"))] == [">99%", ">99%", "50%", "<1%", "—", "—"]
+
+
+def test_local_time_reads_like_a_person_writes_it(monkeypatch):
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        assert local_time("2026-11-27T16:12:50+00:00") == "27 Nov 2026, 17:12"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_findings_lines_colour_each_question():
+    lines = findings_markdown(frozenset({"subdural", "intraparenchymal"}), frozenset({"subdural"}), "csv")
+    assert ":green[hemorrhage: yes / yes ✓]" in lines and ":green[subdural: yes / yes ✓]" in lines
+    assert ":red[intraparenchymal: yes / no ✗]" in lines and "(label CSV)" in lines
+    assert ":gray[actual: not assessed by the read]" in findings_markdown(
+        frozenset({"subdural"}), None, unknown="not assessed by the read"
+    )
+
+
+def slices(p_any: list[float]) -> pd.DataFrame:
+    n = len(p_any)
+    frame = pd.DataFrame({"index": range(n)})
+    for c in CLASSES:
+        frame[f"p_{c}"] = p_any if c == "any" else [0.01] * n
+        frame[f"y_{c}"] = np.nan
+    frame.loc[1, "y_any"] = 1.0
+    return frame
+
+
+def test_the_slice_line_names_what_is_called_and_abbreviates_subtypes():
+    row = slices([0.9, 0.2]).iloc[0].copy()
+    row["p_subdural"] = 0.8
+    thresholds = dict.fromkeys(CLASSES, 0.5)
+    assert slice_note(row, thresholds) == "model: any 90% · called hemorrhage (SDH)"
+    assert slice_note(slices([0.9, 0.2]).iloc[1], thresholds) == "model: any 20% · not called"
+
+
+def test_the_curve_has_a_line_per_class_the_actual_marks_and_the_threshold():
+    figure = probability_figure(slices([0.9, 0.2, 0.1]), 1, {"any": 0.4})
+    names = [t.name for t in figure.data]
+    assert names == [*CLASSES, "actual: hemorrhage"] and list(figure.data[-1].x) == [2]
+    assert any(s.y0 == 0.4 for s in figure.layout.shapes) and any(s.x0 == 2 for s in figure.layout.shapes)
+
+
+def test_the_worklist_table_names_the_subtype_only_where_flagged():
+    studies = pd.DataFrame(
+        {
+            "label": ["Study 1 · 4 slices", "Study 2 · 4 slices"],
+            "study_datetime": [pd.Timestamp("2026-11-27 16:12"), pd.NaT],
+            "description": ["CT head", ""],
+            "received": [pd.Timestamp("2026-11-27 16:20")] * 2,
+            "source": ["dicom", "upload"],
+            "n_slices": [4, 4],
+            "thickness": [5.0, None],
+            "score": [0.9, 0.2],
+            "top_subtype": ["subdural", "epidural"],
+            "flagged": [True, False],
+            "status": ["new", "new"],
+        }
+    )
+    table = studies_table(studies)
+    assert table["Most likely subtype"].tolist() == ["subdural", "—"]
+    assert table["Likelihood"].tolist() == [90.0, 20.0] and table["Flag"].tolist() == ["⚠ above threshold", ""]
+
+
+def test_every_series_of_an_exam_says_whether_it_was_scored_and_why_not():
+    info = type("Info", (), {})()
+    info.exam_series = (
+        SeriesChoice("1", 2, "Head soft", 36, 5.0, "H30s", "axial", True, ""),
+        SeriesChoice("2", 3, "", 36, 5.0, "H70h", "axial", False, "bone kernel (H70h)"),
+    )
+    table = exam_series_table(info)
+    assert table["Scored"].tolist() == ["scored", "not scored: bone kernel (H70h)"]
+    assert table["Description"].tolist() == ["Head soft", "—"]
+
+
+def test_an_image_is_shown_from_a_data_uri_that_decodes_to_its_pixels():
+    image = np.arange(48 * 48, dtype=np.uint8).reshape(48, 48)
+    uri = png_data_uri(image)
+    assert uri.startswith("data:image/png;base64,")
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+    np.testing.assert_array_equal(decoded, image)
