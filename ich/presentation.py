@@ -119,15 +119,15 @@ def studies_table(studies: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "Study": studies["label"],
-            "Exam": studies["study_datetime"],
-            "Description": studies["description"],
+            "Exam": studies["study_datetime"].dt.strftime("%Y-%m-%d %H:%M").fillna("—"),  # never "None"
+            "Description": studies["description"].replace("", "—"),
             "Received": studies["received"],
             "Source": studies["source"],
             "Slices": studies["n_slices"],
             "Thickness": studies["thickness"],
             "Likelihood": studies["score"] * 100,
             "Most likely subtype": studies["top_subtype"].where(studies["flagged"]).fillna("—"),
-            "Flag": np.where(studies["flagged"], "⚠ above threshold", ""),
+            "Flag": np.where(studies["flagged"], "⚠ flagged", ""),
             "Status": studies["status"],
         }
     )

@@ -350,17 +350,26 @@ def test_a_signed_out_client_gets_no_study_data_from_any_address_the_signed_in_p
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:
-                page = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 2000}).new_page()
+                page = browser.new_context(accept_downloads=True, viewport={"width": 1440, "height": 900}).new_page()
                 page.on("request", lambda r: requested.append(r.url))  # the page's frames' requests too
                 page.goto(f"{server}/worklist")
                 page.get_by_label("Username").fill("rita")
                 page.get_by_label("Password", exact=True).fill("reader-pass-1")
                 page.get_by_role("button", name="Login").click()
                 expect(page.get_by_role("heading", name="Worklist")).to_be_visible(timeout=60_000)
+                # Issue 23: every worklist column fits a 1440-pixel reading screen (no sideways scrolling).
+                scroller = page.get_by_test_id("stDataFrame").first.locator(".dvn-scroller").first
+                expect(scroller).to_be_attached(timeout=60_000)
+                download = page.frame_locator("iframe[title$='download_button']")
+                expect(download.get_by_role("button", name="Download worklist (CSV)")).to_be_enabled(timeout=60_000)
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=ARTIFACTS / "worklist-1440x900.png")  # the source of docs/worklist-1440x900.png
+                widths = scroller.evaluate("e => [e.scrollWidth, e.clientWidth]")
+                assert widths[0] <= widths[1] + 1, f"the worklist scrolls sideways at 1440x900: {widths}"
                 for label in ("Download worklist (CSV)",):
-                    with page.expect_download(timeout=60_000) as download:
-                        page.frame_locator("iframe[title$='download_button']").get_by_role("button", name=label).click()
-                    downloaded.append(Path(download.value.path()).read_bytes())
+                    with page.expect_download(timeout=60_000) as saved:
+                        download.get_by_role("button", name=label).click()
+                    downloaded.append(Path(saved.value.path()).read_bytes())
                 page.get_by_role("button", name=re.compile(r"^Open .* in the viewer$")).click()
                 frame = page.frame_locator(VIEWER)
                 expect(frame.locator("#hud-slice")).to_contain_text("Slice", timeout=SLOW_MS)
@@ -369,9 +378,9 @@ def test_a_signed_out_client_gets_no_study_data_from_any_address_the_signed_in_p
                 slices = page.frame_locator("iframe[title$='download_button']").get_by_role(
                     "button", name="Download slice scores (CSV)"
                 )
-                with page.expect_download(timeout=60_000) as download:
+                with page.expect_download(timeout=60_000) as saved:
                     slices.click()
-                downloaded.append(Path(download.value.path()).read_bytes())
+                downloaded.append(Path(saved.value.path()).read_bytes())
                 expect(page.get_by_test_id("stStatusWidget")).to_be_hidden(timeout=SLOW_MS)
                 page.wait_for_timeout(1000)
             finally:

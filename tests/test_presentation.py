@@ -90,7 +90,8 @@ def test_the_worklist_table_names_the_subtype_only_where_flagged():
     )
     table = studies_table(studies)
     assert table["Most likely subtype"].tolist() == ["subdural", "—"]
-    assert table["Likelihood"].tolist() == [90.0, 20.0] and table["Flag"].tolist() == ["⚠ above threshold", ""]
+    assert table["Likelihood"].tolist() == [90.0, 20.0] and table["Flag"].tolist() == ["⚠ flagged", ""]
+    assert table["Exam"].tolist() == ["2026-11-27 16:12", "—"] and table["Description"].tolist() == ["CT head", "—"]
 
 
 def test_every_series_of_an_exam_says_whether_it_was_scored_and_why_not():

@@ -19,11 +19,21 @@ from ich.worklist import INTAKE_FAILED, STATUSES, Worklist, data_dir
 
 ARRIVALS_POLL_SECONDS = 10  # how often an open page checks for flagged studies from the listener or other readers
 PERCENT_BAR = st.column_config.ProgressColumn(format="%.0f%%", min_value=0, max_value=100)
+# Widths (px) that fit every column on a 1440-pixel reading screen; a cut description shows whole on hover.
 STUDY_COLUMNS = {
-    "Exam": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm", help="Study date and time from the scanner"),
-    "Received": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm", help="When it reached this worklist"),
-    "Thickness": st.column_config.NumberColumn(format="%.1f mm"),
-    "Likelihood": PERCENT_BAR,
+    "Study": st.column_config.TextColumn(width=135),
+    "Exam": st.column_config.TextColumn(width=120, help="Study date and time from the scanner"),
+    "Description": st.column_config.TextColumn(width=140),
+    "Received": st.column_config.DatetimeColumn(
+        format="YYYY-MM-DD HH:mm", width=120, help="When it reached this worklist"
+    ),
+    "Source": st.column_config.TextColumn(width=65),
+    "Slices": st.column_config.NumberColumn(width=55),
+    "Thickness": st.column_config.NumberColumn(format="%.1f mm", width=80),
+    "Likelihood": st.column_config.ProgressColumn(format="%.0f%%", min_value=0, max_value=100, width=110),
+    "Most likely subtype": st.column_config.TextColumn("Subtype", width=120),
+    "Flag": st.column_config.TextColumn(width=85, help="Likelihood at or above the flag threshold"),
+    "Status": st.column_config.TextColumn(width=140),
 }
 
 
@@ -72,7 +82,9 @@ def page() -> None:
         selection_default={"selection": {"rows": [0]}},
         column_config={
             **STUDY_COLUMNS,
-            "Open": st.column_config.ButtonColumn("", type="tertiary", key=open_key, help="Open in the viewer"),
+            "Open": st.column_config.ButtonColumn(
+                "", type="tertiary", key=open_key, width=75, help="Open in the viewer"
+            ),
         },
     )
     clicked = st.session_state.get(open_key)  # set only in the rerun a row's Open button caused
