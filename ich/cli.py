@@ -74,7 +74,8 @@ def _phantom(args: argparse.Namespace) -> int:
 def _predictor(args: argparse.Namespace):
     from ich.inference import Predictor
 
-    return Predictor.from_checkpoint(args.weights, args.device)
+    # Only `predict` has --engine; the other commands follow $ICH_ENGINE.
+    return Predictor.from_checkpoint(args.weights, args.device, engine_name=getattr(args, "engine", None))
 
 
 def _score(predictor, paths: Sequence, quiet: bool, every_series: bool):
@@ -116,7 +117,8 @@ def _predict(args: argparse.Namespace) -> int:
     result.exams.to_csv(exams, index=False)
     print(
         f"wrote {len(result.frame)} slices x 6 classes to {out} and {len(result.exams)} "
-        f"{'series' if args.every_series else 'exams'} to {exams} ({predictor.name} on {predictor.device})",
+        f"{'series' if args.every_series else 'exams'} to {exams} ({predictor.name} on {predictor.device}, "
+        f"{predictor.engine.name})",
         file=sys.stderr,
     )
     if args.timings:
@@ -138,15 +140,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     labels = evaluate.load_labels(args.data, args.labels)
     predictor = _predictor(args)
-    if evaluate.image_layout(args.data):
-        from ich import datasets
-
-        result = evaluate.predict_images(predictor, datasets.read_source(args.data).manifest, progress=not args.quiet)
-        for p in result.problems:
-            print(f"skipped {p}", file=sys.stderr)
-    else:
-        result = _score(predictor, [args.data], args.quiet, args.every_series)
-    if result is None or result.frame.empty:
+    result = evaluate.score_folder(predictor, args.data, progress=not args.quiet, every_series=args.every_series)
+    for p in result.problems:
+        print(f"skipped {p}", file=sys.stderr)
+    if result.frame.empty:
+        print("no readable slice found", file=sys.stderr)
         return EXIT_NOTHING_USABLE
     report = evaluate.evaluate(result.frame, labels, predictor.thresholds, predictor.top_k)
     report["weights"] = predictor.name
@@ -280,6 +278,15 @@ def _user(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _engine_name(value: str) -> str:
+    from ich.engine import requested  # here, not at the top: ich.engine imports torch
+
+    try:
+        return requested(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights", help="checkpoint (.json or .safetensors); default: $ICH_WEIGHTS or the bundled weights/"
@@ -338,13 +345,20 @@ def get_parser() -> argparse.ArgumentParser:
         default=1,
         help="with --timings: score the input this many times and add the median of the calls after the first (warm_*)",
     )
+    pr.add_argument(
+        "--engine",
+        type=_engine_name,
+        help="auto (ONNX Runtime on the CPU when installed, else torch; torch on CUDA), torch or onnxruntime; "
+        "default $ICH_ENGINE, else auto",
+    )
     _model_options(pr)
     pr.set_defaults(func=_predict)
 
     ev = sub.add_parser("evaluate", help="predict a labelled dataset and report per-class and series metrics")
     ev.add_argument(
         "data",
-        help="labelled folder: RSNA layout (stage_2_train.csv + DICOM), or an image layout (RSNA PNG, PHE-SICH, boxes)",
+        help="labelled folder: RSNA layout (stage_2_train.csv + DICOM), or an image layout (RSNA PNG, with a series.csv "
+        "for series; PHE-SICH; boxes); classes the labels leave out are reported as not labelled",
     )
     ev.add_argument("--labels", help="RSNA-format label CSV, if not in DATA")
     ev.add_argument("--out", default="evaluation", help="folder for report.json, report.md, predictions.csv, exams.csv")

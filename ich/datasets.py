@@ -7,6 +7,11 @@
 | ``phe-sich`` | ``labels.csv`` with ``hemorrhage`` + ``images/*.png`` + ``masks/*.png`` | bleed / intraparenchymal only |
 | ``roboflow-ich`` | ``labels.csv`` with subtype flags + ``images/*.jpg`` + ``labels/*.txt`` YOLO boxes | six per slice |
 
+The RSNA label CSV of either RSNA layout may label only some classes (:func:`read_labels`): the others are
+:data:`UNKNOWN`. A ``series.csv`` beside ``stage_2_train_png/`` (``ID``, ``series`` or ``patient``, ``slice``)
+says which slices form a series: they share a ``patient_id`` and come in slice order; an optional
+``masks/<ID>.png`` beside them is the slice's bleed mask.
+
 A manifest is a DataFrame with one row per image: ``path`` (absolute), ``source``, ``kind``
 (``dicom`` or ``image``), ``image_id``, ``patient_id`` (``None`` where the DICOM header has it),
 ``rotate`` (quarter turns that bring the image to radiological orientation), ``mask`` and one
@@ -30,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from ich.dicom import Problem
-from ich.labels import CLASSES, SUBTYPES, read_rsna_csv
+from ich.labels import CLASSES, SUBTYPES, from_rsna
 from ich.windowing import BRAIN, window_to_hu
 
 __all__ = [
@@ -42,6 +47,7 @@ __all__ = [
     "read_source",
     "load_image",
     "load_hu",
+    "read_labels",
 ]
 
 UNKNOWN = -1
@@ -102,9 +108,33 @@ def _match(root: Path, images: dict[str, Path], labelled: set[str], label_file: 
     return sorted(set(images) & labelled), problems
 
 
+def read_labels(path: str | os.PathLike) -> pd.DataFrame:
+    """Wide labels from an RSNA ``ID,Label`` CSV that may label only some classes, or some images of a class:
+    every (image, class) without a row is :data:`UNKNOWN` (public test sets often give only "any")."""
+    long = pd.read_csv(path, dtype={"ID": str})
+    if "ID" in long:
+        images = long["ID"].str.rsplit("_", n=1).str[0].unique()
+        given = set(long["ID"])
+        missing = [f"{i}_{c}" for i in images for c in CLASSES if f"{i}_{c}" not in given]
+        long = pd.concat([long, pd.DataFrame({"ID": missing, "Label": UNKNOWN})], ignore_index=True)
+    return from_rsna(long)
+
+
+def _series(root: Path) -> dict[str, tuple[str, int]]:
+    """``{image id: (series, slice)}`` from ``root/series.csv`` (empty without one)."""
+    path = root / "series.csv"
+    if not path.is_file():
+        return {}
+    table = pd.read_csv(path, dtype={"ID": str, "series": str, "patient": str})
+    column = "series" if "series" in table else "patient"
+    if not {"ID", column, "slice"} <= set(table.columns):
+        raise ValueError(f"{path}: expected columns ID, series (or patient), slice; got {list(table.columns)}")
+    return {i: (f"{root.name}:{s}", int(k)) for i, s, k in zip(table["ID"], table[column], table["slice"])}
+
+
 def _rsna(root: Path, layout: str) -> Source:
     folder, suffix = ("stage_2_train", ".dcm") if layout == "rsna-dicom" else ("stage_2_train_png", ".png")
-    labels = read_rsna_csv(root / "stage_2_train.csv")
+    labels = read_labels(root / "stage_2_train.csv")
     images = {p.stem: p for p in (root / folder).glob(f"*{suffix}")}
     if not images:
         raise FileNotFoundError(f"no {suffix} files in {root / folder}")
@@ -113,10 +143,16 @@ def _rsna(root: Path, layout: str) -> Source:
         # Unlabelled DICOMs stay as rows (with the problem) so the cache lists every file it saw.
         ids = sorted(images)
         labels = labels.reindex(ids).fillna(0).astype(int)
+    series = {} if layout == "rsna-dicom" else _series(root)
+    problems += [Problem(str(images[i]), "no row in series.csv") for i in ids if series and i not in series]
+    masks = root / "masks"
+    if series:  # each series together, in slice order
+        ids = sorted(ids, key=lambda i: series.get(i, (i, 0)))
     rows = [
         {"path": str(images[i]), "source": layout, "kind": "dicom" if layout == "rsna-dicom" else "image", "image_id": i,
-         # rsna-png slices are a random draw from ~20,000 series: each is its own group (near patient-disjoint).
-         "patient_id": None if layout == "rsna-dicom" else f"{layout}:{i}", "rotate": 0, "mask": None,
+         # rsna-png slices are a random draw from ~20,000 series: without a series.csv each is its own group.
+         "patient_id": None if layout == "rsna-dicom" else series.get(i, (f"{layout}:{i}", 0))[0], "rotate": 0,
+         "mask": str(masks / f"{i}.png") if (masks / f"{i}.png").is_file() else None,
          **{c: int(labels.at[i, c]) for c in CLASSES}}
         for i in ids
     ]  # fmt: skip

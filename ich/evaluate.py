@@ -8,7 +8,9 @@ passes — headers first (grouping and order), then pixels one series at a time 
 or zip never has to fit in memory; uploads are read whole.
 Labelled image folders (:mod:`ich.datasets`: the RSNA PNG, PHE-SICH and box layouts) are scored
 through the same input definition via :func:`predict_images`; their "series" are the patients
-(partial series), and a folder of single slices (``rsna-png``) has none.
+(partial series) or those a ``series.csv`` names (complete ones), and a folder of single slices
+(``rsna-png``) has none. A label file may label only some classes: the others are left out and
+reported as not labelled.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import pandas as pd
 
 from ich import calibration, datasets, dicom, exam, metrics
 from ich.inference import TOP_K, Predictor, aggregation_text, study_score
-from ich.labels import CLASSES, DEFAULT_THRESHOLD, INDEX_NAME, NOT_NAMED, read_rsna_csv
+from ich.labels import CLASSES, DEFAULT_THRESHOLD, INDEX_NAME, NOT_NAMED
 
 __all__ = [
     "EXAM_COLUMNS",
     "Predictions",
     "predict",
     "predict_images",
+    "score_folder",
     "image_layout",
     "submission",
     "evaluate",
@@ -165,18 +168,34 @@ def predict_images(predictor: Predictor, manifest: pd.DataFrame, progress: bool 
             frame = pd.DataFrame(
                 probs, columns=list(CLASSES), index=pd.Index([r.image_id for r in kept], name=INDEX_NAME)
             )
-            frame.insert(0, "slab", 0)
-            frame.insert(0, "slice_index", 0)
             frame.insert(0, "series_uid", [r.patient_id for r in kept])
             frame.insert(0, "study_uid", [r.patient_id for r in kept])
             rows.append(frame)
             bar.update(len(chunk))
     totals["total_s"] = time.perf_counter() - start
-    return Predictions(
-        pd.concat(rows) if rows else pd.DataFrame(columns=["study_uid", "series_uid", "slice_index", "slab", *CLASSES]),
-        problems,
-        totals,
-    )
+    if not rows:
+        return Predictions(
+            pd.DataFrame(columns=["study_uid", "series_uid", "slice_index", "slab", *CLASSES]), problems, totals
+        )
+    frame = pd.concat(rows)
+    # Each image is scored once: its place in its series (manifest order) is its slab too.
+    place = frame.groupby("series_uid", sort=False).cumcount().to_numpy()
+    frame.insert(2, "slice_index", place)
+    frame.insert(3, "slab", place)
+    return Predictions(frame, problems, totals)
+
+
+def score_folder(
+    predictor: Predictor, data: str | os.PathLike, progress: bool = True, every_series: bool = False
+) -> Predictions:
+    """A labelled folder scored as ``ich evaluate`` scores it: an image layout by :func:`predict_images` (its
+    label-file problems first), a DICOM one by :func:`predict`."""
+    if image_layout(data):
+        source = datasets.read_source(data)
+        result = predict_images(predictor, source.manifest, progress)
+        result.problems[:0] = source.problems
+        return result
+    return predict(predictor, [data], progress, every_series)
 
 
 def submission(frame: pd.DataFrame) -> pd.DataFrame:
@@ -206,12 +225,17 @@ def evaluate(
 ) -> dict:
     """Slice-level metrics (AUC with a bootstrap 95 % interval per class) and series-level ones.
 
-    Series are scored as the product scores them (mean of the ``top_k`` highest 'any'
-    probabilities) and flagged at the 'any' threshold. ``series`` is ``None`` where every series
-    has one slice (a folder of single slices). Labels below 0 (unknown) count nowhere.
+    Only classes that are both predicted and labelled on some slice are judged; ``not_labelled`` lists the
+    predicted ones the labels leave out. Series are scored as the product scores them (mean of the
+    ``top_k`` highest 'any' probabilities) and flagged at the 'any' threshold. ``series`` is ``None``
+    where every series has one slice (a folder of single slices) or 'any' is not labelled. Labels below
+    0 (unknown) count nowhere.
     """
-    classes = [c for c in CLASSES if predictions[c].notna().all()]
-    joined = predictions.join(labels[classes], rsuffix="_true", how="inner")
+    predicted = [c for c in CLASSES if predictions[c].notna().all()]
+    classes = [c for c in predicted if c in labels and (labels[c] >= 0).any()]
+    if not classes:
+        raise ValueError(f"the labels give none of the predicted classes ({', '.join(predicted)})")
+    joined = predictions.join(labels[classes].add_suffix("_true"), how="inner")
     if joined.empty:
         raise ValueError("no predicted slice has a label: do the label IDs match the SOPInstanceUIDs?")
     y_true = joined[[f"{c}_true" for c in classes]].to_numpy(dtype=np.float64)
@@ -223,6 +247,7 @@ def evaluate(
         slice_block["per_class"][c]["positives"] = int((y_true[:, i] > 0.5).sum())
     report = {
         "classes": classes,
+        "not_labelled": [c for c in predicted if c not in classes],
         "thresholds": dict(zip(classes, th)),
         "unlabelled_slices": int(len(predictions) - len(joined)),
         "slice": slice_block,
@@ -230,6 +255,8 @@ def evaluate(
         "series_scores": [],
         "reliability": {c: calibration.reliability(y_true[:, i], y_prob[:, i]) for i, c in enumerate(classes)},
     }
+    if "any" not in classes:
+        return report
     # The score counts what was scored once: a thin series' slab, not each of its slices (as the worklist does).
     per_series = joined.groupby("series_uid").apply(
         lambda g: pd.Series(
@@ -243,11 +270,12 @@ def evaluate(
     )
     if len(per_series) and per_series["slices"].max() > 1:
         # Flagged when score >= threshold, as the worklist flags; summarize counts score > threshold.
-        at = np.nextafter(th[0], -np.inf)
+        threshold = thresholds.get("any", DEFAULT_THRESHOLD)
+        at = np.nextafter(threshold, -np.inf)
         series_block = metrics.summarize(
             per_series[["truth"]].to_numpy(), per_series[["score"]].to_numpy(), ["any"], [at]
         )
-        series_block["per_class"]["any"]["threshold"] = th[0]
+        series_block["per_class"]["any"]["threshold"] = threshold
         report["series"] = series_block | {"aggregation": aggregation_text(top_k), "top_k": top_k}
         report["series_scores"] = per_series.reset_index().to_dict(orient="records")
     return report
@@ -316,11 +344,16 @@ def report_markdown(report: dict, title: str = "Evaluation") -> str:
         f"accuracy (any) {_fmt(s['accuracy'])}, accuracy_multi {_fmt(s['accuracy_multi'])}, "
         f"RSNA weighted log loss {_fmt(s['weighted_log_loss'])}",
         "",
+        f"Classes judged: {', '.join(s['per_class'])}"
+        + (f"; not labelled: {', '.join(report['not_labelled'])}" if report.get("not_labelled") else "")
+        + ".",
+        "",
         *slice_table(s),
     ]
     se = report.get("series")
     if se is None:
-        lines += ["", "Series: none (single slices).", ""]
+        why = "single slices" if "any" in s["per_class"] else "'any' is not labelled"
+        lines += ["", f"Series: none judged ({why}).", ""]
         return "\n".join(lines)
     any_ = se["per_class"]["any"]
     flagged = sum(r["score"] >= any_["threshold"] for r in report["series_scores"])
@@ -337,7 +370,8 @@ def report_markdown(report: dict, title: str = "Evaluation") -> str:
 def load_labels(data: str | os.PathLike, labels: str | os.PathLike | None = None) -> pd.DataFrame:
     """Wide labels from ``labels``, else from the label CSV that :func:`find_labels` finds in ``data``.
 
-    An image layout's labels come from its manifest (:func:`ich.datasets.read_source`).
+    An image layout's labels come from its manifest (:func:`ich.datasets.read_source`). Classes the file
+    does not label are :data:`ich.datasets.UNKNOWN` (:func:`ich.datasets.read_labels`).
     """
     if labels is None and image_layout(data):
         manifest = datasets.read_source(data).manifest
@@ -345,4 +379,4 @@ def load_labels(data: str | os.PathLike, labels: str | os.PathLike | None = None
     path = Path(labels) if labels else find_labels(Path(data))
     if path is None:
         raise FileNotFoundError(f"no label CSV found in {data}: pass --labels (RSNA format ID,Label)")
-    return read_rsna_csv(path)
+    return datasets.read_labels(path)

@@ -1,9 +1,10 @@
 """Slice and study predictions from a checkpoint.
 
 :class:`Predictor` loads a checkpoint once, keeps the model resident on the best device (CUDA in
-bf16 when present, else CPU in fp32) and scores every slice of a series in batches. It is shared
-between threads (Streamlit sessions): the model is never modified after loading and forward passes
-are serialised by :attr:`Predictor.lock`.
+bf16 when present, else CPU in fp32) and scores every slice of a series in batches, through an
+:mod:`ich.engine` (on the CPU ONNX Runtime when installed, else PyTorch; PyTorch on CUDA). It is shared
+between threads (Streamlit sessions, listener workers): the model is never modified after loading and
+PyTorch forward passes are serialised by :attr:`Predictor.lock`.
 
 Study score (the worklist's likelihood) = the mean of the ``k`` highest per-slice ``any``
 probabilities (fewer for a shorter series). ``k`` is the checkpoint's ``study_top_k`` (2 when it
@@ -27,12 +28,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ich import checkpoint, slabs
+from ich import checkpoint, engine, review, slabs
 from ich.calibration import Platt
 from ich.dicom import Series
 from ich.files import default_weights
-from ich.labels import CLASSES, DEFAULT_THRESHOLD, NOT_NAMED
-from ich.models import ModelInput, flip_averaged_logits
+from ich.labels import CLASSES, DEFAULT_THRESHOLD
+from ich.models import ModelInput
 from ich.windowing import Preprocess, Window
 
 __all__ = [
@@ -88,7 +89,14 @@ class StudyPrediction:
 class Predictor:
     """A loaded checkpoint ready to score slices. Build with :meth:`from_checkpoint`."""
 
-    def __init__(self, model: torch.nn.Module, metadata: dict, device: torch.device, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        metadata: dict,
+        device: torch.device,
+        batch_size: int = 32,
+        engine_name: str | None = engine.TORCH,  # from_checkpoint's default is auto: its metadata names the weights
+    ) -> None:
         self.model = model
         self.metadata = metadata
         self.device = device
@@ -122,21 +130,26 @@ class Predictor:
         # channels_last everywhere: cuDNN's and oneDNN's fast layout (on the 2-core CPU, 36 slices with
         # flip: 0.83 -> 0.61 s, same probabilities to 4 decimals).
         self.to_input = ModelInput(device, metadata["mean"], metadata["std"], channels_last=True)
-        # bf16 on GPU: the H100/H200 tensor cores. fp32 on CPU: bf16 is faster only where the CPU has native
-        # bf16 (0.61 -> 0.34 s on this one), and moves probabilities by up to 0.003, so it would differ by machine.
-        self._autocast = device.type == "cuda"
         self.lock = threading.Lock()
+        reference = engine.TorchEngine(model, self.to_input, self.tta_flip, self.lock)
+        self.engine: engine.Engine = engine.build(engine_name, reference, metadata)
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto", batch_size: int = 32
+        cls,
+        path: str | os.PathLike | None = None,
+        device: str | torch.device = "auto",
+        batch_size: int = 32,
+        engine_name: str | None = None,
     ) -> Predictor:
+        """``engine_name``: an :data:`ich.engine.ENGINES` name; ``None``: ``$ICH_ENGINE``, else ``auto``."""
+        engine.requested(engine_name)  # a wrong name fails before the model loads
         dev = resolve_device(device)
         model, metadata = checkpoint.load_model(path or default_weights(), dev)
         model = model.to(memory_format=torch.channels_last)
         for p in model.parameters():
             p.requires_grad_(False)
-        predictor = cls(model, metadata, dev, batch_size)
+        predictor = cls(model, metadata, dev, batch_size, engine_name)
         if dev.type == "cuda":
             predictor.warm_up()
         return predictor
@@ -155,15 +168,14 @@ class Predictor:
     def aggregation(self) -> str:
         return aggregation_text(self.top_k)
 
+    @property
+    def threads(self) -> int:
+        """CPU threads one batch keeps busy (the listener runs ``cores // threads`` exams at once)."""
+        return self.engine.threads
+
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """(Calibrated) probabilities ``(B, len(model_classes))`` for preprocessed uint8 slices."""
-        with (
-            self.lock,
-            torch.inference_mode(),
-            torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast),
-        ):
-            logits = flip_averaged_logits(self.model, self.to_input(batch), self.tta_flip)
-        raw = logits.cpu().numpy().astype(np.float64)
+        raw = self.engine.logits(batch).astype(np.float64)
         if self.calibration is not None:
             return self.calibration.apply_logits(raw).astype(np.float32)
         return (1 / (1 + np.exp(-raw))).astype(np.float32)
@@ -199,14 +211,14 @@ class Predictor:
         if slab_of_slice is not None:
             any_col = any_col[np.unique(slab_of_slice, return_index=True)[1]]
         score = study_score(any_col, self.top_k)
-        # The most likely subtype the checkpoint names: one it does not name (NOT_NAMED) is never the headline.
-        subtypes = [
-            c for c in self.model_classes if c != "any" and self.thresholds.get(c, DEFAULT_THRESHOLD) < NOT_NAMED
-        ]
-        top = None
-        if subtypes and len(probs):
-            peaks = {c: float(np.nanmax(probs[:, CLASSES.index(c)])) for c in subtypes}
-            top = max(peaks, key=lambda c: peaks[c])
+        # The headline subtype is one the viewer names on some slice (review.calls: at its threshold, on a slice
+        # called bleeding), the one with the highest such probability; none where no slice names one, so the
+        # worklist never shows a subtype at a probability the viewer calls too low to name.
+        called = review.calls(probs, self.thresholds)
+        peaks = {
+            c: float(probs[called[:, i], i].max()) for i, c in enumerate(CLASSES) if c != "any" and called[:, i].any()
+        }
+        top = max(peaks, key=lambda c: peaks[c]) if peaks else None
         flagged = bool(score >= self.thresholds.get("any", DEFAULT_THRESHOLD))
         return StudyPrediction(sop_uids, probs, score, top, flagged, dict(timings or {}), slab_of_slice)
 

@@ -16,6 +16,9 @@
   since (a sender pausing mid-exam does not get it scored on part of its slices), through the same :func:`ich.worklist.ingest` as an
   upload: one worklist row per exam, on the series :func:`ich.exam.choose_series` picks (a corrupt
   instance is a problem line, the rest scores). An exam that grows later is scored again and its row updated.
+- Exams are scored side by side by a pool of workers, as many as the cores hold one inference each
+  (:func:`scoring_workers`), so one long exam does not hold the next back; of the exams waiting, the one
+  whose first instance arrived first goes next. One exam is never scored by two workers at once.
 - Nothing received is lost: an exam is marked done (``scored.json`` beside its files) only once it is on
   the worklist. One that fails (a full disk, a model error) stays in the inbox, shows as "failed" with the
   reason and is tried again after 30 s, 1 min, 2 min... (at most hourly); one with no series to score
@@ -51,7 +54,15 @@ from ich.files import atomic_write, private_dir
 from ich.worklist import Worklist, ingest
 from ich.worklist.intake import Scorer
 
-__all__ = ["DEFAULT_AE_TITLE", "DEFAULT_PORT", "SCORED_SOP_CLASSES", "Inbox", "Listener", "SendResults"]
+__all__ = [
+    "DEFAULT_AE_TITLE",
+    "DEFAULT_PORT",
+    "SCORED_SOP_CLASSES",
+    "Inbox",
+    "Listener",
+    "SendResults",
+    "scoring_workers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +75,24 @@ DEFAULT_AE_TITLE = "ICH"
 DEFAULT_QUIET_SECONDS = 10.0
 RETRY_SECONDS = 30.0  # the first retry of a failed exam; each further one waits twice as long
 MAX_RETRY_SECONDS = 3600.0
+MAX_SCORING_WORKERS = 4  # each holds one exam's decoded slices (a thin 238-slice series: ~250 MB as float32)
 SCORED = "scored.json"
 # C-STORE statuses (PS3.4 Annex B.2.3)
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000
 OUT_OF_RESOURCES = 0xA700
+
+
+def scoring_workers(threads_per_exam: int, cores: int) -> int:
+    """Exams scored at once: one per ``threads_per_exam`` cores (an inference's threads), at most
+    :data:`MAX_SCORING_WORKERS`, at least one."""
+    return max(1, min(MAX_SCORING_WORKERS, cores // max(1, threads_per_exam)))
+
+
+def _cores() -> int:
+    from ich.engine import cpu_threads  # here, not at the top: ich.engine imports torch
+
+    return cpu_threads()
 
 
 def _key(*uids: str) -> str:
@@ -173,9 +197,14 @@ class Listener:
         allow: Sequence[str] = (),
         on_scored: Sequence[Callable[[int], object]] = (),
         retry_seconds: float = RETRY_SECONDS,
+        workers: int | None = None,
     ) -> None:
+        """``workers``: exams scored at once; default :func:`scoring_workers` of the predictor's ``threads``
+        (a scorer that does not say is taken to use every core: one worker)."""
         self.worklist, self.predictor, self.inbox = worklist, predictor, inbox
         self.on_scored, self.retry_seconds = on_scored, retry_seconds
+        cores = _cores()
+        self.workers = workers or scoring_workers(getattr(predictor, "threads", cores), cores)
         self.ae = AE(ae_title=ae_title)
         for context in AllStoragePresentationContexts:
             self.ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
@@ -183,12 +212,18 @@ class Listener:
         self.ae.require_calling_aet = list(allow)
         self.ae.require_called_aet = True
         self._associations: dict[int, _Association] = {}
-        self._receiving: set[Path] = set()  # exams shown as "receiving" by this process
+        # Exams shown as "receiving" by this process -> monotonic time of their first instance since scored.
+        self._receiving: dict[Path, float] = {}
         self._retry: dict[Path, float] = {}  # failed exam -> monotonic time of its next attempt
         self._attempts: dict[Path, int] = {}  # failed exam -> attempts failed in this process
+        # The work queue, guarded by _queue_changed: exam due -> its arrival (the oldest goes first), and those
+        # a worker holds (an exam due again meanwhile waits for it).
+        self._waiting: dict[Path, float] = {}
+        self._scoring: set[Path] = set()
+        self._queue_changed = threading.Condition()
         self._stop = threading.Event()
         self._server: ThreadedAssociationServer | None = None
-        self._scorer: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # ---------------------------------------------------------------- association events
 
@@ -266,7 +301,7 @@ class Listener:
             counts.exams.add(exam)
             self.inbox.hold(exam)
         if exam not in self._receiving:  # once per exam: the database is not written per instance
-            self._receiving.add(exam)
+            self._receiving[exam] = time.monotonic()
             try:
                 self.worklist.note_receiving(exam.name, "dicom", uids[0])
             except Exception:  # the instance is on disk; only the "receiving" line is missing
@@ -281,8 +316,9 @@ class Listener:
         Only then is it marked done (and its "receiving" / "failed" line cleared); a failure is kept with
         its reason and retried with backoff, or, for an exam with nothing to score, when more instances come.
         """
-        self._receiving.discard(folder)
-        self._retry.pop(folder, None)
+        self._receiving.pop(folder, None)
+        with self._queue_changed:
+            self._retry.pop(folder, None)
         if not folder.is_dir():  # an admin discarded it
             return False
         files = _files(folder)
@@ -322,7 +358,8 @@ class Listener:
         attempts = self._attempts[folder] = self._attempts.get(folder, 0) + 1
         delay = min(self.retry_seconds * 2 ** (attempts - 1), MAX_RETRY_SECONDS) if retry else None
         if delay is not None:
-            self._retry[folder] = time.monotonic() + delay
+            with self._queue_changed:
+                self._retry[folder] = time.monotonic() + delay
         try:
             next_try = None if delay is None else dt.datetime.now().astimezone() + dt.timedelta(seconds=delay)
             self.worklist.intake_failed(folder.name, reason, next_try)
@@ -331,20 +368,48 @@ class Listener:
         then = "waiting for more instances" if delay is None else f"attempt {attempts} failed, next in {delay:.0f} s"
         log.warning("exam %s: not on the worklist (%s); %s", folder.name, reason, then)
 
-    def _score_loop(self, poll_seconds: float) -> None:
-        for folder in self.inbox.unscored():  # received before a crash or restart, or failed then
-            self._score_safely(folder)
+    def _queue_loop(self, poll_seconds: float) -> None:
+        """Queue exams as they come due: quiet ones, failed ones whose retry time has come."""
+        self._queue(self.inbox.unscored())  # received before a crash or restart, or failed then
         while not self._stop.wait(poll_seconds):
             now = time.monotonic()
-            retries = [f for f, at in self._retry.items() if at <= now]
-            for folder in dict.fromkeys(self.inbox.due(now) + retries):
-                self._score_safely(folder)
+            with self._queue_changed:  # due retries are taken off the retry list, as inbox.due takes quiet exams
+                retries = [f for f, at in self._retry.items() if at <= now]
+                for folder in retries:
+                    del self._retry[folder]
+            self._queue(self.inbox.due(now) + retries)
 
-    def _score_safely(self, folder: Path) -> None:
-        try:
-            self.score(folder)
-        except Exception:  # one exam must not stop the listener; it stays unscored and is retried at restart
-            log.exception("exam %s could not be scored", folder.name)
+    def _queue(self, folders: Sequence[Path]) -> None:
+        """Add exams to the queue; one not seen arriving here (a retry, one found at start) counts from now."""
+        now = time.monotonic()
+        with self._queue_changed:
+            for folder in folders:
+                self._waiting.setdefault(folder, self._receiving.get(folder, now))
+            self._queue_changed.notify_all()
+
+    def _next(self) -> Path | None:
+        """Claim the oldest waiting exam that no worker holds, waiting for one; ``None`` once stopped."""
+        with self._queue_changed:
+            while not self._stop.is_set():
+                free = [f for f in self._waiting if f not in self._scoring]
+                if free:
+                    folder = min(free, key=self._waiting.__getitem__)
+                    del self._waiting[folder]
+                    self._scoring.add(folder)
+                    return folder
+                self._queue_changed.wait()
+        return None
+
+    def _work(self) -> None:
+        while (folder := self._next()) is not None:
+            try:
+                self.score(folder)
+            except Exception:  # one exam must not stop the listener; it stays unscored and is retried at restart
+                log.exception("exam %s could not be scored", folder.name)
+            finally:
+                with self._queue_changed:
+                    self._scoring.discard(folder)
+                    self._queue_changed.notify_all()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -361,17 +426,26 @@ class Listener:
         server = self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
         assert server is not None  # block=False always returns the server
         bound = int(server.server_address[1])
-        self._scorer = threading.Thread(target=self._score_loop, args=(poll_seconds,), name="ich-scorer", daemon=True)
-        self._scorer.start()
-        log.info("listening as AE %r on %s:%d", self.ae.ae_title, host, bound)
+        self._threads = [threading.Thread(target=self._queue_loop, args=(poll_seconds,), name="ich-queue", daemon=True)]
+        self._threads += [
+            threading.Thread(target=self._work, name=f"ich-scorer-{i}", daemon=True) for i in range(self.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+        log.info(
+            "listening as AE %r on %s:%d, scoring up to %d exam(s) at once", self.ae.ae_title, host, bound, self.workers
+        )
         return bound
 
     def stop(self) -> None:
+        """Stop listening; each worker finishes the exam it holds (those waiting are found again at start)."""
         self._stop.set()
+        with self._queue_changed:
+            self._queue_changed.notify_all()
         if self._server is not None:
             self._server.shutdown()
-        if self._scorer is not None:
-            self._scorer.join()
+        for thread in self._threads:
+            thread.join()
 
 
 class SendResults:

@@ -72,6 +72,6 @@ def validation_lines(metadata: dict) -> list[str]:
         unnamed = name != "any" and float(metadata.get("thresholds", {}).get(name, 0.0)) >= NOT_NAMED
         lines.append(
             f"- {name}: AUC {m['auc']:.2f} ({low:.2f}–{high:.2f}), {m.get('positives', '?')} positive slices"
-            + ("; not named by this model (its probability did not tell these bleeds from others)" if unnamed else "")
+            + ("; not named by this model (never the likely subtype at a probability worth naming)" if unnamed else "")
         )
     return lines

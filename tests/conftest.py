@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,11 @@ from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
 from tests.helpers import SHARED_DATA, make_checkpoint
+
+# Tests score with PyTorch, the reference engine: the product's default on a CPU (ONNX Runtime) exports each
+# checkpoint once (seconds, and a graph per test checkpoint on disk). tests/test_engine.py checks ONNX Runtime
+# against it; subprocesses (the CLI, the dashboard) inherit this.
+os.environ.setdefault("ICH_ENGINE", "torch")
 
 
 @pytest.fixture(scope="session")

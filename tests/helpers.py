@@ -168,3 +168,15 @@ def zip_bytes(entries: dict[str, bytes]) -> bytes:
         for name, data in entries.items():
             zf.writestr(name, data)
     return buf.getvalue()
+
+
+def evaluate_image_folder(root: Path, tmp_path: Path) -> Path:
+    """``ich evaluate`` of a labelled image folder with a tiny brain-window checkpoint; the report's folder."""
+    weights = make_checkpoint(tmp_path / "w", windows=[["brain", 40, 80]] * 3, clip=True)
+    out = tmp_path / "report"
+    command = [sys.executable, "-m", "ich", "evaluate", str(root), "--weights", str(weights), "--out", str(out)]
+    proc = subprocess.run(
+        [*command, "--quiet", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out

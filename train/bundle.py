@@ -11,7 +11,9 @@
    ``phe-sich`` and ``roboflow-ich`` always train. Their validation predictions are the
    out-of-fold (OOF) predictions for every ``rsna-png`` slice.
 3. The bundled model: the same recipe on all 5,498 slices.
-4. Calibration (:mod:`ich.calibration`) and the operating point, both from the OOF predictions.
+4. Calibration (:mod:`ich.calibration`) from the OOF predictions; the study rule, flag threshold and
+   subtype thresholds from the real complete series in ``--shared`` (:mod:`train.series_policy`), where
+   it has them, else from the OOF predictions and simulated series.
 5. External checks it never trained on, through the product's own DICOM path: ``rsna-sample``
    (7 series), ``cq500`` (2 scans), ``physionet-ctich`` (26 bleed slices).
 6. ``weights/``: the checkpoint, ``evaluation.json`` and ``MODEL_CARD.md``.
@@ -20,7 +22,8 @@ Each training run is skipped when its checkpoint already exists with the same ar
 interrupted bundle resumes, and the card can be remade without retraining. ``--train-only`` stops
 after the training runs (on a GPU machine, where ``../shared`` and its DICOM checks are absent:
 ``scripts/device_bundle.sh``); ``--checks-only`` reruns steps 5-6 for the checkpoint already in
-``--out``, keeping its cross-validation (after the checks' code changed).
+``--out``, keeping its cross-validation (after the checks' code changed); ``--series-policy`` refits
+step 4's real-series part and reruns 5-6 (needs no out-of-fold predictions).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from ich.labels import CLASSES, INDEX_NAME, NOT_NAMED, SUBTYPES, read_rsna_csv
 from ich.metrics import bootstrap_auc, mcc_thresholds, rsna_weights, summarize, weighted_log_loss, wilson_interval
 from ich.models import build_model
 from ich.windowing import BRAIN_INPUT
-from train import fit, prepare
+from train import fit, prepare, series_policy
 from train.data import Cache
 from train.operating_point import TARGET_SENSITIVITY, choose_series_rule
 
@@ -113,6 +116,7 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
     cv, ext, tr = ev["cross_validation"], ev["external"], ev["training"]
     named = cv["subtypes_named"]
     rule = cv["series_rule"]
+    real = ev.get("real_series")
     windows = ", ".join(f"{n} {lv:g}/{w:g}" for n, lv, w in meta["windows"])
     lines = [
         f"# Model card: {meta['name']}",
@@ -170,15 +174,18 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         "sensitivity rests on a handful of slices.",
         "",
         f"Subtypes as a reader sees them: a subtype is named only on a slice called bleeding. Of the "
-        f"{named['called']} out-of-fold slices called bleeding, "
+        f"{named['called']} out-of-fold slices called bleeding at the thresholds in the table, "
         + "; ".join(
             f"{c} is named on {named[c]['named']} ({named[c]['correct']} carry it; {named[c]['positives_called']} "
             f"{c} slices were called)"
-            if meta["thresholds"][c] < NOT_NAMED
+            if cv["slice"]["per_class"][c]["threshold"] < NOT_NAMED
             else f"{c} is not named ({named[c]['positives_called']} {c} slices were called bleeding)"
             for c in SUBTYPES
         )
-        + ".",
+        + "."
+        + (
+            " These are the out-of-fold thresholds; the checkpoint's are chosen on real series (below)." if real else ""
+        ),
         "",
         f"RSNA weighted log loss: {_f(cv['log_loss_raw'], 4)} raw, {_f(cv['log_loss_calibrated'], 4)} calibrated "
         "(calibration is fitted on these same predictions, so the second figure is optimistic by a little).",
@@ -197,8 +204,14 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         "which real series are not). Simulated series AUC by study score: "
         + ", ".join(f"top-{k} {_f(v)}" for k, v in rule["auc_by_k"].items())
         + f". Chosen: {aggregation_text(rule['top_k'])}, flag at >= {rule['threshold']:.3f} for simulated series "
-        f"sensitivity {_f(rule['sensitivity'])} (target {rule['target_sensitivity']}) at specificity {_f(rule['specificity'])}.",
+        f"sensitivity {_f(rule['sensitivity'])} (target {rule['target_sensitivity']}) at specificity {_f(rule['specificity'])}."
+        + (
+            " On real series this missed its aim; the checkpoint's rule is chosen on them (next section)."
+            if real
+            else ""
+        ),
         "",
+        *(real_series_lines(real) if real else []),
         "## Real DICOM series it never saw",
         "",
     ]
@@ -207,6 +220,15 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         lines += [
             f"### rsna-sample: 7 RSNA 2019 series ({r['slice']['n']} slices), through `ich evaluate`",
             "",
+            *(
+                [
+                    "The flag rule was fitted on these series among others: its cross-validated numbers are under "
+                    '"Real series".',
+                    "",
+                ]
+                if real
+                else []
+            ),
             *evaluate.slice_table(r["slice"]),
             "",
         ]
@@ -270,12 +292,89 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         "- Trained on brain-window images only: nothing outside 0–80 HU reaches the model (no bone window: fractures, "
         "and blood against bone, are seen only as the brain window shows them).",
         "- Trained at low resolution on a CPU for minutes; the RSNA 2019 winners trained on 750k slices at full size.",
-        "- The DICOM checks are 7 RSNA series, 2 CQ500 scans and 26 PhysioNet slices: their intervals are very wide.",
-        "- The operating point comes from simulated series; on real series clear slices with false positives cluster "
-        "(skull base, streaks), so real specificity may be lower.",
+        *(
+            [f"- The flag rule is fitted on the {real['series']} real series it is measured on: the cross-validated "
+             f"numbers are the honest ones, and they rest on {real['cross_validated']['all']['sensitivity']['n']} "
+             "bleeding series (see their intervals).",
+             "- Subtype thresholds are fitted on real slices dominated by one trauma hospital (PhysioNet); another "
+             "population's mix of subtypes may need others."]
+            if real
+            else ["- The DICOM checks are 7 RSNA series, 2 CQ500 scans and 26 PhysioNet slices: their intervals are very wide.",
+                  "- The operating point comes from simulated series; on real series clear slices with false positives "
+                  "cluster (skull base, streaks), so real specificity may be lower."]
+        ),
         "",
-    ]
+    ]  # fmt: skip
     return "\n".join(lines)
+
+
+def _rate_text(r: dict) -> str:
+    low, high = r["ci"]
+    return f"{r['hits']}/{r['n']} = {_f(r['rate'], 2)} ({_f(low, 2)}–{_f(high, 2)})" if r["n"] else "—"
+
+
+def real_series_lines(rs: dict) -> list[str]:
+    """The card's "Real series" section from ``evaluation.json``'s ``real_series`` (:func:`train.series_policy.fit`)."""
+    cv, prev = rs["cross_validated"], rs.get("previous")
+    missed = [s for s in rs["scores"] if s["truth"] and not s["flagged_cross_validated"]]
+    lines = [
+        "## Real series",
+        "",
+        f"Rule (as the dashboard states it): **a study is flagged when the {aggregation_text(rs['top_k'])} (each ~5 mm "
+        f"slab of a thin series once) is at least {rs['threshold']:.3f}**. Chosen on {rs['series']} complete real series "
+        f"({', '.join(rs['sets'])}; {rs['slices']} slices, every slice labelled): the `k` with the best series AUC "
+        f"({', '.join(f'top-{k} {_f(v)}' for k, v in rs['auc_by_k'].items())}), then the highest threshold that flags at "
+        f"least {rs['target_sensitivity']} of the bleeding series"
+        + (f"; it replaces the {aggregation_text(prev['top_k'])} at >= {prev['threshold']:.3f}." if prev else "."),
+        "",
+        "```bash",
+        "python -m train.bundle --series-policy   # scores the real series in ../shared/data, refits, rewrites weights/",
+        "```",
+        "",
+        "Cross-validated: each series is flagged by the rule refitted without its patient (one series per patient; "
+        f"`k` chosen per fold: {', '.join(f'top-{k} in {n}' for k, n in rs['cross_validated_top_k'].items())}). "
+        "Sensitivity and specificity with Wilson 95 % intervals, AUC of the chosen score with a bootstrap over series "
+        "(its `k` was chosen on these series too):",
+        "",
+        "| series set | series (bleeding) | sensitivity | specificity | AUC (95 % CI) |"
+        + (" previous rule: sensitivity | specificity |" if prev else ""),
+        "| --- | --- | --- | --- | --- |" + (" --- | --- |" if prev else ""),
+    ]
+    for name, m in cv.items():
+        low, high = m["auc_ci"]
+        row = (
+            f"| {name} | {m['series']} ({m['sensitivity']['n']}) | {_rate_text(m['sensitivity'])} | "
+            f"{_rate_text(m['specificity'])} | {_f(m['auc'])} ({_f(low)}–{_f(high)}) |"
+        )
+        if prev:
+            p = prev["table"][name]
+            row += f" {_rate_text(p['sensitivity'])} | {_rate_text(p['specificity'])} |"
+        lines.append(row)
+    fitted = rs["in_sample"]["all"]
+    lines += [
+        "",
+        f"In-sample (the rule on the series it was fitted on): sensitivity {_rate_text(fitted['sensitivity'])}, "
+        f"specificity {_rate_text(fitted['specificity'])}. Bleeding series the cross-validated flag missed: "
+        + (", ".join(f"`{s['series']}` (score {s['score']:.3f})" for s in missed) or "none")
+        + ". CQ500 (not used to fit) is listed below with this rule.",
+        "",
+        "Subtypes, as a reader sees them: a subtype is named only on a slice called bleeding (its 'any' at or above the "
+        f"flag threshold), at or above its threshold, which is the Matthews-best cut on the real bleeding slices but never "
+        f"below {series_policy.NAMING_FLOOR:.0%} (a probability a reader would call negligible), and a subtype is not "
+        "named at all where, at every such cut, most slices it would be named on do not carry it. Cross-validated by "
+        "patient (thresholds refitted without the slice's patient):",
+        "",
+        "| subtype | threshold | named on slices carrying it | on other bleeding slices | on clear slices |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for c, m in rs["naming_cross_validated"].items():
+        t = rs["thresholds"][c]
+        lines.append(
+            f"| {c} | {f'{t:.3f}' if t < NOT_NAMED else 'not named'} | {_rate_text(m['carries'])} | "
+            f"{_rate_text(m['other_bleeds'])} | {_rate_text(m['clear'])} |"
+        )
+    lines.append("")
+    return lines
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -323,6 +422,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"refit calibration, thresholds and the study rule on --out/{OOF_FILE} (the policy changed, the "
         "model did not), then rerun the checks",
+    )
+    stop.add_argument(
+        "--series-policy",
+        action="store_true",
+        help="refit the study rule, flag and subtype thresholds on the real series in --shared (train.series_policy), "
+        "keeping the calibration, then rerun the checks",
     )
     return p
 
@@ -607,8 +712,22 @@ def _pointing(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], trained_on
             "trained_on": trained_on}  # fmt: skip
 
 
+def _masked_cases(predictor: Predictor, folder: Path, limit: int | None) -> list:
+    """``(cam, mask, hu)`` of the first ``limit`` masked bleed slices of an image layout (:mod:`ich.datasets`)."""
+    manifest = datasets.read_source(folder).manifest
+    rows = manifest[(manifest["any"] == 1) & manifest["mask"].notna()].head(limit)
+    cases = []
+    for row in rows.itertuples():
+        mask = datasets.load_image(row.mask, row.rotate) > 0
+        if mask.any():
+            hu = datasets.load_hu(row.path, row.rotate)
+            cases.append((explain.grad_cam(predictor, hu, "any"), mask, hu))
+    return cases
+
+
 def heatmap_checks(predictor: Predictor, shared: Path, limit: int = POINTING_LIMIT) -> dict[str, dict]:
-    """Does the heatmap point at the bleed? The pointing game on the masked sets (PhysioNet never trained on)."""
+    """Does the heatmap point at the bleed? The pointing game on the masked sets (PhysioNet never trained on:
+    the DICOM subset, and every bleed slice of its complete series)."""
     reports: dict[str, dict] = {}
     folder = shared / "physionet-ctich"
     if (folder / "Masks_subset").is_dir():
@@ -619,17 +738,10 @@ def heatmap_checks(predictor: Predictor, shared: Path, limit: int = POINTING_LIM
             if mask.any():
                 cases.append((explain.grad_cam(predictor, hu, "any"), mask, hu))
         reports["physionet-ctich"] = _pointing(cases, trained_on=False)
-    folder = shared / "phe-sich"
-    if folder.is_dir():
-        manifest = datasets.read_source(folder).manifest
-        rows = manifest[(manifest["any"] == 1) & manifest["mask"].notna()].head(limit)
-        cases = []
-        for row in rows.itertuples():
-            mask = datasets.load_image(row.mask, row.rotate) > 0
-            if mask.any():
-                hu = datasets.load_hu(row.path, row.rotate)
-                cases.append((explain.grad_cam(predictor, hu, "any"), mask, hu))
-        reports["phe-sich"] = _pointing(cases, trained_on=True)
+    if (shared / "physionet-series").is_dir():
+        reports["physionet-series"] = _pointing(_masked_cases(predictor, shared / "physionet-series", None), False)
+    if (shared / "phe-sich").is_dir():
+        reports["phe-sich"] = _pointing(_masked_cases(predictor, shared / "phe-sich", limit), trained_on=True)
     return reports
 
 
@@ -686,8 +798,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(command)
     dicom.quiet_invalid_values()
-    if args.checks_only or args.recalibrate:
-        print(recheck(args.out, args.shared, args.device, args.recalibrate))
+    if args.checks_only or args.recalibrate or args.series_policy:
+        print(recheck(args.out, args.shared, args.device, args.recalibrate, args.series_policy))
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / BUNDLE_RECORD).write_text(json.dumps({"command": command}) + "\n")
@@ -707,8 +819,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     oof.to_parquet(args.out / OOF_FILE, index=False)
     platt, thresholds, cv = cross_validation(oof, bleed_counts(cache.frame))
     meta_path = write_checkpoint(final, args.out, platt, thresholds, cv)
+    reports: dict[str, Any] = {}
+    if series_policy.available(args.shared):
+        meta_path, reports["real_series"] = real_series_policy(meta_path, args.shared, args.device)
     predictor = Predictor.from_checkpoint(meta_path, args.device)
-    reports: dict[str, Any] = {
+    reports |= {
         "cross_validation": cv,
         "external": external_checks(predictor, args.shared),
         "heatmaps": heatmap_checks(predictor, args.shared),
@@ -747,15 +862,33 @@ def write_reports(meta_path: Path, reports: dict[str, Any]) -> str:
     return card
 
 
-def recheck(out: Path, shared: Path, device: str, recalibrate: bool = False) -> str:
+def real_series_policy(meta_path: Path, shared: Path, device: str) -> tuple[Path, dict]:
+    """The checkpoint ``meta_path`` with its study rule and thresholds refitted on the real series in ``shared``
+    (:mod:`train.series_policy`), and the report, which measures the rule replaced on the same series."""
+    meta = json.loads(meta_path.read_text())
+    frame = series_policy.score_real_sets(Predictor.from_checkpoint(meta_path, device), shared)
+    rule, thresholds, report = series_policy.fit(
+        frame, {"top_k": meta["study_top_k"], "threshold": meta["thresholds"]["any"]}
+    )
+    updates = {
+        "thresholds": thresholds,
+        "study_top_k": rule.top_k,
+        "threshold_policy": series_policy.policy_text(report),
+    }
+    return store(meta_path, meta_path.parent, updates), report
+
+
+def recheck(out: Path, shared: Path, device: str, recalibrate: bool = False, real_series: bool = False) -> str:
     """Steps 5-6 again for the checkpoint in ``out``: the checks' code changed, the model did not
     (a float32 checkpoint is stored in float16 first, as :func:`store` writes them now).
 
     ``recalibrate``: step 4 first, from the out-of-fold predictions kept in ``out`` (the calibration,
-    threshold or study-rule policy changed); the cross-validation report is rewritten with it.
+    threshold or study-rule policy changed); the cross-validation report is rewritten with it, and the
+    real-series policy refitted over it where ``shared`` has the real series. ``real_series``: that
+    policy alone, on the calibration the checkpoint has.
     """
     meta_path = out / f"{NAME}.json"
-    flag = "--recalibrate" if recalibrate else "--checks-only"
+    flag = "--recalibrate" if recalibrate else "--series-policy" if real_series else "--checks-only"
     for needed in (meta_path, out / "evaluation.json", *([out / OOF_FILE] if recalibrate else [])):
         if not needed.is_file():
             raise SystemExit(f"{flag}: no {needed}; build the checkpoint with python -m train.bundle first")
@@ -764,8 +897,11 @@ def recheck(out: Path, shared: Path, device: str, recalibrate: bool = False) -> 
         counts = reports["cross_validation"]["series_rule"]["bleed_slices_per_series"]
         platt, thresholds, reports["cross_validation"] = cross_validation(pd.read_parquet(out / OOF_FILE), counts)
         meta_path = write_checkpoint(meta_path, out, platt, thresholds, reports["cross_validation"])
+        reports.pop("real_series", None)  # the simulated rule is the checkpoint's again, unless refitted below
     elif json.loads(meta_path.read_text()).get("weights_dtype") != "float16":
         meta_path = store(meta_path, out, {})  # one bundled before weights were stored in float16: checked as shipped
+    if real_series or (recalibrate and series_policy.available(shared)):
+        meta_path, reports["real_series"] = real_series_policy(meta_path, shared, device)
     predictor = Predictor.from_checkpoint(meta_path, device)
     reports["external"] = external_checks(predictor, shared)
     reports["heatmaps"] = heatmap_checks(predictor, shared)
