@@ -275,6 +275,13 @@ def test_viewer_scrolls_windows_and_fits_a_reading_screen(thin_series_server, tm
                 page.mouse.up()
                 assert (state()["level"], state()["width"]) != (40, 80)
                 expect(frame.locator("#hud-window")).to_contain_text(f"W {state()['width']}")
+                # Right-drag pans, as the help line says; it never windows (it did: NiiVue dropped the option).
+                windowed, drawn = (state()["level"], state()["width"]), canvas.screenshot()
+                page.mouse.move(*centre)
+                page.mouse.down(button="right")
+                page.mouse.move(centre[0] + 60, centre[1] + 30, steps=6)
+                page.mouse.up(button="right")
+                assert (state()["level"], state()["width"]) == windowed and canvas.screenshot() != drawn
                 page.keyboard.press("3")
                 assert (state()["level"], state()["width"]) == (600, 2800)
                 expect(frame.locator("#hud-window")).to_contain_text("(bone)")

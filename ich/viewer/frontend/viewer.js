@@ -276,16 +276,17 @@
         backColor: [0, 0, 0, 1],
         dragModePrimary: niivue.DRAG_MODE.windowing,
         dragMode: niivue.DRAG_MODE.windowing, // the wheel's fallback: scroll slices, never zoom
-        mouseEventConfig: {
-          leftButton: { primary: niivue.DRAG_MODE.windowing },
-          rightButton: niivue.DRAG_MODE.pan,
-          centerButton: niivue.DRAG_MODE.pan,
-        },
         isResizeCanvas: true,
         logLevel: "error",
         dragAndDropEnabled: false,
       });
       await nv.attachToCanvas(canvas);
+      // Set after construction: NiiVue 0.69's constructor drops this option, and right-drag then windowed.
+      nv.setMouseEventConfig({
+        leftButton: { primary: niivue.DRAG_MODE.windowing },
+        rightButton: niivue.DRAG_MODE.pan,
+        centerButton: niivue.DRAG_MODE.pan,
+      });
       nv.onLocationChange = () => probe.loaded && sliceChanged();
       state.nv = nv;
     }
