@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 from PIL import Image
 
 from ich import review
+from ich.inference import STUDY_AGGREGATION, aggregation_text
 from ich.labels import CLASSES, SUBTYPES
 from ich.worklist import StudyRecord
 
@@ -112,6 +113,20 @@ def probability_figure(slices: pd.DataFrame, index: int, thresholds: Mapping[str
         dragmode=False,
     )
     return fig
+
+
+def flag_rule(top_k: int | None, threshold: float, fallback: str = STUDY_AGGREGATION) -> str:
+    """How a study was scored and flagged, in one line; ``fallback`` says how where the store kept no ``top_k``."""
+    how = fallback if top_k is None else aggregation_text(top_k)
+    return f"Likelihood = {how}; flagged at ≥ {threshold:.0%}"
+
+
+def worklist_rule(rules: list[tuple[int | None, float]], fallback: str = STUDY_AGGREGATION) -> str:
+    """The flag rule of the listed studies (``(top_k, 'any' threshold)`` each), or how many there are."""
+    lines = sorted({flag_rule(k, t, fallback) for k, t in rules})
+    if len(lines) == 1:
+        return lines[0] + "."
+    return f"The studies listed were scored under {len(lines)} rules (models); the viewer states each study's."
 
 
 def studies_table(studies: pd.DataFrame) -> pd.DataFrame:

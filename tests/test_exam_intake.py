@@ -399,3 +399,17 @@ def test_ich_predict_scores_each_exam_on_its_chosen_series_and_writes_an_exam_cs
     assert (
         pd.read_csv(out)["ID"].str.rsplit("_", n=1).str[0].nunique() == 2 * (1 + 6 + 6 + 8 + 1) + 1
     )  # the dose pages too
+
+
+def test_a_study_keeps_the_rule_that_scored_it(tmp_path):
+    """Issue 23: captions and results used the model loaded now, not the one that scored the study."""
+    parts = exam(generate_uid())
+    scorer = ByKernel()
+    scorer.top_k = 6
+    (study_id,) = ingest(
+        Worklist(tmp_path), scorer, [dicom.Upload("s.dcm", to_bytes(ds)) for ds in parts["soft"]]
+    ).added
+    record = Worklist(tmp_path).study(study_id)
+    assert (record.top_k, record.model, dict(record.thresholds)) == (6, scorer.name, scorer.thresholds)
+    listed = Worklist(tmp_path).studies()
+    assert listed["top_k"].tolist() == [6] and listed["model"].tolist() == [scorer.name]

@@ -15,12 +15,14 @@ from ich.labels import CLASSES
 from ich.presentation import (
     exam_series_table,
     findings_markdown,
+    flag_rule,
     local_time,
     pct,
     png_data_uri,
     probability_figure,
     slice_note,
     studies_table,
+    worklist_rule,
 )
 
 
@@ -111,3 +113,16 @@ def test_an_image_is_shown_from_a_data_uri_that_decodes_to_its_pixels():
     assert uri.startswith("data:image/png;base64,")
     decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
     np.testing.assert_array_equal(decoded, image)
+
+
+def test_the_worklist_states_the_flag_rule_of_the_studies_it_lists():
+    assert (
+        worklist_rule([(6, 0.31), (6, 0.31)])
+        == "Likelihood = mean of the 6 highest slice 'any' probabilities; flagged at ≥ 31%."
+    )
+    assert (
+        flag_rule(None, 0.5, fallback="the loaded model's rule")
+        == "Likelihood = the loaded model's rule; flagged at ≥ 50%"
+    )
+    mixed = worklist_rule([(6, 0.31), (3, 0.53), (None, 0.5)])
+    assert mixed.startswith("The studies listed were scored under 3 rules")

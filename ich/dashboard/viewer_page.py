@@ -13,12 +13,13 @@ from ich.dashboard.resources import heatmap_file, model, pred_metadata, store, v
 from ich.dashboard.session import audit, user
 from ich.dashboard.worklist_page import PERCENT_BAR
 from ich.exam import SeriesChoice
-from ich.inference import STUDY_AGGREGATION, default_weights
+from ich.inference import STUDY_AGGREGATION, aggregation_text, default_weights
 from ich.labels import CLASSES, NOT_NAMED, SUBTYPES
 from ich.presentation import (
     SOURCE_NAMES,
     exam_series_table,
     findings_markdown,
+    flag_rule,
     local_time,
     pct,
     png_data_uri,
@@ -328,6 +329,9 @@ def study_summary_ui(info: StudyRecord, slices: pd.DataFrame, thresholds: Mappin
         f"Likelihood **{pct(info.score)}** · {flag} · status **{info.status}** · "
         f"{SOURCE_NAMES[info.source]} · scored by {info.model or 'an unnamed model'}{updated}"
     )
+    pred = model()
+    fallback = pred.aggregation if pred else STUDY_AGGREGATION
+    st.caption(flag_rule(info.top_k, info.thresholds.get("any", review.DEFAULT_THRESHOLD), fallback) + ".")
     if len(info.exam_series) > 1:
         with st.expander(f"Series in this exam: {len(info.exam_series)}, one scored", icon=":material/stacks:"):
             st.dataframe(exam_series_table(info), hide_index=True)
@@ -408,7 +412,8 @@ def results_ui(wl: Worklist, study_id: int) -> None:
         return
     pred = model()
     cam = (lambda hu: explain.grad_cam(pred, hu, "any")) if pred and "any" in pred.model_classes else None
-    aggregation = pred.aggregation if pred else STUDY_AGGREGATION
+    record = wl.study(study_id)  # the study's own rule, not the loaded model's (they differ after an update)
+    aggregation = aggregation_text(record.top_k) if record.top_k else pred.aggregation if pred else STUDY_AGGREGATION
     built = f"results-{study_id}-{wl.study(study_id).received}"  # a re-score needs new results
     if built not in st.session_state:
         if st.button("Prepare results for PACS (DICOM SR + key image)", icon=":material/download:"):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 
+import pandas as pd
 import streamlit as st
 
 import ich.worklist
@@ -13,7 +15,7 @@ from ich.dashboard.resources import model, store
 from ich.dashboard.session import audit, identifiers_shown, user
 from ich.inference import STUDY_AGGREGATION, Predictor
 from ich.listener import Inbox
-from ich.presentation import OPEN_PREFIX, pct, studies_table
+from ich.presentation import OPEN_PREFIX, pct, studies_table, worklist_rule
 from ich.viewer.component import download_button
 from ich.worklist import INTAKE_FAILED, STATUSES, Worklist, data_dir
 
@@ -56,10 +58,16 @@ def page() -> None:
     if studies.empty:
         st.info("No studies yet: upload a series." if status is None else "No studies with this status.")
         return
-    thresholds = wl.study(int(studies["id"].iloc[0])).thresholds
+    pred = model()
+    # Each study's own rule, as stored when it was scored: studies scored by different models may differ.
+    rules = [
+        (None if pd.isna(k) else int(k), float(json.loads(t).get("any", review.DEFAULT_THRESHOLD)))
+        for k, t in zip(studies["top_k"], studies["thresholds"])
+    ]
     st.caption(
-        f"Unread studies first, each group by likelihood of hemorrhage, highest first. Likelihood = {pred.aggregation if (pred := model()) else STUDY_AGGREGATION}; "
-        f"flagged at ≥ {thresholds.get('any', review.DEFAULT_THRESHOLD):.0%}. "
+        "Unread studies first, each group by likelihood of hemorrhage, highest first. "
+        + worklist_rule(rules, pred.aggregation if pred else STUDY_AGGREGATION)
+        + " "
         "Open a study with its row's button, or select a row and open it below."
         + (" Demo studies are synthetic phantoms with known labels." if studies["demo"].any() else "")
     )

@@ -142,6 +142,7 @@ def ingest(
                     demo=demo,
                     source=source,
                     exam_series=rule.exams[series.study_uid],
+                    top_k=getattr(predictor, "top_k", None),  # test stand-ins may have none
                 )
             )
             stored.add(series.study_uid)

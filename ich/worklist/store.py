@@ -86,8 +86,8 @@ STATUSES = (STATUS_NEW, STATUS_HEMORRHAGE, STATUS_CLEAR)
 TRUTH_SOURCES = ("csv", "phantom", "review")
 
 # 2: reviews.others_clear; 3: what the worklist shows of the exam; 4: identifiers; 5: one row per exam, intake;
-# 6: the exam's other series, kept for the viewer
-_SCHEMA_VERSION = 6
+# 6: the exam's other series, kept for the viewer; 7: the study rule (top_k) that scored each study
+_SCHEMA_VERSION = 7
 SOURCES = ("upload", "dicom", "demo")  # how a study reached the worklist
 # Columns added after version 1, with their definitions: an older store gets them on open.
 _ADDED_COLUMNS = {
@@ -101,6 +101,7 @@ _ADDED_COLUMNS = {
         "exam_series": "TEXT NOT NULL DEFAULT '[]'",  # every series of the exam, scored or why not (JSON)
         "header_file": "TEXT",  # the header copy's name under headers/ (NULL: stored before version 5)
         "updated": "TEXT",  # when a re-score (a late instance, a re-upload) last changed the row
+        "top_k": "INTEGER",  # the k of the study score that scored it (NULL: stored before version 7)
     },
     # Version 1 reads took their marks as the complete list: their unmarked slices were clear. New
     # reads always say which (the CREATE default, 0, is never relied on).
@@ -136,6 +137,7 @@ CREATE TABLE IF NOT EXISTS studies (
     exam_series TEXT NOT NULL DEFAULT '[]',
     header_file TEXT,
     updated TEXT,
+    top_k INTEGER,
     UNIQUE (study_uid, series_uid)
 );
 CREATE TABLE IF NOT EXISTS slices (
@@ -296,6 +298,7 @@ class StudyRecord:
     exam_series: tuple[SeriesChoice, ...] = ()
     updated: str | None = None  # when a re-score last changed the row (None: scored once)
     header_file: str = ""  # the header copy's file name under ``headers/`` (it may not exist: none was kept)
+    top_k: int | None = None  # the k of the study score that scored it, with ``model`` and ``thresholds``
 
     @classmethod
     def from_rows(cls, study: sqlite3.Row, last_review: sqlite3.Row | None) -> StudyRecord:
@@ -320,6 +323,7 @@ class StudyRecord:
             exam_series=tuple(SeriesChoice(**c) for c in json.loads(study["exam_series"])),
             updated=study["updated"],
             header_file=study["header_file"] or _header_key(study["study_uid"], study["series_uid"]),
+            top_k=study["top_k"],
             read=None
             if last_review is None
             else Read(
@@ -416,11 +420,13 @@ class Worklist:
         demo: bool = False,
         source: str = "upload",
         exam_series: Sequence[SeriesChoice] = (),
+        top_k: int | None = None,
     ) -> int:
         """Store an exam's scored series (volume, slice probabilities, optional labels); returns the study id.
 
         ``source`` says how it came (:data:`SOURCES`; a demo study is always "demo"); ``exam_series`` every
-        series of the exam with why it was or was not scored (:func:`ich.exam.choose_series`).
+        series of the exam with why it was or was not scored (:func:`ich.exam.choose_series`); ``model``,
+        ``thresholds`` and ``top_k`` the rule that scored it, kept so captions and results use the study's own.
 
         ``labels`` are wide labels indexed by SOPInstanceUID (:mod:`ich.labels`). Scoring the same exam
         again (the same Study Instance UID: a late instance, a re-upload, a better series) replaces its
@@ -444,7 +450,7 @@ class Worklist:
                 written.append(self.headers / header)
             study_id, replaced = self._upsert(
                 series, prediction, labels, key, header if kept else None,
-                truth=truth, thresholds=thresholds, model=model, demo=demo, source=source, exam_series=exam_series,
+                truth=truth, thresholds=thresholds, model=model, demo=demo, source=source, exam_series=exam_series, top_k=top_k,
             )  # fmt: skip
         except BaseException:
             for path in written:  # the row still names its old files: these new ones belong to nothing
@@ -500,6 +506,7 @@ class Worklist:
         demo: bool,
         source: str,
         exam_series: Sequence[SeriesChoice],
+        top_k: int | None,
     ) -> tuple[int, list[Path]]:
         """The exam's row and slice rows in one transaction; its id and the files the row named before."""
         probs = np.asarray(prediction.probs, dtype=np.float64)
@@ -528,6 +535,7 @@ class Worklist:
             patient_id=series.slices[0].patient_id or None if self.identifiers_on else None,
             accession=series.slices[0].identifiers.get("accession_number") or None if self.identifiers_on else None,
             exam_series=json.dumps([dataclasses.asdict(c) for c in exam_series]),
+            top_k=top_k,
             header_file=header,
         )
         with self._write() as db:
@@ -736,7 +744,7 @@ class Worklist:
             raise ValueError(f"status must be one of {STATUSES}")
         query = (
             "SELECT id, label, received, study_datetime, description, n_slices, thickness, source, score,"
-            " top_subtype, flagged, status, demo FROM studies"
+            " top_subtype, flagged, status, demo, model, thresholds, top_k FROM studies"
             + (" WHERE status = ?" if status else "")
             + f" ORDER BY status != '{STATUS_NEW}', score IS NULL, score DESC, id"
         )
