@@ -36,7 +36,7 @@ from pathlib import Path
 import bcrypt
 import yaml
 
-from ich.files import atomic_write, data_dir, private_dir
+from ich.files import atomic_write, check_permissions, data_dir, private_dir
 
 __all__ = [
     "ACTIONS",
@@ -328,6 +328,8 @@ def preflight(args: Sequence[str]) -> str | None:
 
 
 if __name__ == "__main__":  # scripts/run, before Streamlit prints a URL: python -m ich.access STREAMLIT_ARGS
+    for problem in check_permissions(data_dir()):  # in the terminal at start, not first in a page's log
+        print(f"ich: warning: {problem}", file=sys.stderr)
     reason = preflight(sys.argv[1:])
     if reason:
         print(f"ich: not starting. {reason}", file=sys.stderr)

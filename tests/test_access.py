@@ -122,11 +122,14 @@ def test_run_script_refuses_before_streamlit_starts(tmp_path):
         "ICH_DATA_DIR": str(tmp_path / "data"),
         "ICH_REQUIREMENTS": requirements,
     }
+    (tmp_path / "data").mkdir(mode=0o755)  # an older installation's data directory, open to other accounts
+    (tmp_path / "data").chmod(0o755)
     run = subprocess.run(
         [str(ROOT / "scripts" / "run"), "--server.address", "0.0.0.0", "--server.port", "0"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert run.returncode != 0 and "without sign-in" in run.stderr, run.stderr
+    assert f"ich: warning: {tmp_path / 'data'} has mode 0755" in run.stderr  # said in the terminal, at start
     assert "URL" not in run.stdout + run.stderr
 
 
