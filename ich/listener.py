@@ -11,6 +11,8 @@
   nothing else is refused with a log line naming the SOP class and the syntax.
 - Each CT instance is written as received (no decoding) under ``<data dir>/inbox/<exam key>/<series
   key>/``; the keys are hashes, so no UID or name appears in a path. A repeated SOP instance is ignored.
+- Each C-STORE is answered once its bytes are on disk, never after waiting for the database (a dashboard
+  or worker holding SQLite's write lock must not make a sender time out).
 - While an exam arrives it shows as "receiving" (:meth:`ich.worklist.Worklist.intake`). It is scored once
   every association that delivered some of it has closed and no instance has arrived for ``quiet_seconds``
   since (a sender pausing mid-exam does not get it scored on part of its slices), through the same :func:`ich.worklist.ingest` as an
@@ -33,6 +35,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import queue
 import shutil
 import threading
 import time
@@ -214,6 +217,10 @@ class Listener:
         self._associations: dict[int, _Association] = {}
         # Exams shown as "receiving" by this process -> monotonic time of their first instance since scored.
         self._receiving: dict[Path, float] = {}
+        # (exam, study UID) to show as "receiving": written by a thread of its own, because a C-STORE
+        # handler must answer the sender at once, never wait for the database (another writer may hold it).
+        self._notes: queue.SimpleQueue[tuple[Path, str] | None] = queue.SimpleQueue()
+        self._notes_lock = threading.Lock()  # a note is written, or skipped, wholly before or after score() starts
         self._retry: dict[Path, float] = {}  # failed exam -> monotonic time of its next attempt
         self._attempts: dict[Path, int] = {}  # failed exam -> attempts failed in this process
         # The work queue, guarded by _queue_changed: exam due -> its arrival (the oldest goes first), and those
@@ -302,11 +309,20 @@ class Listener:
             self.inbox.hold(exam)
         if exam not in self._receiving:  # once per exam: the database is not written per instance
             self._receiving[exam] = time.monotonic()
-            try:
-                self.worklist.note_receiving(exam.name, "dicom", uids[0])
-            except Exception:  # the instance is on disk; only the "receiving" line is missing
-                log.exception("could not show an exam as receiving")
+            self._notes.put((exam, uids[0]))
         return SUCCESS
+
+    def _note_loop(self) -> None:
+        """Show exams as "receiving" on the worklist, off the association threads."""
+        while (note := self._notes.get()) is not None:
+            exam, study_uid = note
+            with self._notes_lock:
+                if exam not in self._receiving:  # scored meanwhile: its line would never be cleared
+                    continue
+                try:
+                    self.worklist.note_receiving(exam.name, "dicom", study_uid)
+                except Exception:  # the instance is on disk; only the "receiving" line is missing
+                    log.exception("could not show an exam as receiving")
 
     # ---------------------------------------------------------------- scoring
 
@@ -316,7 +332,8 @@ class Listener:
         Only then is it marked done (and its "receiving" / "failed" line cleared); a failure is kept with
         its reason and retried with backoff, or, for an exam with nothing to score, when more instances come.
         """
-        self._receiving.pop(folder, None)
+        with self._notes_lock:
+            self._receiving.pop(folder, None)
         with self._queue_changed:
             self._retry.pop(folder, None)
         if not folder.is_dir():  # an admin discarded it
@@ -426,7 +443,10 @@ class Listener:
         server = self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
         assert server is not None  # block=False always returns the server
         bound = int(server.server_address[1])
-        self._threads = [threading.Thread(target=self._queue_loop, args=(poll_seconds,), name="ich-queue", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._queue_loop, args=(poll_seconds,), name="ich-queue", daemon=True),
+            threading.Thread(target=self._note_loop, name="ich-receiving", daemon=True),
+        ]
         self._threads += [
             threading.Thread(target=self._work, name=f"ich-scorer-{i}", daemon=True) for i in range(self.workers)
         ]
@@ -440,6 +460,7 @@ class Listener:
     def stop(self) -> None:
         """Stop listening; each worker finishes the exam it holds (those waiting are found again at start)."""
         self._stop.set()
+        self._notes.put(None)
         with self._queue_changed:
             self._queue_changed.notify_all()
         if self._server is not None:

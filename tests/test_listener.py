@@ -102,6 +102,32 @@ def test_echo_and_refusals(running, caplog):
     assert not list((wl.directory / "inbox").rglob("*.dcm")) and len(wl.intake()) == 0
 
 
+def test_a_sender_is_answered_while_another_process_holds_the_database(running):
+    """The C-STORE handler never waits for SQLite: a dashboard (another connection) holding the write lock
+    must not make a PACS time out (it did once under load: 30 s, the sender's DIMSE timeout)."""
+    import sqlite3
+
+    wl, _, port, _ = running
+    blocker = sqlite3.connect(wl.directory / "worklist.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # SQLite's write lock, as a long transaction elsewhere would hold it
+    try:
+        ae = AE(ae_title="SENDER")
+        ae.add_requested_context(CTImageStorage)
+        ae.dimse_timeout = 5  # well under the store's 30 s lock wait
+        assoc = ae.associate("127.0.0.1", port, ae_title="ICH")
+        started = time.monotonic()
+        statuses = [int(s.Status) if s else -1 for s in (assoc.send_c_store(ds) for ds in series(3))]
+        answered = time.monotonic() - started
+        assoc.release()
+        assert statuses == [0, 0, 0] and answered < 5, (statuses, answered)
+        assert len(list((wl.directory / "inbox").rglob("*.dcm"))) == 3  # on disk, whatever the database does
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    wait_for(lambda: len(wl) == 1)  # once the lock is free the exam is shown, scored, and its line cleared
+    wait_for(lambda: len(wl.intake()) == 0)
+
+
 def test_a_corrupt_instance_does_not_stop_its_series(running):
     wl, _, port, _ = running
     datasets = series(4)
