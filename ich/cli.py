@@ -172,37 +172,55 @@ def _evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _listen(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-    from collections.abc import Callable
-
+def _after_scoring(args: argparse.Namespace, worklist, predictor) -> list:
+    """What runs after each scored exam (``on_scored``): the webhook, the results back to PACS."""
     from ich import explain
-    from ich.files import data_dir
-    from ich.listener import Inbox, Listener, SendResults
+    from ich.listener import SendResults
     from ich.notify import Webhook
-    from ich.worklist import Worklist
 
-    directory = Path(args.data_dir) if args.data_dir else data_dir()
-    worklist, inbox, predictor = Worklist(directory), Inbox(directory / "inbox", args.quiet_seconds), _predictor(args)
-    after: list[Callable[[int], object]] = []
+    after: list = []
     if args.notify_url:
         after.append(Webhook(args.notify_url, worklist, flagged_only=not args.notify_all))
     if args.send_to:
         heatmap = (lambda hu: explain.grad_cam(predictor, hu, "any")) if "any" in predictor.model_classes else None
         after.append(SendResults(worklist, args.send_to, heatmap, predictor.aggregation, calling_ae=args.ae_title))
-    listener = Listener(
-        worklist,
-        predictor,
-        inbox,
-        ae_title=args.ae_title,
-        allow=[a for a in (args.allow or "").split(",") if a],
-        on_scored=after,
-    )
-    # INFO at least: an admin running a listener wants its one line per association and per series.
+    return after
+
+
+def _log_scoring(args: argparse.Namespace) -> None:
+    # INFO at least: an admin running a listener or worker wants its one line per association and per exam.
     logging.getLogger("ich").setLevel(min(logging.getLogger("ich").getEffectiveLevel(), logging.INFO))
     if args.verbose < 2:  # pynetdicom's own lines quote instance UIDs; they are for debugging only
         logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+
+
+def _listen(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from ich.files import data_dir
+    from ich.listener import Inbox, Listener
+    from ich.worklist import Worklist
+
+    directory = Path(args.data_dir) if args.data_dir else data_dir()
+    worklist, inbox = Worklist(directory), Inbox(directory / "inbox", args.quiet_seconds)
+    queue = None
+    if args.queue:  # only receive and store: `ich worker` processes score, and send the results
+        if worklist.path is not None:
+            print("error: --queue needs the worklist on PostgreSQL (set ICH_DATABASE_URL)", file=sys.stderr)
+            return EXIT_NOTHING_USABLE
+        if args.notify_url or args.send_to:
+            print("error: with --queue, give --notify-url / --send-to to `ich worker`", file=sys.stderr)
+            return EXIT_NOTHING_USABLE
+        from ich.jobs import Queue
+
+        queue = Queue(worklist)
+        listener = Listener(worklist, None, inbox, ae_title=args.ae_title, allow=_allowed(args), enqueue=queue.defer)
+    else:
+        predictor = _predictor(args)
+        after = _after_scoring(args, worklist, predictor)
+        listener = Listener(worklist, predictor, inbox, ae_title=args.ae_title, allow=_allowed(args), on_scored=after)
+    _log_scoring(args)
     port = listener.start(args.host, args.port)
     print(
         f"listening as AE {args.ae_title} on {args.host}:{port}, worklist in {directory} (Ctrl-C stops)",
@@ -215,6 +233,33 @@ def _listen(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     listener.stop()
+    if queue is not None:
+        queue.close()
+    return EXIT_OK
+
+
+def _allowed(args: argparse.Namespace) -> list[str]:
+    return [a for a in (args.allow or "").split(",") if a]
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from ich.files import data_dir
+    from ich.jobs import ExamJobs, work
+    from ich.worklist import Worklist
+
+    directory = Path(args.data_dir) if args.data_dir else data_dir()
+    worklist = Worklist(directory)
+    if worklist.path is not None:
+        print("error: ich worker needs the worklist on PostgreSQL (set ICH_DATABASE_URL)", file=sys.stderr)
+        return EXIT_NOTHING_USABLE
+    predictor = _predictor(args)  # loaded once, for every job of this process
+    jobs = ExamJobs(worklist, predictor, directory / "inbox", _after_scoring(args, worklist, predictor))
+    _log_scoring(args)
+    print(
+        f"scoring exams queued in {worklist.location}, {args.concurrency} at once, data in {directory} (Ctrl-C stops)",
+        file=sys.stderr,
+    )
+    work(jobs, args.concurrency, args.stalled_after)
     return EXIT_OK
 
 
@@ -226,7 +271,8 @@ def _worklist(args: argparse.Namespace) -> int:
         store = Worklist(Path(args.data_dir) if args.data_dir else data_dir())
         if args.check:
             found = store.check()
-            print("\n".join(found) if found else f"{store.path}: ok (SQLite integrity check)")
+            how = "SQLite integrity check" if store.path is not None else "every table and column present"
+            print("\n".join(found) if found else f"{store.location}: ok ({how})")
             return EXIT_NOTHING_USABLE if found else EXIT_OK
         frame, pending = store.studies(), store.intake()
     except StoreError as exc:
@@ -293,6 +339,14 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _after_scoring_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--notify-url", help="POST a JSON note (worklist id, flag, likelihood; no identifiers) here")
+    parser.add_argument("--notify-all", action="store_true", help="notify every scored study, not only flagged ones")
+    parser.add_argument(
+        "--send-to", help="AE@host:port: send each scored exam's DICOM SR and key image there (PACS), as --ae-title"
+    )
 
 
 def _every_series_option(parser: argparse.ArgumentParser) -> None:
@@ -375,13 +429,28 @@ def get_parser() -> argparse.ArgumentParser:
     ls.add_argument("--allow", help="comma-separated calling AE titles accepted (default: any)")
     ls.add_argument("--quiet-seconds", type=float, default=10.0, help="a series is scored when quiet this long")
     ls.add_argument("--data-dir", help=f"worklist and inbox folder (default ${DATA_ENV} or .ich-data/)")
-    ls.add_argument("--notify-url", help="POST a JSON note (worklist id, flag, likelihood; no identifiers) here")
-    ls.add_argument("--notify-all", action="store_true", help="notify every scored study, not only flagged ones")
     ls.add_argument(
-        "--send-to", help="AE@host:port: send each scored exam's DICOM SR and key image there (PACS), as --ae-title"
+        "--queue",
+        action="store_true",
+        help="only receive and store: queue each exam in the PostgreSQL database (ICH_DATABASE_URL) for `ich worker`",
     )
+    _after_scoring_options(ls)
     _model_options(ls)
     ls.set_defaults(func=_listen)
+
+    wk = sub.add_parser("worker", help="score the exams `ich listen --queue` queued (PostgreSQL); run any number")
+    wk.add_argument("--concurrency", type=int, default=1, help="exams scored at once by this process")
+    wk.add_argument("--data-dir", help=f"the data directory the listener writes (default ${DATA_ENV} or .ich-data/)")
+    wk.add_argument("--ae-title", default="ICH", help="the AE title results are sent to PACS as")
+    wk.add_argument(
+        "--stalled-after",
+        type=float,
+        default=30.0,
+        help="seconds without a heartbeat after which a worker is taken for dead and its exam scored by another",
+    )
+    _after_scoring_options(wk)
+    _model_options(wk)
+    wk.set_defaults(func=_worker)
 
     us = sub.add_parser("user", help="dashboard sign-in: add a user (reader or admin) or list them")
     us.add_argument("action", choices=("add", "list"))
@@ -393,7 +462,11 @@ def get_parser() -> argparse.ArgumentParser:
     wl = sub.add_parser("worklist", help="print the worklist of a data directory (no patient identifiers)")
     wl.add_argument("--data-dir", help=f"default ${DATA_ENV} or .ich-data/")
     wl.add_argument("--json", action="store_true", help="one JSON array")
-    wl.add_argument("--check", action="store_true", help="run SQLite's integrity check on the worklist database")
+    wl.add_argument(
+        "--check",
+        action="store_true",
+        help="check the worklist database (SQLite: its integrity check; PostgreSQL: its tables)",
+    )
     wl.set_defaults(func=_worklist)
     return parser
 

@@ -21,6 +21,9 @@
 - Exams are scored side by side by a pool of workers, as many as the cores hold one inference each
   (:func:`scoring_workers`), so one long exam does not hold the next back; of the exams waiting, the one
   whose first instance arrived first goes next. One exam is never scored by two workers at once.
+- Queue mode (``ich listen --queue``, PostgreSQL): the listener only receives and stores; each exam due is
+  handed to the queue (:mod:`ich.jobs`) and ``ich worker`` processes score it through the same
+  :func:`score_exam`, with the queue's retries instead of the in-process ones.
 - Nothing received is lost: an exam is marked done (``scored.json`` beside its files) only once it is on
   the worklist. One that fails (a full disk, a model error) stays in the inbox, shows as "failed" with the
   reason and is tried again after 30 s, 1 min, 2 min... (at most hourly); one with no series to score
@@ -63,7 +66,9 @@ __all__ = [
     "SCORED_SOP_CLASSES",
     "Inbox",
     "Listener",
+    "NotScored",
     "SendResults",
+    "score_exam",
     "scoring_workers",
 ]
 
@@ -78,6 +83,7 @@ DEFAULT_AE_TITLE = "ICH"
 DEFAULT_QUIET_SECONDS = 10.0
 RETRY_SECONDS = 30.0  # the first retry of a failed exam; each further one waits twice as long
 MAX_RETRY_SECONDS = 3600.0
+ENQUEUE_RETRY_SECONDS = 5.0  # queue mode: an exam the queue refused (its database restarting) is offered again
 MAX_SCORING_WORKERS = 4  # each holds one exam's decoded slices (a thin 238-slice series: ~250 MB as float32)
 SCORED = "scored.json"
 # C-STORE statuses (PS3.4 Annex B.2.3)
@@ -176,6 +182,61 @@ def _scored(folder: Path) -> list[str] | None:
         return None
 
 
+class NotScored(Exception):
+    """An exam :func:`score_exam` could not put on the worklist: ``reason`` (no identifier), and whether trying
+    again may help (a full disk, a model error) or it waits for more instances (nothing to score)."""
+
+    def __init__(self, reason: str, retry: bool) -> None:
+        super().__init__(reason)
+        self.reason, self.retry = reason, retry
+
+
+def score_exam(
+    worklist: Worklist, predictor: Scorer, folder: Path, on_scored: Sequence[Callable[[int], object]] = ()
+) -> list[int]:
+    """Score one inbox exam folder onto the worklist (or update its row): its worklist ids. The one per-exam
+    scoring, run by the listener's pool and by ``ich worker``'s jobs (:mod:`ich.jobs`).
+
+    Idempotent: a folder already scored with exactly these files (a job delivered twice) or removed by an
+    admin gives ``[]`` and changes nothing. ``on_scored`` (results to PACS, a webhook) runs before the exam is
+    marked done (``scored.json``) and its "receiving" / "failed" line cleared, so a crash in between sends the
+    results again with the next score (a replacement in PACS), never not at all. Raises :class:`NotScored`.
+    """
+    if not folder.is_dir():  # an admin discarded it
+        return []
+    files = _files(folder)
+    if files == _scored(folder):
+        worklist.intake_done(folder.name)  # a "receiving" line left by instances that were all duplicates
+        return []
+    started = time.perf_counter()
+    try:
+        report = ingest(worklist, predictor, [folder], source="dicom")
+    except Exception as exc:  # ingest keeps one exam's failure to a problem line; this is the store itself
+        log.exception("exam %s could not be scored", folder.name)
+        raise NotScored(f"{type(exc).__name__}: {exc}", retry=True) from None
+    for problem in report.problems:
+        log.warning("exam %s: %s", folder.name, problem.reason)
+    if not report.added:
+        reasons = report.failed or [p.reason for p in report.problems] or ["no readable CT image"]
+        raise NotScored("; ".join(reasons), retry=bool(report.failed))
+    for study_id in report.added:
+        entry = worklist.study(study_id)
+        log.info(
+            "exam %s: worklist id %d, %d slices, likelihood %.3f%s, %.1f s",
+            folder.name, study_id, entry.n_slices, entry.score or 0.0, ", FLAGGED" if entry.flagged else "",
+            time.perf_counter() - started,
+        )  # fmt: skip
+    for study_id in report.added:
+        for callback in on_scored:
+            try:
+                callback(study_id)
+            except Exception:  # a failed webhook or PACS send must not lose the scored exam
+                log.exception("after scoring worklist id %d: %s failed", study_id, type(callback).__name__)
+    Inbox.mark_scored(folder, files)
+    worklist.intake_done(folder.name)
+    return report.added
+
+
 @dataclass
 class _Association:
     calling: str
@@ -189,25 +250,33 @@ class _Association:
 
 
 class Listener:
-    """The Storage SCP and the thread that scores quiet exams onto ``worklist``, retrying failed ones."""
+    """The Storage SCP and the threads that score quiet exams onto ``worklist``, retrying failed ones; or, given
+    ``enqueue``, that hand them to a queue (:mod:`ich.jobs`) for ``ich worker`` processes to score."""
 
     def __init__(
         self,
         worklist: Worklist,
-        predictor: Scorer,
+        predictor: Scorer | None,
         inbox: Inbox,
         ae_title: str = DEFAULT_AE_TITLE,
         allow: Sequence[str] = (),
         on_scored: Sequence[Callable[[int], object]] = (),
         retry_seconds: float = RETRY_SECONDS,
         workers: int | None = None,
+        enqueue: Callable[[str], object] | None = None,
     ) -> None:
         """``workers``: exams scored at once; default :func:`scoring_workers` of the predictor's ``threads``
-        (a scorer that does not say is taken to use every core: one worker)."""
+        (a scorer that does not say is taken to use every core: one worker). ``enqueue(exam key)``: instead of
+        scoring here (no predictor needed), each exam due is passed to it; one that raises (the database
+        restarting) is passed again after :data:`ENQUEUE_RETRY_SECONDS`."""
+        if predictor is None and enqueue is None:
+            raise ValueError("a listener needs a predictor to score with, or a queue to hand exams to")
         self.worklist, self.predictor, self.inbox = worklist, predictor, inbox
-        self.on_scored, self.retry_seconds = on_scored, retry_seconds
+        self.on_scored, self.retry_seconds, self.enqueue = on_scored, retry_seconds, enqueue
         cores = _cores()
-        self.workers = workers or scoring_workers(getattr(predictor, "threads", cores), cores)
+        self.workers = (
+            0 if enqueue is not None else workers or scoring_workers(getattr(predictor, "threads", cores), cores)
+        )
         self.ae = AE(ae_title=ae_title)
         for context in AllStoragePresentationContexts:
             self.ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
@@ -327,48 +396,21 @@ class Listener:
     # ---------------------------------------------------------------- scoring
 
     def score(self, folder: Path) -> bool:
-        """Put one exam folder on the worklist (or update its row); whether it is there now.
-
-        Only then is it marked done (and its "receiving" / "failed" line cleared); a failure is kept with
-        its reason and retried with backoff, or, for an exam with nothing to score, when more instances come.
-        """
+        """Put one exam folder on the worklist (or update its row) through :func:`score_exam`; whether it was
+        scored now. A failure is kept with its reason and retried with backoff, or, for an exam with nothing
+        to score, when more instances come."""
         with self._notes_lock:
             self._receiving.pop(folder, None)
         with self._queue_changed:
             self._retry.pop(folder, None)
-        if not folder.is_dir():  # an admin discarded it
-            return False
-        files = _files(folder)
-        started = time.perf_counter()
+        assert self.predictor is not None  # no scoring threads run without one
         try:
-            report = ingest(self.worklist, self.predictor, [folder], source="dicom")
-        except Exception as exc:  # ingest keeps one exam's failure to a problem line; this is the store itself
-            log.exception("exam %s could not be scored", folder.name)
-            self._failed(folder, f"{type(exc).__name__}: {exc}", retry=True)
+            added = score_exam(self.worklist, self.predictor, folder, self.on_scored)
+        except NotScored as exc:
+            self._failed(folder, exc.reason, exc.retry)
             return False
-        for problem in report.problems:
-            log.warning("exam %s: %s", folder.name, problem.reason)
-        if not report.added:
-            reasons = report.failed or [p.reason for p in report.problems] or ["no readable CT image"]
-            self._failed(folder, "; ".join(reasons), retry=bool(report.failed))
-            return False
-        for study_id in report.added:
-            entry = self.worklist.study(study_id)
-            log.info(
-                "exam %s: worklist id %d, %d slices, likelihood %.3f%s, %.1f s",
-                folder.name, study_id, entry.n_slices, entry.score or 0.0, ", FLAGGED" if entry.flagged else "",
-                time.perf_counter() - started,
-            )  # fmt: skip
-        Inbox.mark_scored(folder, files)
         self._attempts.pop(folder, None)
-        self.worklist.intake_done(folder.name)
-        for study_id in report.added:
-            for callback in self.on_scored:
-                try:
-                    callback(study_id)
-                except Exception:  # a failed webhook or PACS send must not lose the scored exam
-                    log.exception("after scoring worklist id %d: %s failed", study_id, type(callback).__name__)
-        return True
+        return bool(added)
 
     def _failed(self, folder: Path, reason: str, retry: bool) -> None:
         """Keep a failed exam visible with its reason, and when ``retry``, schedule its next attempt."""
@@ -397,12 +439,32 @@ class Listener:
             self._queue(self.inbox.due(now) + retries)
 
     def _queue(self, folders: Sequence[Path]) -> None:
+        if self.enqueue is not None:
+            self._hand_over(folders)
+            return
         """Add exams to the queue; one not seen arriving here (a retry, one found at start) counts from now."""
         now = time.monotonic()
         with self._queue_changed:
             for folder in folders:
                 self._waiting.setdefault(folder, self._receiving.get(folder, now))
             self._queue_changed.notify_all()
+
+    def _hand_over(self, folders: Sequence[Path]) -> None:
+        """Queue mode: pass exams to ``enqueue``, oldest arrival first; one refused is tried again shortly."""
+        enqueue, now = self.enqueue, time.monotonic()
+        assert enqueue is not None  # queue mode
+        for folder in sorted(folders, key=lambda f: self._receiving.get(f, now)):
+            with self._notes_lock:  # instances arriving from now on show the exam as receiving again
+                self._receiving.pop(folder, None)
+            try:
+                enqueue(folder.name)
+            except Exception as exc:  # noqa: BLE001 - the queue's database unreachable: the exam is on disk, try again
+                log.warning(
+                    "exam %s could not be queued (%s); trying again in %.0f s",
+                    folder.name, type(exc).__name__, ENQUEUE_RETRY_SECONDS,
+                )  # fmt: skip
+                with self._queue_changed:
+                    self._retry[folder] = time.monotonic() + ENQUEUE_RETRY_SECONDS
 
     def _next(self) -> Path | None:
         """Claim the oldest waiting exam that no worker holds, waiting for one; ``None`` once stopped."""
@@ -452,9 +514,8 @@ class Listener:
         ]
         for thread in self._threads:
             thread.start()
-        log.info(
-            "listening as AE %r on %s:%d, scoring up to %d exam(s) at once", self.ae.ae_title, host, bound, self.workers
-        )
+        how = "queueing exams for ich worker" if self.enqueue else f"scoring up to {self.workers} exam(s) at once"
+        log.info("listening as AE %r on %s:%d, %s", self.ae.ae_title, host, bound, how)
         return bound
 
     def stop(self) -> None:

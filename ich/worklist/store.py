@@ -5,9 +5,21 @@ checkout): ``worklist.sqlite3``, ``volumes/<key>.npz`` (int16 HU, compressed, re
 ``headers/<key>.dcm`` (the scored series' first header without pixels, for the results sent back to PACS).
 The exam's other CT series (bone kernel, thin, reformats, scout) are kept as volumes too, unscored, so the
 viewer can switch to them (:meth:`Worklist.add_other_series`).
-A :class:`Worklist` opens a new SQLite connection per call; every write is one ``BEGIN IMMEDIATE``
-transaction, so one object is safely shared by every Streamlit session (thread) of a server and several
-processes (dashboards, the listener) share one data directory: a look-up-then-insert cannot interleave.
+
+The tables may live on a PostgreSQL server instead (``$ICH_DATABASE_URL`` or ``Worklist(database_url=...)``,
+``postgresql://user@host/database``), so that several machines share one worklist; the volumes and header
+copies stay files in the data directory. Both engines are driven through SQLAlchemy Core with one schema
+(:data:`_METADATA`) and the same SQL. Every write is one transaction that takes the database's one write lock
+first (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an advisory lock, see :meth:`Worklist._write`), so one object
+is safely shared by every Streamlit session (thread) of a server, and several processes (dashboards, the
+listener) share one store: a look-up-then-insert cannot interleave. Readers never wait for a writer (SQLite's
+WAL, PostgreSQL's snapshots).
+
+The schema's version is kept in the ``meta`` table (``schema_version``; SQLite's ``user_version`` too). Opening
+a store creates what is missing (tables, then columns added since version 1, then the one-row-per-exam index)
+in one write transaction, which is idempotent and the same on both engines: a new PostgreSQL database gets the
+current schema at once, an old SQLite store migrates in place as before. No Alembic: every change so far only
+added tables and columns, which this does without a migration history that existing stores lack.
 
 The worklist holds one row per **exam** (Study Instance UID): the series the model scored (chosen by
 :func:`ich.exam.choose_series`) and, as ``exam_series``, every series the exam held with why it was not
@@ -17,8 +29,8 @@ its files as they were, and a delete never removes a file a re-add has just writ
 
 Exams received but not (yet) on the worklist are kept in the ``intake`` table: "receiving" while the
 listener waits for the last instance, "failed" with the reason when scoring or storing failed (they are
-retried; an admin may remove them). A damaged database raises :class:`StoreError` naming the file and
-what to do.
+retried; an admin may remove them). A damaged SQLite database, or a PostgreSQL server that cannot be
+reached, raises :class:`StoreError` naming the database (never its password) and what to do.
 
 No patient identifiers are stored in the database unless an admin turns them on
 (:meth:`Worklist.set_identifiers`): a study is shown as "Study 3 · 36 slices"; its DICOM UIDs are kept
@@ -52,9 +64,13 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
+import sqlalchemy as sa
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from sqlalchemy.engine import URL, Connection, RowMapping
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.pool import NullPool
 
 from ich import dicom
 from ich.exam import SeriesChoice
@@ -95,7 +111,7 @@ _ADDED_COLUMNS = {
         "source": "TEXT NOT NULL DEFAULT 'upload'",
         "study_datetime": "TEXT",
         "description": "TEXT NOT NULL DEFAULT ''",
-        "thickness": "REAL",
+        "thickness": "DOUBLE PRECISION",  # SQLite: REAL, as the column was first added
         "patient_id": "TEXT",  # stored only while identifiers are on (see Worklist.identifiers_on)
         "accession": "TEXT",
         "exam_series": "TEXT NOT NULL DEFAULT '[]'",  # every series of the exam, scored or why not (JSON)
@@ -109,93 +125,158 @@ _ADDED_COLUMNS = {
 }
 STALE_PARTIAL_S = 3600.0  # a half-written volume older than this belongs to a writer that died
 IDENTIFIERS_KEY = "identifiers"  # meta key: "on" while an admin has identifiers shown
+SCHEMA_KEY = "schema_version"  # meta key: the schema version the store was last opened with
+DATABASE_URL_ENV = "ICH_DATABASE_URL"  # a PostgreSQL database for the tables; unset: SQLite in the data directory
 _P = [f"p_{c}" for c in CLASSES]
 _Y = [f"y_{c}" for c in CLASSES]
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS studies (
-    id INTEGER PRIMARY KEY,
-    label TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    received TEXT NOT NULL,
-    n_slices INTEGER NOT NULL,
-    score REAL,
-    top_subtype TEXT,
-    flagged INTEGER NOT NULL,
-    status TEXT NOT NULL DEFAULT '{STATUS_NEW}',
-    demo INTEGER NOT NULL DEFAULT 0,
-    model TEXT,
-    thresholds TEXT NOT NULL,
-    notes TEXT NOT NULL DEFAULT '[]',
-    volume TEXT NOT NULL,
-    source TEXT NOT NULL DEFAULT 'upload',
-    study_datetime TEXT,
-    description TEXT NOT NULL DEFAULT '',
-    thickness REAL,
-    patient_id TEXT,
-    accession TEXT,
-    exam_series TEXT NOT NULL DEFAULT '[]',
-    header_file TEXT,
-    updated TEXT,
-    top_k INTEGER,
-    UNIQUE (study_uid, series_uid)
-);
-CREATE TABLE IF NOT EXISTS slices (
-    study_id INTEGER NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
-    idx INTEGER NOT NULL,
-    sop_uid TEXT NOT NULL,
-    {", ".join(f"{c} REAL" for c in _P + _Y)},
-    truth TEXT,
-    PRIMARY KEY (study_id, idx)
-);
-CREATE TABLE IF NOT EXISTS reviews (
-    id INTEGER PRIMARY KEY,
-    study_id INTEGER NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
-    hemorrhage INTEGER NOT NULL,
-    subtypes TEXT NOT NULL,
-    slice_marks TEXT NOT NULL,
-    created TEXT NOT NULL,
-    others_clear INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS intake (
-    key TEXT PRIMARY KEY,
-    source TEXT NOT NULL,
-    state TEXT NOT NULL,
-    study_uid TEXT,
-    first_seen TEXT NOT NULL,
-    last_seen TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_try TEXT,
-    reason TEXT
-);
-CREATE TABLE IF NOT EXISTS other_series (
-    study_id INTEGER NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
-    series_uid TEXT NOT NULL,
-    volume TEXT NOT NULL,
-    n_slices INTEGER NOT NULL,
-    PRIMARY KEY (study_id, series_uid)
-);
-PRAGMA user_version = {_SCHEMA_VERSION}
-"""
+
+
+def _column(
+    name: str,
+    kind: type[sa.types.TypeEngine],
+    default: str | int | None = None,
+    *,
+    nullable: bool = True,
+    primary_key: bool = False,
+) -> sa.Column:
+    """A column; ``default`` is the database's own (DEFAULT in the DDL), a text or an integer."""
+    server_default = sa.text(str(default)) if isinstance(default, int) else default
+    return sa.Column(name, kind, server_default=server_default, nullable=nullable, primary_key=primary_key)
+
+
+def _study_id(primary_key: bool = False) -> sa.Column:
+    return sa.Column(
+        "study_id", sa.Integer, sa.ForeignKey("studies.id", ondelete="CASCADE"), nullable=False, primary_key=primary_key
+    )
+
+
+# The schema, one definition for both engines: an integer primary key is SQLite's rowid, PostgreSQL's SERIAL;
+# Double is SQLite's REAL (8 bytes), PostgreSQL's DOUBLE PRECISION (its REAL has 4). Times stay ISO 8601 text,
+# as SQLite always kept them, so both engines give the same values back.
+_METADATA = sa.MetaData()
+_STUDIES = sa.Table(
+    "studies",
+    _METADATA,
+    sa.Column("id", sa.Integer, primary_key=True),
+    _column("label", sa.Text, nullable=False),
+    _column("study_uid", sa.Text, nullable=False),
+    _column("series_uid", sa.Text, nullable=False),
+    _column("received", sa.Text, nullable=False),
+    _column("n_slices", sa.Integer, nullable=False),
+    _column("score", sa.Double),
+    _column("top_subtype", sa.Text),
+    _column("flagged", sa.Integer, nullable=False),
+    _column("status", sa.Text, STATUS_NEW, nullable=False),
+    _column("demo", sa.Integer, 0, nullable=False),
+    _column("model", sa.Text),
+    _column("thresholds", sa.Text, nullable=False),
+    _column("notes", sa.Text, "[]", nullable=False),
+    _column("volume", sa.Text, nullable=False),
+    _column("source", sa.Text, "upload", nullable=False),
+    _column("study_datetime", sa.Text),
+    _column("description", sa.Text, "", nullable=False),
+    _column("thickness", sa.Double),
+    _column("patient_id", sa.Text),
+    _column("accession", sa.Text),
+    _column("exam_series", sa.Text, "[]", nullable=False),
+    _column("header_file", sa.Text),
+    _column("updated", sa.Text),
+    _column("top_k", sa.Integer),
+    sa.UniqueConstraint("study_uid", "series_uid"),
+)
+_SLICES = sa.Table(
+    "slices",
+    _METADATA,
+    _study_id(primary_key=True),
+    _column("idx", sa.Integer, primary_key=True),
+    _column("sop_uid", sa.Text, nullable=False),
+    *(_column(c, sa.Double) for c in _P + _Y),
+    _column("truth", sa.Text),
+)
+sa.Table(
+    "reviews",
+    _METADATA,
+    sa.Column("id", sa.Integer, primary_key=True),
+    _study_id(),
+    _column("hemorrhage", sa.Integer, nullable=False),
+    _column("subtypes", sa.Text, nullable=False),
+    _column("slice_marks", sa.Text, nullable=False),
+    _column("created", sa.Text, nullable=False),
+    _column("others_clear", sa.Integer, 0, nullable=False),
+)
+sa.Table("meta", _METADATA, _column("key", sa.Text, primary_key=True), _column("value", sa.Text, nullable=False))
+sa.Table(
+    "intake",
+    _METADATA,
+    _column("key", sa.Text, primary_key=True),
+    _column("source", sa.Text, nullable=False),
+    _column("state", sa.Text, nullable=False),
+    _column("study_uid", sa.Text),
+    _column("first_seen", sa.Text, nullable=False),
+    _column("last_seen", sa.Text, nullable=False),
+    _column("attempts", sa.Integer, 0, nullable=False),
+    _column("next_try", sa.Text),
+    _column("reason", sa.Text),
+)
+sa.Table(
+    "other_series",
+    _METADATA,
+    _study_id(primary_key=True),
+    _column("series_uid", sa.Text, primary_key=True),
+    _column("volume", sa.Text, nullable=False),
+    _column("n_slices", sa.Integer, nullable=False),
+)
 # One row per exam. Stores from before version 5 may hold several series rows of one exam: they keep them
 # (the latest is updated), and the index is made once they are gone.
 _EXAM_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS studies_exam ON studies (study_uid)"
 INTAKE_RECEIVING = "receiving"
 INTAKE_FAILED = "failed"
 _CORRUPT = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB: the file is damaged, not busy or misused
+# pg_advisory_xact_lock's key: PostgreSQL's counterpart of SQLite's one write lock (see Worklist._write).
+_PG_WRITE_LOCK = int.from_bytes(hashlib.sha256(b"ich.worklist write").digest()[:8], "big", signed=True)
 
 
 class StoreError(RuntimeError):
-    """The worklist database cannot be used; the message names the file and what to do."""
+    """The worklist database cannot be used; the message names the database (never a password) and what to do."""
 
 
-def _damaged(path: Path, exc: sqlite3.DatabaseError) -> StoreError:
+def _damaged(path: Path, exc: object) -> StoreError:
     return StoreError(
         f"{path}: the worklist database is damaged ({exc}). Stop every ich process using it, then restore the data "
         "directory from its backup (worklist.sqlite3 with its -wal file), or start with a new data directory "
         "(ICH_DATA_DIR); `python -m ich worklist --check` runs SQLite's integrity check."
     )
+
+
+def _postgres_url(given: str | None) -> URL | None:
+    """The PostgreSQL database ``given`` (else ``$ICH_DATABASE_URL``) names, for psycopg 3; ``None``: SQLite."""
+    text = (given if given is not None else os.environ.get(DATABASE_URL_ENV, "")).strip()
+    if not text:
+        return None
+    try:
+        url = sa.make_url(text)
+    except ArgumentError:  # its message quotes the text, password included
+        raise StoreError(
+            f"the worklist database URL ({DATABASE_URL_ENV}) cannot be read: postgresql://user@host/database"
+        ) from None
+    if url.drivername not in ("postgresql", "postgres", "postgresql+psycopg"):
+        raise StoreError(
+            f"the worklist database must be PostgreSQL (postgresql://...), not {url.drivername}; "
+            f"without {DATABASE_URL_ENV} it is SQLite in the data directory"
+        )
+    return url.set(drivername="postgresql+psycopg")
+
+
+def _run(db: Connection, sql: str, **params: object) -> sa.CursorResult:
+    """``sql`` with ``:name`` parameters: the same text on both engines."""
+    return db.execute(sa.text(sql), params)
+
+
+def _sqlite_connect(db: sqlite3.Connection, _record: object) -> None:
+    """Each new SQLite connection: no implicit BEGIN (reads run statement by statement; :meth:`Worklist._write`
+    begins its own), and foreign keys on, so a delete cascades to the study's slices and reads."""
+    db.isolation_level = None
+    db.execute("PRAGMA foreign_keys = ON")
 
 
 def _study_datetime(date: str, time: str) -> str | None:
@@ -301,7 +382,7 @@ class StudyRecord:
     top_k: int | None = None  # the k of the study score that scored it, with ``model`` and ``thresholds``
 
     @classmethod
-    def from_rows(cls, study: sqlite3.Row, last_review: sqlite3.Row | None) -> StudyRecord:
+    def from_rows(cls, study: RowMapping, last_review: RowMapping | None) -> StudyRecord:
         """Decode a ``studies`` row and the study's latest ``reviews`` row (JSON columns, 0/1 flags)."""
         return cls(
             id=int(study["id"]),
@@ -345,9 +426,10 @@ class _Prediction(Protocol):  # ich.inference.StudyPrediction, without importing
 
 
 class Worklist:
-    """The persistent worklist in ``directory`` (created if missing)."""
+    """The persistent worklist in ``directory`` (created if missing), its tables in SQLite there or in the
+    PostgreSQL database ``database_url`` (default ``$ICH_DATABASE_URL``) names."""
 
-    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike | None = None, database_url: str | None = None) -> None:
         self.directory = private_dir(Path(directory) if directory is not None else data_dir())  # patient data
         warn_permissions(self.directory)  # the dashboard and the listener open it at start
         self.volumes = self.directory / "volumes"
@@ -356,55 +438,112 @@ class Worklist:
         self.headers.mkdir(exist_ok=True)
         for folder in (self.volumes, self.headers):
             _remove_stale_partials(folder)
-        self.path = self.directory / "worklist.sqlite3"
+        url = _postgres_url(database_url)
+        self.path: Path | None  # the SQLite file; None on PostgreSQL
+        self.location: str  # the database as messages name it: the file, or the URL without its password
+        self.engine: sa.Engine  # SQLAlchemy's handle on the tables (tests and tools may read them through it)
+        if url is None:
+            self.path = self.directory / "worklist.sqlite3"
+            self.location = str(self.path)
+            # A connection per call, as sqlite3 was used before: nothing holds the file open between calls.
+            self.engine = sa.create_engine(
+                URL.create("sqlite", database=str(self.path)), poolclass=NullPool, connect_args={"timeout": 30}
+            )
+            sa.event.listen(self.engine, "connect", _sqlite_connect)
+        else:
+            self.path = None
+            self.location = url.render_as_string(hide_password=True)
+            # READ COMMITTED whatever the server's default: each statement of a write sees what the writers
+            # before it committed (see _write); a pooled connection is tested before use (a server restart).
+            # A server that does not answer is an error after 10 s, not a page that hangs until the OS gives up.
+            self.engine = sa.create_engine(
+                url, isolation_level="READ COMMITTED", pool_pre_ping=True, connect_args={"connect_timeout": 10}
+            )
         self._lock = threading.Lock()
         with self._write() as db:
-            for statement in _SCHEMA.split(";"):  # executescript would commit the open transaction first
-                db.execute(statement)
+            _METADATA.create_all(db)  # the tables a new (or older) store lacks
             for table, added in _ADDED_COLUMNS.items():
-                present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                present = {column["name"] for column in sa.inspect(db).get_columns(table)}
                 for column, definition in added.items():
                     if column not in present:
-                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-            if db.execute("SELECT 1 FROM studies GROUP BY study_uid HAVING COUNT(*) > 1").fetchone() is None:
-                db.execute(_EXAM_INDEX)
-        with self._read() as db:  # readers never wait for a writer (persistent, so set once)
-            db.execute("PRAGMA journal_mode = WAL")
+                        db.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {definition}"))
+            if db.execute(sa.text("SELECT 1 FROM studies GROUP BY study_uid HAVING COUNT(*) > 1")).first() is None:
+                db.execute(sa.text(_EXAM_INDEX))
+            self._put_meta(db, SCHEMA_KEY, str(_SCHEMA_VERSION))
+            if self.path is not None:
+                db.exec_driver_sql(f"PRAGMA user_version = {_SCHEMA_VERSION}")  # as before, for sqlite3 tools
+        if self.path is not None:
+            with self._read() as db:  # readers never wait for a writer (persistent, so set once)
+                db.exec_driver_sql("PRAGMA journal_mode = WAL")
 
     # ------------------------------------------------------------------ connections
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # transactions are explicit (_write)
-        db.row_factory = sqlite3.Row
+    def _read(self) -> Iterator[Connection]:
+        """A connection; SQLite runs its statements one by one, PostgreSQL in a transaction rolled back at the end."""
         try:
-            yield db
-        except sqlite3.DatabaseError as exc:
-            if getattr(exc, "sqlite_errorcode", None) in _CORRUPT:
-                raise _damaged(self.path, exc) from None
+            connection = self.engine.connect()
+        except OperationalError as exc:
+            self._raise_if_damaged(exc)
+            if self.path is None:  # psycopg's reason names host, port and user, never the password
+                raise StoreError(
+                    f"{self.location}: cannot connect to the worklist database ({str(exc.orig).strip()}). Start the "
+                    f"PostgreSQL server or correct {DATABASE_URL_ENV}."
+                ) from None
             raise
-        finally:
-            db.close()
+        try:
+            with connection as db:
+                yield db
+        except DBAPIError as exc:
+            self._raise_if_damaged(exc)
+            raise
+
+    def _raise_if_damaged(self, exc: DBAPIError) -> None:
+        if self.path is not None and getattr(exc.orig, "sqlite_errorcode", None) in _CORRUPT:
+            raise _damaged(self.path, exc.orig) from None
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One transaction: committed on success, rolled back on any error. ``BEGIN IMMEDIATE`` takes SQLite's
-        write lock first, so what the transaction reads cannot change under it, whichever process writes."""
-        with self._lock, self._read() as db:
-            db.execute("PRAGMA foreign_keys = ON")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+    def _write(self) -> Iterator[Connection]:
+        """One transaction: committed on success, rolled back on any error. It takes the database's write lock
+        first, so what the transaction reads cannot change under it, whichever process writes.
+
+        SQLite: ``BEGIN IMMEDIATE``. PostgreSQL: ``pg_advisory_xact_lock`` on one key, held to the commit, so
+        writers take turns as on SQLite. Row locks (``SELECT ... FOR UPDATE``) cannot lock a row not there yet,
+        which is what two processes adding the same exam race for; SERIALIZABLE would have to retry whole
+        writes, volume files included. Writes take milliseconds and readers never wait, so one lock is enough.
+        """
+        with self._lock, self._read() as db, db.begin():
+            if self.path is not None:
+                db.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                db.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_WRITE_LOCK})
+            yield db
+
+    @staticmethod
+    def _put_meta(db: Connection, key: str, value: str) -> None:
+        db.execute(
+            sa.text(
+                "INSERT INTO meta (key, value) VALUES (:key, :value) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+            ),
+            {"key": key, "value": value},
+        )
 
     def check(self) -> list[str]:
-        """SQLite's integrity check of the database: ``[]`` when it is sound, else what it found."""
+        """What is wrong with the database: ``[]`` when it is sound. SQLite: its integrity check. PostgreSQL keeps
+        its own pages sound (checking them needs the amcheck extension and a superuser): every table and column
+        of the schema is there."""
         with self._read() as db:
-            found = [row[0] for row in db.execute("PRAGMA integrity_check")]
-        return [] if found == ["ok"] else found
+            if self.path is not None:
+                found = [row[0] for row in db.exec_driver_sql("PRAGMA integrity_check")]
+                return [] if found == ["ok"] else found
+            inspector, missing = sa.inspect(db), []
+            for table in _METADATA.sorted_tables:
+                if not inspector.has_table(table.name):
+                    missing.append(f"table {table.name} is missing")
+                    continue
+                present = {c["name"] for c in inspector.get_columns(table.name)}
+                missing += [f"column {table.name}.{c.name} is missing" for c in table.columns if c.name not in present]
+            return missing
 
     # ------------------------------------------------------------------ writing
 
@@ -471,17 +610,19 @@ class Worklist:
         try:
             _write_npz(path, series.volume(), series.affine())
             with self._write() as db:
-                found = db.execute("SELECT id FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+                found = _run(db, "SELECT id FROM studies WHERE study_uid = :uid", uid=study_uid).scalar_one_or_none()
                 old = None
                 if found:
-                    old = db.execute(
-                        "SELECT volume FROM other_series WHERE study_id = ? AND series_uid = ?",
-                        (found["id"], series.series_uid),
-                    ).fetchone()
-                    db.execute(
-                        "INSERT OR REPLACE INTO other_series (study_id, series_uid, volume, n_slices) VALUES (?, ?, ?, ?)",
-                        (found["id"], series.series_uid, key, len(series)),
-                    )
+                    kept = dict(study_id=found, series_uid=series.series_uid)
+                    where = "WHERE study_id = :study_id AND series_uid = :series_uid"
+                    old = _run(db, f"SELECT volume FROM other_series {where}", **kept).scalar_one_or_none()
+                    _run(
+                        db,
+                        "INSERT INTO other_series (study_id, series_uid, volume, n_slices)"
+                        " VALUES (:study_id, :series_uid, :volume, :n_slices)"
+                        " ON CONFLICT (study_id, series_uid) DO UPDATE SET volume = excluded.volume, n_slices = excluded.n_slices",
+                        **kept, volume=key, n_slices=len(series),
+                    )  # fmt: skip
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -489,7 +630,7 @@ class Worklist:
             path.unlink(missing_ok=True)
             return False
         if old:  # after the commit: nothing names it any more
-            (self.volumes / old["volume"]).unlink(missing_ok=True)
+            (self.volumes / old).unlink(missing_ok=True)
         return True
 
     def _upsert(
@@ -540,15 +681,19 @@ class Worklist:
         )
         with self._write() as db:
             # The latest row of the exam (a store from before version 5 may hold one per series).
-            found = db.execute(
-                "SELECT * FROM studies WHERE study_uid = ? ORDER BY id DESC LIMIT 1", (series.study_uid,)
-            ).fetchone()
+            found = (
+                _run(db, "SELECT * FROM studies WHERE study_uid = :uid ORDER BY id DESC LIMIT 1", uid=series.study_uid)
+                .mappings()
+                .first()
+            )
             # Labels a previous upload of this series brought stay where the new ones say nothing
             # (no label file, or one that does not list these slices).
             old = {
                 r["sop_uid"]: r
                 for r in (
-                    db.execute(f"SELECT sop_uid, {', '.join(_Y)}, truth FROM slices WHERE study_id = ?", (found["id"],))
+                    _run(db, f"SELECT sop_uid, {', '.join(_Y)}, truth FROM slices WHERE study_id = :id", id=found["id"])
+                    .mappings()
+                    .all()
                     if found
                     else []
                 )
@@ -569,36 +714,34 @@ class Worklist:
             if found:
                 study_id = found["id"]
                 fields["updated"] = now
-                db.execute(
-                    f"UPDATE studies SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
-                    (*fields.values(), study_id),
-                )
-                db.execute("DELETE FROM slices WHERE study_id = ?", (study_id,))
+                db.execute(_STUDIES.update().where(_STUDIES.c.id == study_id).values(fields))
+                _run(db, "DELETE FROM slices WHERE study_id = :id", id=study_id)
                 replaced = [
                     self.volumes / found["volume"],
                     self.headers / StudyRecord.from_rows(found, None).header_file,
                 ]
                 # A series kept for the viewer that is now the scored one: its volume is the row's own now.
-                where = "FROM other_series WHERE study_id = ? AND series_uid = ?"
+                where = "FROM other_series WHERE study_id = :id AND series_uid = :uid"
                 replaced += [
-                    self.volumes / r["volume"]
-                    for r in db.execute(f"SELECT volume {where}", (study_id, series.series_uid))
+                    self.volumes / volume
+                    for volume in _run(db, f"SELECT volume {where}", id=study_id, uid=series.series_uid).scalars()
                 ]
-                db.execute(f"DELETE {where}", (study_id, series.series_uid))
+                _run(db, f"DELETE {where}", id=study_id, uid=series.series_uid)
             else:
-                study_id = db.execute(
-                    f"INSERT INTO studies (label, {', '.join(fields)}) VALUES ('', {', '.join('?' * len(fields))})",
-                    tuple(fields.values()),
-                ).lastrowid
+                inserted = db.execute(_STUDIES.insert().values(label="", **fields))
+                # SQLite's rowid, PostgreSQL's SERIAL: SQLAlchemy fetches the new id as each engine gives it back.
+                study_id = inserted.inserted_primary_key.id  # type: ignore[union-attr]  # an INSERT always has one
             name = "Demo" if demo else "Study"
+            label = f"{name} {study_id} · {len(series)} slices"
+            _run(db, "UPDATE studies SET label = :label WHERE id = :id", label=label, id=study_id)
             db.execute(
-                "UPDATE studies SET label = ? WHERE id = ?", (f"{name} {study_id} · {len(series)} slices", study_id)
-            )
-            db.executemany(
-                f"INSERT INTO slices (study_id, idx, sop_uid, {', '.join(_P + _Y)}, truth) "
-                f"VALUES ({study_id}, {', '.join('?' * (len(_P) + len(_Y) + 3))})",
-                [(i, sop, *_nullable(probs[i]), *_nullable(y[i]), sources[i]) for i, sop in enumerate(series.sop_uids)],
-            )
+                _SLICES.insert(),
+                [
+                    dict(study_id=study_id, idx=i, sop_uid=sop, truth=sources[i],
+                         **dict(zip(_P, _nullable(probs[i]))), **dict(zip(_Y, _nullable(y[i]))))
+                    for i, sop in enumerate(series.sop_uids)
+                ],
+            )  # fmt: skip
         return int(study_id), [p for p in replaced if p.name not in (key, header)]
 
     @staticmethod
@@ -633,14 +776,15 @@ class Worklist:
         if any(not 0 <= i < n for i in read.slice_marks):
             raise ValueError(f"slice marks must lie in 0..{n - 1}")
         with self._write() as db:
-            db.execute(
+            _run(
+                db,
                 "INSERT INTO reviews (study_id, hemorrhage, subtypes, slice_marks, others_clear, created)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (study_id, int(read.hemorrhage), json.dumps(read.subtypes), json.dumps(read.slice_marks),
-                 int(read.others_clear), read.created),
+                " VALUES (:id, :hemorrhage, :subtypes, :marks, :others_clear, :created)",
+                id=study_id, hemorrhage=int(read.hemorrhage), subtypes=json.dumps(read.subtypes),
+                marks=json.dumps(read.slice_marks), others_clear=int(read.others_clear), created=read.created,
             )  # fmt: skip
             status = STATUS_HEMORRHAGE if read.hemorrhage else STATUS_CLEAR
-            db.execute("UPDATE studies SET status = ? WHERE id = ?", (status, study_id))
+            _run(db, "UPDATE studies SET status = :status WHERE id = :id", status=status, id=study_id)
         return read
 
     def delete_study(self, study_id: int) -> None:
@@ -648,13 +792,11 @@ class Worklist:
         visible half). The files are the ones the row named when it was deleted: a re-add of the exam at the
         same moment writes new names, which stay."""
         with self._write() as db:
-            row = db.execute("SELECT * FROM studies WHERE id = ?", (study_id,)).fetchone()
+            row = _run(db, "SELECT * FROM studies WHERE id = :id", id=study_id).mappings().first()
             if row is None:
                 raise KeyError(f"no study {study_id} on the worklist")
-            others = [
-                r["volume"] for r in db.execute("SELECT volume FROM other_series WHERE study_id = ?", (study_id,))
-            ]
-            db.execute("DELETE FROM studies WHERE id = ?", (study_id,))  # slices, reads, other series cascade
+            others = list(_run(db, "SELECT volume FROM other_series WHERE study_id = :id", id=study_id).scalars())
+            _run(db, "DELETE FROM studies WHERE id = :id", id=study_id)  # slices, reads, other series cascade
         record = StudyRecord.from_rows(row, None)
         for name in (record.volume_file, *others):
             (self.volumes / name).unlink(missing_ok=True)
@@ -662,7 +804,18 @@ class Worklist:
 
     def set_meta(self, key: str, value: str) -> None:
         with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            self._put_meta(db, key, value)
+
+    def claim_meta(self, key: str, value: str, *, only_if_empty: bool = False) -> bool:
+        """Set ``key`` to ``value`` only if it is unset (and, with ``only_if_empty``, no study is stored), in
+        one write transaction: of several servers or sessions asking at once, exactly one gets ``True``."""
+        with self._write() as db:
+            if _run(db, "SELECT 1 FROM meta WHERE key = :key", key=key).first() is not None:
+                return False
+            if only_if_empty and _run(db, "SELECT 1 FROM studies LIMIT 1").first() is not None:
+                return False
+            self._put_meta(db, key, value)
+            return True
 
     @property
     def identifiers_on(self) -> bool:
@@ -672,21 +825,18 @@ class Worklist:
     def set_identifiers(self, on: bool) -> None:
         """Turn identifiers on or off; off also erases every stored one."""
         with self._write() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (IDENTIFIERS_KEY, "on" if on else "off")
-            )
+            self._put_meta(db, IDENTIFIERS_KEY, "on" if on else "off")
             if not on:
-                db.execute("UPDATE studies SET patient_id = NULL, accession = NULL")
+                _run(db, "UPDATE studies SET patient_id = NULL, accession = NULL")
 
     def identifiers(self) -> pd.DataFrame:
         """``id``, ``patient_id``, ``accession`` of every study (empty values while identifiers are off)."""
         with self._read() as db:
-            return pd.read_sql_query("SELECT id, patient_id, accession FROM studies", db)
+            return pd.read_sql_query(sa.text("SELECT id, patient_id, accession FROM studies"), db)
 
     def get_meta(self, key: str) -> str | None:
         with self._read() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row["value"]
+            return _run(db, "SELECT value FROM meta WHERE key = :key", key=key).scalar_one_or_none()
 
     # ------------------------------------------------------------------ intake: exams received, not on the worklist yet
 
@@ -695,11 +845,13 @@ class Worklist:
         until :meth:`intake_done` or :meth:`intake_failed`."""
         now = _now()
         with self._write() as db:
-            db.execute(
-                "INSERT INTO intake (key, source, state, study_uid, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?)"
+            _run(
+                db,
+                "INSERT INTO intake (key, source, state, study_uid, first_seen, last_seen)"
+                " VALUES (:key, :source, :state, :uid, :now, :now)"
                 " ON CONFLICT (key) DO UPDATE SET state = excluded.state, last_seen = excluded.last_seen",
-                (key, source, INTAKE_RECEIVING, study_uid, now, now),
-            )
+                key=key, source=source, state=INTAKE_RECEIVING, uid=study_uid, now=now,
+            )  # fmt: skip
 
     def intake_failed(self, key: str, reason: str, next_try: dt.datetime | None, source: str = "dicom") -> int:
         """Scoring or storing the exam failed: kept as "failed" with ``reason`` (no identifier) and when it is
@@ -707,18 +859,20 @@ class Worklist:
         now = _now()
         retry = None if next_try is None else next_try.astimezone().isoformat(timespec="seconds")
         with self._write() as db:
-            db.execute(
+            _run(
+                db,
                 "INSERT INTO intake (key, source, state, first_seen, last_seen, attempts, next_try, reason)"
-                " VALUES (?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (key) DO UPDATE SET state = excluded.state,"
-                " attempts = attempts + 1, next_try = excluded.next_try, reason = excluded.reason",
-                (key, source, INTAKE_FAILED, now, now, retry, reason),
-            )
-            return int(db.execute("SELECT attempts FROM intake WHERE key = ?", (key,)).fetchone()[0])
+                " VALUES (:key, :source, :state, :now, :now, 1, :next_try, :reason) ON CONFLICT (key) DO UPDATE SET"
+                " state = excluded.state, attempts = intake.attempts + 1, next_try = excluded.next_try,"
+                " reason = excluded.reason",
+                key=key, source=source, state=INTAKE_FAILED, now=now, next_try=retry, reason=reason,
+            )  # fmt: skip
+            return int(_run(db, "SELECT attempts FROM intake WHERE key = :key", key=key).scalar_one())
 
     def intake_done(self, key: str) -> None:
         """The exam is on the worklist (or an admin removed it): no longer pending."""
         with self._write() as db:
-            db.execute("DELETE FROM intake WHERE key = ?", (key,))
+            _run(db, "DELETE FROM intake WHERE key = :key", key=key)
 
     def intake(self) -> pd.DataFrame:
         """Exams received and not on the worklist yet, or being updated: ``key``, ``source``, ``state``
@@ -726,17 +880,20 @@ class Worklist:
         ``first_seen``, ``last_seen``, ``attempts``, ``next_try``, ``reason``; failed ones first."""
         with self._read() as db:
             return pd.read_sql_query(
-                "SELECT i.key, i.source, i.state, s.id AS study_id, i.first_seen, i.last_seen, i.attempts, i.next_try,"
-                " i.reason FROM intake i LEFT JOIN studies s ON s.study_uid = i.study_uid"
-                f" ORDER BY i.state != '{INTAKE_FAILED}', i.first_seen",
+                sa.text(
+                    "SELECT i.key, i.source, i.state, s.id AS study_id, i.first_seen, i.last_seen, i.attempts,"
+                    " i.next_try, i.reason FROM intake i LEFT JOIN studies s ON s.study_uid = i.study_uid"
+                    " ORDER BY i.state != :failed, i.first_seen"
+                ),
                 db,
+                params={"failed": INTAKE_FAILED},
             )
 
     # ------------------------------------------------------------------ reading
 
     def __len__(self) -> int:
         with self._read() as db:
-            return int(db.execute("SELECT COUNT(*) FROM studies").fetchone()[0])
+            return int(_run(db, "SELECT COUNT(*) FROM studies").scalar_one())
 
     def studies(self, status: str | None = None) -> pd.DataFrame:
         """One row per study: unread first, then the most likely hemorrhage first (unscored studies last)."""
@@ -745,11 +902,11 @@ class Worklist:
         query = (
             "SELECT id, label, received, study_datetime, description, n_slices, thickness, source, score,"
             " top_subtype, flagged, status, demo, model, thresholds, top_k FROM studies"
-            + (" WHERE status = ?" if status else "")
-            + f" ORDER BY status != '{STATUS_NEW}', score IS NULL, score DESC, id"
+            + (" WHERE status = :status" if status else "")
+            + " ORDER BY status != :new, score IS NULL, score DESC, id"
         )
         with self._read() as db:
-            frame = pd.read_sql_query(query, db, params=(status,) if status else None)
+            frame = pd.read_sql_query(sa.text(query), db, params={"status": status, "new": STATUS_NEW})
         local = dt.datetime.now().astimezone().tzinfo
         frame["received"] = pd.to_datetime(frame["received"], utc=True).dt.tz_convert(local).dt.tz_localize(None)
         frame["study_datetime"] = pd.to_datetime(frame["study_datetime"])  # the scanner's local time, as DICOM has it
@@ -759,12 +916,14 @@ class Worklist:
     def study(self, study_id: int) -> StudyRecord:
         """One study with its latest read; ``KeyError`` when the worklist has no such study."""
         with self._read() as db:
-            row = db.execute("SELECT * FROM studies WHERE id = ?", (study_id,)).fetchone()
+            row = _run(db, "SELECT * FROM studies WHERE id = :id", id=study_id).mappings().first()
             if row is None:
                 raise KeyError(f"no study {study_id} on the worklist")
-            last = db.execute(
-                "SELECT * FROM reviews WHERE study_id = ? ORDER BY id DESC LIMIT 1", (study_id,)
-            ).fetchone()
+            last = (
+                _run(db, "SELECT * FROM reviews WHERE study_id = :id ORDER BY id DESC LIMIT 1", id=study_id)
+                .mappings()
+                .first()
+            )
         return StudyRecord.from_rows(row, last)
 
     def slices(self, study_id: int) -> pd.DataFrame:
@@ -775,9 +934,12 @@ class Worklist:
         """
         with self._read() as db:
             frame = pd.read_sql_query(
-                f"SELECT idx AS 'index', sop_uid, {', '.join(_P + _Y)}, truth FROM slices WHERE study_id = ? ORDER BY idx",
+                sa.text(
+                    f'SELECT idx AS "index", sop_uid, {", ".join(_P + _Y)}, truth FROM slices WHERE study_id = :id'
+                    " ORDER BY idx"
+                ),
                 db,
-                params=(study_id,),
+                params={"id": study_id},
             )
         frame[_P + _Y] = frame[_P + _Y].astype(np.float32)
         read = self.study(study_id).read
@@ -791,24 +953,28 @@ class Worklist:
     def other_series(self, study_id: int) -> dict[str, int]:
         """The exam's series kept for the viewer besides the scored one: series UID -> slices."""
         with self._read() as db:
-            rows = db.execute(
+            rows = _run(
+                db,
                 "SELECT o.series_uid, o.n_slices FROM other_series o JOIN studies s ON s.id = o.study_id"
-                " WHERE o.study_id = ? AND o.series_uid != s.series_uid",
-                (study_id,),
-            ).fetchall()
-        return {r["series_uid"]: int(r["n_slices"]) for r in rows}
+                " WHERE o.study_id = :id AND o.series_uid != s.series_uid",
+                id=study_id,
+            ).all()
+        return {uid: int(n) for uid, n in rows}
 
     def _volume_path(self, study_id: int, series_uid: str | None) -> Path:
         record = self.study(study_id)
         if series_uid is None or series_uid == record.series_uid:
             return self.volumes / record.volume_file
         with self._read() as db:
-            row = db.execute(
-                "SELECT volume FROM other_series WHERE study_id = ? AND series_uid = ?", (study_id, series_uid)
-            ).fetchone()
-        if row is None:
+            volume = _run(
+                db,
+                "SELECT volume FROM other_series WHERE study_id = :id AND series_uid = :uid",
+                id=study_id,
+                uid=series_uid,
+            ).scalar_one_or_none()
+        if volume is None:
             raise KeyError(f"study {study_id} keeps no such series")
-        return self.volumes / row["volume"]
+        return self.volumes / volume
 
     def volume(self, study_id: int, series_uid: str | None = None) -> np.ndarray:
         """int16 ``(N, H, W)`` HU of the scored series, or of another series of the exam (:meth:`other_series`)."""
@@ -832,10 +998,12 @@ class Worklist:
     def reviews(self, study_id: int) -> pd.DataFrame:
         with self._read() as db:
             return pd.read_sql_query(
-                "SELECT id, hemorrhage, subtypes, slice_marks, others_clear, created FROM reviews WHERE study_id = ?"
-                " ORDER BY id",
+                sa.text(
+                    "SELECT id, hemorrhage, subtypes, slice_marks, others_clear, created FROM reviews"
+                    " WHERE study_id = :id ORDER BY id"
+                ),
                 db,
-                params=(study_id,),
+                params={"id": study_id},
             )
 
     # ------------------------------------------------------------------ exports
@@ -844,12 +1012,14 @@ class Worklist:
         """The worklist with each study's latest read, as CSV text (DICOM UIDs only if ``uids``)."""
         with self._read() as db:
             frame = pd.read_sql_query(
-                "SELECT s.id, s.label, s.study_uid, s.series_uid, s.received, s.n_slices, s.score, s.top_subtype,"
-                " s.flagged, s.status, s.demo, s.model, r.hemorrhage AS read_hemorrhage, r.subtypes AS read_subtypes,"
-                " r.slice_marks AS read_slice_marks, r.others_clear AS read_others_clear, r.created AS read_time"
-                " FROM studies s LEFT JOIN reviews r"
-                " ON r.id = (SELECT MAX(id) FROM reviews WHERE study_id = s.id)"
-                " ORDER BY s.score IS NULL, s.score DESC, s.id",
+                sa.text(
+                    "SELECT s.id, s.label, s.study_uid, s.series_uid, s.received, s.n_slices, s.score, s.top_subtype,"
+                    " s.flagged, s.status, s.demo, s.model, r.hemorrhage AS read_hemorrhage, r.subtypes AS read_subtypes,"
+                    " r.slice_marks AS read_slice_marks, r.others_clear AS read_others_clear, r.created AS read_time"
+                    " FROM studies s LEFT JOIN reviews r"
+                    " ON r.id = (SELECT MAX(id) FROM reviews WHERE study_id = s.id)"
+                    " ORDER BY s.score IS NULL, s.score DESC, s.id"
+                ),
                 db,
             )
         if not uids:
