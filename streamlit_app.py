@@ -12,11 +12,13 @@ import streamlit as st
 from ich import dicom
 from ich.dashboard import navigation, session
 from ich.dashboard.resources import load_model, store
-from ich.dashboard.worklist_page import arrivals_ui, seed_demo_ui
+from ich.dashboard.worklist_page import arrivals_ui, demo_status_ui, start_demo_seeding
 from ich.presentation import page_icon
 from ich.worklist import StoreError
 
 NOTICE = "**Not a medical device — research use only.** The model's scores are not diagnoses."
+# Streamlit leaves ~6 rem above the first element under a top navigation bar: a reading screen needs it.
+COMPACT = "<style>[data-testid='stMainBlockContainer'] { padding-top: 3.5rem; }</style>"
 
 
 def main() -> None:
@@ -24,6 +26,7 @@ def main() -> None:
     st.set_page_config(
         page_title="ich · hemorrhage triage", page_icon=page_icon(), layout="wide", initial_sidebar_state="collapsed"
     )
+    st.html(COMPACT)
     st.warning(NOTICE, icon=":material/warning:")
     st.session_state["ich_user"] = signed_in = session.sign_in_ui()  # nothing below runs for a signed-out client
     page = st.navigation(list(navigation.pages().values()), position="top")  # the reading screen keeps its width
@@ -37,7 +40,8 @@ def main() -> None:
         st.sidebar.caption(f"Model: {pred.name}. Worklist and reads are stored on this server only.")
     try:
         session.identifiers_ui(store())
-        seed_demo_ui(store(), pred)
+        if seeding := start_demo_seeding(store(), pred):
+            demo_status_ui(seeding, store())
         arrivals_ui(store())
         page.run()
     except StoreError as exc:  # a damaged database: say which file and what to do, never a traceback

@@ -176,12 +176,17 @@ def pct(value: float | None) -> str:
     return ">99%" if value > 0.99 else "<1%" if value < 0.01 else f"{value:.0%}"
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 grey or RGB image as PNG (fast compression: it goes over a local network once)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 def png_data_uri(image: np.ndarray) -> str:
     """An image as a ``data:`` URI: shown from the session's own message, never from a ``/media`` URL that
     a signed-out client could fetch (``st.image`` of an array puts it there)."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 def page_icon() -> Image.Image:

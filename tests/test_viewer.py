@@ -123,3 +123,44 @@ def test_slice_viewer_refuses_notes_that_do_not_match_the_slices(n_notes):
             slice_notes=["a"] * n_notes,
             thickness=None,
         )
+
+
+def thin_affine(step: float) -> np.ndarray:
+    """Voxel to LPS of an axial series: 0.5 mm pixels, slices ``step`` mm apart going up (+z)."""
+    affine = np.diag([0.5, 0.5, step, 1.0])
+    affine[:3, 3] = (-64.0, -64.0, 10.0)
+    return affine
+
+
+def test_a_thin_series_is_shown_as_the_slabs_the_model_scored():
+    from ich import slabs
+    from ich.viewer.planes import Planes
+
+    n, affine = 238, thin_affine(0.625)
+    planes = Planes.of(n, affine)
+    _, locations = slice_axis(affine, n)
+    expected = slabs.slab_of_slice(locations, 0.625)  # what inference groups the same positions into
+    assert planes.slabbed and len(planes) == expected.max() + 1 == 30
+    assert (planes.of_slice == expected).all()
+    assert planes.first[0] == 0 and planes.last[-1] == n - 1 and (planes.first[1:] == planes.last[:-1] + 1).all()
+    assert planes.label(11) == f"Slab 12 / 30 (slices {planes.first[11] + 1}–{planes.last[11] + 1})"
+
+    hu = np.arange(n, dtype=np.float32)[:, None, None] * np.ones((1, 4, 4), np.float32)
+    shown = planes.volume(hu)
+    assert shown.shape == (30, 4, 4) and shown[3, 0, 0] == hu[planes.first[3] : planes.last[3] + 1, 0, 0].mean()
+    # Each plane sits at its slices' centre (a merged last slab within a slab of it).
+    centres = planes.centres(locations)
+    _, shown_at = slice_axis(planes.affine(affine), len(planes))
+    assert np.allclose(shown_at[:-1], centres[:-1]) and abs(shown_at[-1] - centres[-1]) < 5.0
+
+    thin = Planes.of(n, affine, thin=True)  # on demand: every slice, as stored
+    assert not thin.slabbed and len(thin) == n and thin.affine(affine) is affine and thin.volume(hu) is hu
+    assert thin.label(4) == "Slice 5 / 238"
+
+
+@pytest.mark.parametrize("step", [5.0, 2.5])
+def test_a_series_of_ordinary_slices_or_unknown_geometry_is_shown_slice_by_slice(step):
+    from ich.viewer.planes import Planes
+
+    for planes in (Planes.of(36, thin_affine(step)), Planes.of(36, None)):
+        assert not planes.slabbed and len(planes) == 36 and (planes.of_slice == np.arange(36)).all()

@@ -13,7 +13,13 @@ def home_page() -> None:
 
 
 def pages() -> dict[str, st.Page]:
-    """Every page by name. The page modules use this module to move between pages, so they are imported here."""
+    """Every page by name. The page modules use this module to move between pages, so they are imported here.
+
+    A page's address opened directly (``/worklist``, ``/viewer?study=3``) logs two 404s in the browser: Streamlit's
+    frontend cannot tell a page from a base URL path, so it probes ``/worklist/_stcore/health`` and
+    ``/worklist/_stcore/host-config`` beside ``/_stcore/...``, and the server answers the former 404 on purpose.
+    The page then connects at ``/``. No setting avoids it: https://github.com/streamlit/streamlit/issues/7074.
+    """
     from ich.dashboard import upload_page, viewer_page, worklist_page
 
     return {

@@ -7,9 +7,19 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import pandas as pd
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from ich import explain, review, scope
-from ich.dashboard.resources import heatmap_file, model, pred_metadata, store, viewer_volume, volume
+from ich.dashboard.resources import (
+    ViewerVolume,
+    heatmap_file,
+    model,
+    pred_metadata,
+    shown_volume,
+    store,
+    viewer_volume,
+    volume,
+)
 from ich.dashboard.session import audit, user
 from ich.dashboard.worklist_page import PERCENT_BAR
 from ich.exam import SeriesChoice
@@ -22,12 +32,14 @@ from ich.presentation import (
     flag_rule,
     local_time,
     pct,
+    png_bytes,
     png_data_uri,
     probability_figure,
     slice_findings,
     slice_note,
 )
 from ich.viewer.component import data_id, download_button, slice_viewer
+from ich.viewer.planes import Planes
 from ich.windowing import PRESETS, Window
 from ich.worklist import STATUS_NEW, StudyRecord, Worklist, data_dir
 
@@ -37,8 +49,9 @@ GALLERY = 6
 
 def window_ui() -> Window:
     name = st.segmented_control(
-        "Window", (*VIEW_WINDOWS, "custom"), default="brain", required=True, key="window", persist_state="session"
-    )
+        "Window", (*VIEW_WINDOWS, "custom"), default="brain", required=True, key="window", persist_state="session",
+        label_visibility="collapsed", help="Window presets (keys 1-3 on the image; left-drag windows freely)",
+    )  # fmt: skip
     if name != "custom":
         return PRESETS[name]
     level_col, width_col = st.columns(2)
@@ -49,18 +62,26 @@ def window_ui() -> Window:
 
 def heatmap_ui(classes: tuple[str, ...], enabled: bool) -> str | None:
     """The class to explain, or ``None`` when the overlay is off."""
-    on_col, target_col = st.columns([1, 1])
-    on = on_col.toggle(
-        "Heatmap (Grad-CAM)",
-        key="heatmap",
-        disabled=not enabled,
-        persist_state="session",
-        help="Where the model looked for the chosen class; it is not a segmentation of the bleed.",
-    )
+    on_col, target_col = st.columns([1, 1], vertical_alignment="center")
+    on = on_col.toggle("Heatmap", key="heatmap", disabled=not enabled, persist_state="session")
     target = target_col.selectbox(
-        "for", classes, key="heatmap_target", disabled=not on, label_visibility="collapsed", persist_state="session"
-    )
+        "for", classes, key="heatmap_target", disabled=not on, label_visibility="collapsed", persist_state="session",
+        help="Grad-CAM: where the model looked for this class; not a segmentation of the bleed. H on the image hides it.",
+    )  # fmt: skip
     return target if on else None
+
+
+def thin_ui(planes: Planes) -> bool:
+    """For a thin series: whether to show its thin slices instead of the slabs the model scored."""
+    if not planes.slabbed and not st.session_state.get("thin"):
+        return False
+    return st.toggle(
+        "Thin slices",
+        key="thin",
+        persist_state="session",
+        help=f"Off: the {len(planes) if planes.slabbed else ''} ~5 mm slabs the model scored (each the mean of its "
+        "thin slices), quick to scroll and window. On: every thin slice as stored.",
+    )
 
 
 def series_ui(info: StudyRecord, kept: Mapping[str, int]) -> SeriesChoice:
@@ -76,14 +97,18 @@ def series_ui(info: StudyRecord, kept: Mapping[str, int]) -> SeriesChoice:
 
     return st.selectbox(
         "Series", choices, format_func=name, key=f"series-{info.id}", disabled=len(choices) < 2,
+        label_visibility="collapsed",
         help="The model scored one series of the exam; the others are here to look at, without probabilities.",
     )  # fmt: skip
 
 
 def read_ui(
-    study_id: int, n_slices: int, previous: review.Read | None, current: int
+    study_id: int, n_slices: int, previous: review.Read | None, current: range, unit: str
 ) -> tuple[bool, list[str], list[int], bool] | None:
-    """The radiologist's read form; ``(hemorrhage, subtypes, 0-based key slices, others clear)`` when saved."""
+    """The radiologist's read form; ``(hemorrhage, subtypes, 0-based key slices, others clear)`` when saved.
+
+    ``current``: the 0-based slices of the plane on screen (one slice, or a slab's), which "Mark" adds.
+    """
     marks_key, subtypes_key, rejected_key = f"marks-{study_id}", f"sub-{study_id}", f"read-rejected-{study_id}"
     if rejected_key in st.session_state:  # the last save was refused: its choices are cleared, not kept for the next
         st.session_state[subtypes_key], st.session_state[marks_key] = [], []
@@ -94,30 +119,44 @@ def read_ui(
         st.session_state[subtypes_key] = list(previous.subtypes) if previous else []
 
     def mark_current() -> None:
-        st.session_state[marks_key] = sorted(set(st.session_state[marks_key]) | {current + 1})
+        st.session_state[marks_key] = sorted(set(st.session_state[marks_key]) | {i + 1 for i in current})
 
-    st.button(f"Mark slice {current + 1} as showing hemorrhage", on_click=mark_current, key=f"mark-{study_id}")
+    what = (
+        f"slice {current.start + 1}"
+        if len(current) == 1
+        else f"{unit.lower()} (slices {current.start + 1}–{current.stop})"
+    )
+    st.button(
+        f"Mark {what} as showing hemorrhage", on_click=mark_current, key=f"mark-{study_id}", shortcut="M",
+        icon=":material/bookmark_add:",
+    )  # fmt: skip
     with st.form(f"read-{study_id}", border=True):
-        answer = st.radio(
+        answer_col, save_col = st.columns([3, 2], vertical_alignment="bottom")
+        answer = answer_col.radio(
             "Hemorrhage",
             ("yes", "no"),
             horizontal=True,
             key=f"hem-{study_id}",
             index=None if previous is None else (0 if previous.hemorrhage else 1),
         )
-        subtypes = st.multiselect("Subtypes", SUBTYPES, key=subtypes_key)
+        saved = save_col.form_submit_button("Save read", type="primary", shortcut="Ctrl+Enter", width="stretch")
+        subtypes = st.multiselect(
+            "Subtypes", SUBTYPES, key=subtypes_key, label_visibility="collapsed", placeholder="Subtypes (optional)"
+        )
         marks = st.multiselect(
             "Key slices: where you see hemorrhage (optional; slices not marked count as not assessed)",
             range(1, n_slices + 1),
             key=marks_key,
+            label_visibility="collapsed",
+            placeholder="Key slices: where you see hemorrhage (optional; M marks the one on screen)",
         )
         others_clear = st.checkbox(
             "All other slices are clear",
             value=bool(previous and previous.others_clear),
             key=f"others-clear-{study_id}",
-            help="Only with key slices: then every slice not marked counts as no hemorrhage.",
+            help="Only with key slices: then every slice not marked counts as no hemorrhage; unmarked slices "
+            "otherwise count as not assessed.",
         )
-        saved = st.form_submit_button("Save read", type="primary")
     if not saved:
         return None
     if answer is None:
@@ -134,49 +173,65 @@ def read_ui(
     return answer == "yes", subtypes, [m - 1 for m in marks], others_clear and answer == "yes"
 
 
-def study_picker_ui(studies: pd.DataFrame) -> int:
-    """The study selector (worklist order) and a "next unread" button; returns the study id."""
+def study_picker_ui(studies: pd.DataFrame) -> tuple[int, DeltaGenerator]:
+    """The study selector (worklist order) and previous / next unread buttons (K / J); returns the study id
+    and the place beside it for the series selector."""
     ids = [int(i) for i in studies["id"]]
     if st.session_state.get("study") not in ids:
         st.session_state["study"] = ids[0]
     unread = [i for i, status in zip(ids, studies["status"]) if status == STATUS_NEW]
 
-    def next_unread() -> None:
-        later = [i for i in unread if ids.index(i) > ids.index(st.session_state["study"])]
-        st.session_state["study"] = (later or unread)[0]
+    def move(step: int) -> None:
+        """To the next (``1``) or previous (``-1``) unread study in worklist order, wrapping around."""
+        here = ids.index(st.session_state["study"])
+        ahead = [i for i in unread if (ids.index(i) - here) * step > 0]
+        st.session_state["study"] = (ahead[::step] or unread[::step])[0]
 
-    pick_col, next_col = st.columns([4, 1], vertical_alignment="bottom")
+    pick_col, series_col, prev_col, next_col = st.columns([4, 3, 1.5, 1.5], vertical_alignment="bottom")
     labels = {  # what a reader picks by: the likelihood, the flag and whether it is read yet
         int(r.id): f"{r.label} — likelihood {pct(r.score)}{' · flagged' if r.flagged else ''} · {r.status}"
         for r in studies.itertuples()
     }
     study_id = pick_col.selectbox(
-        "Study (worklist order)", ids, format_func=labels.__getitem__, key="study", persist_state="session"
-    )
+        "Study (worklist order)", ids, format_func=labels.__getitem__, key="study", persist_state="session",
+        label_visibility="collapsed",
+    )  # fmt: skip
+    prev_col.button(
+        "Prev unread", icon=":material/skip_previous:", help="The previous unread study in worklist order", on_click=move, args=(-1,), disabled=not unread,
+        width="stretch", shortcut="K",
+    )  # fmt: skip
     next_col.button(
-        "Next unread", icon=":material/skip_next:", on_click=next_unread, disabled=not unread, width="stretch"
-    )
-    return study_id
+        "Next unread", icon=":material/skip_next:", help="The next unread study in worklist order", on_click=move, args=(1,), disabled=not unread, width="stretch",
+        shortcut="J",
+    )  # fmt: skip
+    return study_id, series_col
 
 
 def gallery_ui(
     slices: pd.DataFrame,
-    vol: np.ndarray,
+    planes: Planes,
+    shown: np.ndarray,
     window: Window,
     thresholds: Mapping[str, float],
     jump: Callable[[int], None],
     unknown: str = "not labelled",
 ) -> None:
-    """The most suspicious slices with predicted/actual lines; "Show" calls ``jump(1-based slice)``."""
-    probs = slices["p_any"].to_numpy(float)
-    for col, i in zip(st.columns(GALLERY), np.argsort(-np.nan_to_num(probs, nan=-1.0), kind="stable")[:GALLERY]):
+    """The most suspicious planes (slices, or a thin series' slabs: six different ones, not six neighbours)
+    with predicted/actual lines; "Show" calls ``jump(1-based slice)``."""
+    rows = slices.iloc[planes.first]
+    probs = rows["p_any"].to_numpy(float)
+    for col, k in zip(st.columns(GALLERY), np.argsort(-np.nan_to_num(probs, nan=-1.0), kind="stable")[:GALLERY]):
+        first = int(planes.first[k])
         with col:
-            st.image(png_data_uri(explain.render(vol[i], window)[::2, ::2]), width="stretch")
-            st.markdown(
-                f"**Slice {i + 1}** · any {pct(probs[i])}  \n"
-                + findings_markdown(*slice_findings(slices.iloc[i], thresholds), unknown=unknown)
+            st.image(png_data_uri(explain.render(shown[k], window)[::2, ::2]), width="stretch")
+            name = planes.label(int(k)).split(" / ")[0] + (
+                f" (slices {first + 1}–{planes.last[k] + 1})" if planes.slabbed else ""
             )
-            st.button("Show", key=f"go-{i}", icon=":material/visibility:", on_click=jump, args=(int(i) + 1,))
+            st.markdown(
+                f"**{name}** · any {pct(probs[k])}  \n"
+                + findings_markdown(*slice_findings(rows.iloc[k], thresholds), unknown=unknown)
+            )
+            st.button("Show", key=f"go-{first}", icon=":material/visibility:", on_click=jump, args=(first + 1,))
 
 
 def page() -> None:
@@ -185,7 +240,7 @@ def page() -> None:
     if studies.empty:
         st.info("No studies yet. Add a series on the Upload page.")
         return
-    study_id = study_picker_ui(studies)
+    study_id, series_place = study_picker_ui(studies)
     st.query_params["study"] = str(study_id)  # the address is a link to this study
     if st.session_state.get("opened") != study_id:  # audit each study a reader opens, once per switch
         st.session_state["opened"] = study_id
@@ -193,18 +248,13 @@ def page() -> None:
     if "flash" in st.session_state:
         st.success(st.session_state.pop("flash"), icon=":material/check_circle:")
     info, slices = wl.study(study_id), wl.slices(study_id)
-    directory, version, n, thresholds = str(data_dir()), info.received, info.n_slices, info.thresholds
+    directory, version = str(data_dir()), info.received
     try:
-        vol = volume(directory, study_id, version)
+        volume(directory, study_id, version)
     except (OSError, ValueError, KeyError) as exc:  # a damaged volume file spoils this study only
         st.error(f"The images of {info.label} cannot be read ({type(exc).__name__}: {exc}). Upload the series again.")
         return
-    probs = slices[[f"p_{c}" for c in CLASSES]].to_numpy(float)
-    thickness = studies.set_index("id")["thickness"].get(study_id)
-    thickness = None if thickness is None or pd.isna(thickness) else float(thickness)
-    unassessed = "not assessed by the read" if info.read else "not labelled"  # a slice the read says nothing of
-
-    slice_key, nonce_key, seen_key = f"slice-{study_id}", f"goto-{study_id}", f"viewer-seq-{study_id}"
+    slice_key, nonce_key = f"slice-{study_id}", f"goto-{study_id}"
     if slice_key not in st.session_state:  # open at the most suspicious slice
         st.session_state[slice_key] = int(np.argmax(np.nan_to_num(slices["p_any"].to_numpy(float), nan=-1.0))) + 1
 
@@ -213,97 +263,19 @@ def page() -> None:
         st.session_state[slice_key] = to
         st.session_state[nonce_key] = st.session_state.get(nonce_key, 0) + 1
 
-    def jump_to_clicked() -> None:
-        points = st.session_state[f"curve-{study_id}"].selection.points
-        if points:
-            jump(round(points[0]["x"]))
-
-    pred = model()
-    image_col, side_col = st.columns([3, 2], gap="medium")
-    with side_col:  # filled top-down: the slice's numbers first, controls and the study's summary below
-        slice_panel, controls, summary = st.container(), st.container(), st.container()
-    with controls:
+    unassessed = "not assessed by the read" if info.read else "not labelled"  # a slice the read says nothing of
+    thickness = studies.set_index("id")["thickness"].get(study_id)
+    thickness = None if thickness is None or pd.isna(thickness) else float(thickness)
+    with series_place:
         shown_series = series_ui(info, wl.other_series(study_id))
-        scored = shown_series.series_uid == info.series_uid
-        window = window_ui()
-        target = heatmap_ui(pred.model_classes if pred else ("any",), enabled=pred is not None and scored)
-    with image_col:
-        shown = None
-        if not scored:  # another series of the exam: its images only, the numbers stay the scored series'
-            other_series_ui(directory, study_id, version, shown_series, window)
-        else:
-            volume_id, volume_bytes, normal, locations, known = viewer_volume(directory, study_id, version)
-            weights = str(default_weights())
-            shown = slice_viewer(
-                volume_id,
-                volume_bytes,
-                n,
-                normal=normal,
-                locations=locations,
-                positions_known=known,
-                goto=st.session_state[slice_key],
-                goto_nonce=st.session_state.get(nonce_key, 0),
-                window=(window.name, window.level, window.width),
-                presets={name: (PRESETS[name].level, PRESETS[name].width) for name in VIEW_WINDOWS},
-                slice_notes=[slice_note(row, thresholds) for _, row in slices.iterrows()],
-                thickness=thickness,
-                heatmap_id=data_id(f"heatmap:{directory}:{study_id}:{version}:{target}:{weights}") if target else None,
-                heatmap=(lambda: heatmap_file(directory, study_id, version, target, weights)) if target else None,
-                heatmap_label=target or "",
-                key=f"viewer-{study_id}",
-            )
-    if shown and shown.get("seq") != st.session_state.get(seen_key):  # the reader settled on a slice
-        st.session_state[seen_key] = shown["seq"]
-        st.session_state[slice_key] = int(np.clip(shown["slice"], 1, n))
-    index = st.session_state[slice_key] - 1
-    row = slices.iloc[index]
-    with summary:
-        study_summary_ui(info, slices, thresholds)
-    with slice_panel:
-        st.markdown(
-            f"**Slice {index + 1} / {n}** — "
-            + findings_markdown(*slice_findings(row, thresholds), row["truth"], unassessed)
-        )
-        st.dataframe(
-            pd.DataFrame(
-                {
-                    "class": CLASSES,
-                    "probability": probs[index] * 100,
-                    # Blank where the checkpoint does not name the class (ich.labels.NOT_NAMED).
-                    "threshold": [
-                        t * 100 if t < NOT_NAMED else None
-                        for t in (thresholds.get(c, review.DEFAULT_THRESHOLD) for c in CLASSES)
-                    ],
-                }
-            ),
-            hide_index=True,
-            column_config={
-                "probability": PERCENT_BAR,
-                "threshold": st.column_config.NumberColumn(
-                    format="%.1f%%", help="Called at or above this. Blank: this model does not name the class."
-                ),
-            },
-        )
-        st.plotly_chart(
-            probability_figure(slices, index, thresholds),
-            key=f"curve-{study_id}",
-            on_select=jump_to_clicked,
-            selection_mode="points",
-            config={"displayModeBar": False},
-        )
+    reading_ui(wl, info, slices, thickness, shown_series, jump, unassessed)
 
-    st.subheader("Most suspicious slices")
-    gallery_ui(slices, vol, window, thresholds, jump, unassessed)
-
-    st.subheader("Your read")
-    if info.read:
-        st.caption(f"Last read {local_time(info.read.created)}: {review.describe(info.read.findings)}")
-    saved = read_ui(study_id, n, info.read, index)
-    if saved is not None:
-        read = wl.save_review(study_id, *saved)
-        audit("read", study_id)
-        st.session_state["flash"] = f"Read saved for {info.label}: {review.describe(read.findings)}"
-        st.rerun()  # redraw the header and lines with the read as the actual
+    shown = viewer_volume(directory, study_id, version, bool(st.session_state.get("thin")))
+    st.subheader(f"Most suspicious {shown.planes.unit.lower()}s")
+    gallery_ui(
+        slices, shown.planes, shown_volume(directory, study_id, version, bool(st.session_state.get("thin"))),
+        current_window(), info.thresholds, jump, unassessed,
+    )  # fmt: skip
     uids = st.checkbox(
         "Include SOPInstanceUIDs", key="slice_uids", help="Off by default: UIDs can identify a patient's exam."
     )
@@ -315,6 +287,179 @@ def page() -> None:
     results_ui(wl, study_id)
     if user().is_admin:
         delete_ui(wl, study_id, info.label)
+
+
+def current_window() -> Window:
+    """The window the toolbar shows (the gallery below follows it on the page's next full run)."""
+    name = st.session_state.get("window") or "brain"
+    if name != "custom":
+        return PRESETS[name]
+    return Window("custom", float(st.session_state.get("level", 40)), float(st.session_state.get("width", 80)))
+
+
+@st.fragment
+def reading_ui(
+    wl: Worklist,
+    info: StudyRecord,
+    slices: pd.DataFrame,
+    thickness: float | None,
+    shown_series: SeriesChoice,
+    jump: Callable[[int], None],
+    unassessed: str,
+) -> None:
+    """The reading screen: toolbar, image and, beside it, the slice's numbers and the read.
+
+    A fragment: settling on a slice or changing the window reruns this alone, not the gallery and exports
+    below, so the side panel follows the reader quickly (issue 25).
+    """
+    study_id, n, thresholds = info.id, info.n_slices, info.thresholds
+    directory, version = str(data_dir()), info.received
+    slice_key, nonce_key, seen_key = f"slice-{study_id}", f"goto-{study_id}", f"viewer-seq-{study_id}"
+    pred = model()
+    image_col, side_col = st.columns([3, 2], gap="medium")
+    with image_col:
+        window_col, heat_col, thin_col = st.columns([9, 5, 4], vertical_alignment="center")
+        scored = shown_series.series_uid == info.series_uid
+        with window_col:
+            window = window_ui()
+        with heat_col:
+            target = heatmap_ui(pred.model_classes if pred else ("any",), enabled=pred is not None and scored)
+        series_uid = None if scored else shown_series.series_uid
+        with thin_col:
+            default = viewer_volume(directory, study_id, version, False, series_uid)
+            thin = thin_ui(default.planes)
+        shown = viewer_volume(directory, study_id, version, thin, series_uid) if thin else default
+        planes = shown.planes
+        reported = None
+        if not scored:  # another series of the exam: its images only, the numbers stay the scored series'
+            other_series_ui(shown, shown_series, window, key=f"viewer-{study_id}-{series_uid}")
+            planes = viewer_volume(directory, study_id, version, thin).planes  # the side panel's: the scored one's
+        else:
+            weights = str(default_weights())
+            rows = slices.iloc[planes.first]
+            heat_key = f"heatmap:{directory}:{study_id}:{version}:{target}:{weights}:{thin}"
+            reported = viewer_ui(
+                shown,
+                goto=int(planes.of_slice[st.session_state[slice_key] - 1]) + 1,
+                goto_nonce=st.session_state.get(nonce_key, 0),
+                window=window,
+                slice_notes=[slice_note(row, thresholds) for _, row in rows.iterrows()],
+                thickness=None if planes.slabbed else thickness,  # a slab's span is in its label
+                heatmap_id=data_id(heat_key) if target else None,
+                heatmap=(lambda: heatmap_file(directory, study_id, version, target, weights, thin)) if target else None,
+                heatmap_label=target or "",
+                key=f"viewer-{study_id}",
+            )
+    if reported and reported.get("seq") != st.session_state.get(seen_key):  # the reader settled on a plane
+        st.session_state[seen_key] = reported["seq"]
+        k = int(np.clip(reported["slice"], 1, len(planes))) - 1
+        if planes.of_slice[st.session_state[slice_key] - 1] != k:  # a slice within the plane stays chosen
+            st.session_state[slice_key] = int(planes.first[k]) + 1
+    index = st.session_state[slice_key] - 1
+    plane = int(planes.of_slice[index])
+    with side_col:
+        slice_panel_ui(slices, index, planes, thresholds, unassessed)
+        read_tab, curve_tab, study_tab = st.tabs(["Your read", "Along the series", "Study"])
+        with read_tab:
+            if info.read:
+                st.caption(f"Last read {local_time(info.read.created)}: {review.describe(info.read.findings)}")
+            span = range(int(planes.first[plane]), int(planes.last[plane]) + 1)
+            saved = read_ui(study_id, n, info.read, span, planes.unit)
+            if saved is not None:
+                read = wl.save_review(study_id, *saved)
+                audit("read", study_id)
+                st.session_state["flash"] = f"Read saved for {info.label}: {review.describe(read.findings)}"
+                st.rerun()  # the whole page: the header and lines show the read as the actual
+        with curve_tab:
+
+            def jump_to_clicked() -> None:
+                points = st.session_state[f"curve-{study_id}"].selection.points
+                if points:
+                    jump(round(points[0]["x"]))
+
+            st.plotly_chart(
+                probability_figure(slices, index, thresholds),
+                key=f"curve-{study_id}",
+                on_select=jump_to_clicked,
+                selection_mode="points",
+                config={"displayModeBar": False},
+            )
+        with study_tab:
+            study_summary_ui(info, slices, thresholds)
+
+
+def viewer_ui(
+    shown: ViewerVolume,
+    *,
+    goto: int,
+    goto_nonce: int,
+    window: Window,
+    slice_notes: list[str],
+    thickness: float | None,
+    heatmap_id: str | None = None,
+    heatmap: Callable[[], bytes] | None = None,
+    heatmap_label: str = "",
+    key: str,
+) -> dict | None:
+    """The slice viewer on ``shown``'s planes; the plane the reader settled on (1-based) when reported."""
+    planes = shown.planes
+
+    def preview() -> bytes:  # the first image, before the browser has loaded the viewer and the volume
+        return png_bytes(explain.render(shown.hu()[goto - 1], window))
+
+    return slice_viewer(
+        shown.volume_id,
+        shown.data,
+        len(planes),
+        normal=shown.normal,
+        locations=shown.locations,
+        positions=shown.positions,
+        positions_known=shown.known,
+        unit=planes.unit,
+        spans=[(int(a) + 1, int(b) + 1) for a, b in zip(planes.first, planes.last)] if planes.slabbed else None,
+        goto=goto,
+        goto_nonce=goto_nonce,
+        window=(window.name, window.level, window.width),
+        presets={name: (PRESETS[name].level, PRESETS[name].width) for name in VIEW_WINDOWS},
+        slice_notes=slice_notes,
+        thickness=thickness,
+        heatmap_id=heatmap_id,
+        heatmap=heatmap,
+        heatmap_label=heatmap_label,
+        preview=preview,
+        key=key,
+    )
+
+
+def slice_panel_ui(
+    slices: pd.DataFrame, index: int, planes: Planes, thresholds: Mapping[str, float], unassessed: str
+) -> None:
+    """The plane on screen: its findings line and each class's probability against its threshold."""
+    row = slices.iloc[index]
+    plane = int(planes.of_slice[index])
+    st.markdown(
+        f"**{planes.label(plane)}** — " + findings_markdown(*slice_findings(row, thresholds), row["truth"], unassessed)
+    )
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "class": CLASSES,
+                "probability": [row[f"p_{c}"] * 100 for c in CLASSES],
+                # "not named" where the checkpoint does not name the class (ich.labels.NOT_NAMED).
+                "threshold": [
+                    f"{t:.1%}" if t < NOT_NAMED else "not named"
+                    for t in (thresholds.get(c, review.DEFAULT_THRESHOLD) for c in CLASSES)
+                ],
+            }
+        ),
+        hide_index=True,
+        column_config={
+            "probability": PERCENT_BAR,
+            "threshold": st.column_config.TextColumn(
+                help="Called at or above this. Not named: this model does not name the class on its own."
+            ),
+        },
+    )
 
 
 def study_summary_ui(info: StudyRecord, slices: pd.DataFrame, thresholds: Mapping[str, float]) -> None:
@@ -361,29 +506,22 @@ def study_summary_ui(info: StudyRecord, slices: pd.DataFrame, thresholds: Mappin
             )
 
 
-def other_series_ui(directory: str, study_id: int, version: str, series: SeriesChoice, window: Window) -> None:
+def other_series_ui(shown: ViewerVolume, series: SeriesChoice, window: Window, key: str) -> None:
     """An unscored series of the exam in the slice viewer: its images, no probabilities, no heatmap."""
     st.info(
         f"Not scored by the model: {series.reason}. The probabilities, the heatmap and your read are for the "
         "scored series (choose it under Series).",
         icon=":material/info:",
     )
-    volume_id, volume_bytes, normal, locations, known = viewer_volume(directory, study_id, version, series.series_uid)
-    n = len(locations)
-    slice_viewer(
-        volume_id,
-        volume_bytes,
-        n,
-        normal=normal,
-        locations=locations,
-        positions_known=known,
-        goto=(n + 1) // 2,
+    planes = shown.planes
+    viewer_ui(
+        shown,
+        goto=(len(planes) + 1) // 2,
         goto_nonce=0,
-        window=(window.name, window.level, window.width),
-        presets={name: (PRESETS[name].level, PRESETS[name].width) for name in VIEW_WINDOWS},
-        slice_notes=["not scored"] * n,
-        thickness=series.thickness,
-        key=f"viewer-{study_id}-{series.series_uid}",
+        window=window,
+        slice_notes=["not scored"] * len(planes),
+        thickness=None if planes.slabbed else series.thickness,
+        key=key,
     )
 
 

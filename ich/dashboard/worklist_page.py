@@ -8,18 +8,19 @@ import os
 import pandas as pd
 import streamlit as st
 
-import ich.worklist
 from ich import review
 from ich.dashboard import navigation
-from ich.dashboard.resources import model, store
+from ich.dashboard.resources import DemoSeeding, demo_seeding, model, store
 from ich.dashboard.session import audit, identifiers_shown, user
 from ich.inference import STUDY_AGGREGATION, Predictor
 from ich.listener import Inbox
 from ich.presentation import OPEN_PREFIX, pct, studies_table, worklist_rule
 from ich.viewer.component import download_button
 from ich.worklist import INTAKE_FAILED, STATUSES, Worklist, data_dir
+from ich.worklist.intake import DEMO_SEEDED
 
 ARRIVALS_POLL_SECONDS = 10  # how often an open page checks for flagged studies from the listener or other readers
+DEMO_POLL_SECONDS = 2  # how often an open page shows the first-start demo's progress
 PERCENT_BAR = st.column_config.ProgressColumn(format="%.0f%%", min_value=0, max_value=100)
 # Widths (px) that fit every column on a 1440-pixel reading screen; a cut description shows whole on hover.
 STUDY_COLUMNS = {
@@ -159,22 +160,40 @@ def arrivals_ui(wl: Worklist) -> None:
     studies = wl.studies()
     newest = int(studies["id"].max()) if len(studies) else 0
     seen = st.session_state.setdefault("seen_study_id", newest)
-    for row in studies[(studies["id"] > seen) & studies["flagged"]].itertuples():
+    # Not the demo's studies: they join the worklist one by one after a first start, and need no one.
+    for row in studies[(studies["id"] > seen) & studies["flagged"] & ~studies["demo"]].itertuples():
         st.toast(f"Flagged: {row.label} ({pct(row.score)} likelihood)", icon=":material/priority_high:")
     st.session_state["seen_study_id"] = max(seen, newest)
 
 
-def seed_demo_ui(wl: Worklist, pred: Predictor | None) -> None:
-    """First start: fill an empty worklist with synthetic demo studies, showing progress.
+def start_demo_seeding(wl: Worklist, pred: Predictor | None) -> DemoSeeding | None:
+    """First start: seed the demo studies in the background, once per server; the seeding (to show) or ``None``.
 
-    Never where real studies already arrived (the listener, an earlier upload), or with ``ICH_DEMO=0``.
+    Never where real studies already arrived (the listener, an earlier upload), or with ``ICH_DEMO=0``. No page
+    waits for it: each demo study joins the worklist as soon as it is scored.
     """
-    if pred is None or wl.get_meta("demo_seeded") is not None or len(wl) or os.environ.get("ICH_DEMO") == "0":
-        return
-    bar = st.progress(0.0, "First start: preparing demo studies…")
-    report = ich.worklist.seed_demo(  # looked up when called: tests make it faster
-        wl, pred, progress=lambda f, text: bar.progress(f, f"First start: preparing demo studies — {text}")
-    )
-    bar.empty()
-    if report is not None and report.problems:
-        st.warning("Some demo studies could not be prepared: " + "; ".join(map(str, report.problems)))
+    if pred is None or os.environ.get("ICH_DEMO") == "0":
+        return None
+    seeding = demo_seeding(str(wl.directory))
+    if not seeding.started and wl.get_meta(DEMO_SEEDED) is None and not len(wl):
+        seeding.start(wl, pred)
+    return seeding if seeding.started else None
+
+
+def demo_status_ui(seeding: DemoSeeding, wl: Worklist) -> None:
+    """The demo's progress while it seeds; what could not be prepared, once a session, when it is done."""
+    if seeding.running:
+        demo_progress_ui(seeding, wl, len(wl))
+    elif seeding.problems and not st.session_state.get("demo_problems_shown"):
+        st.session_state["demo_problems_shown"] = True  # once a session, not on every page from now on
+        st.warning("Some demo studies could not be prepared: " + "; ".join(seeding.problems), icon=":material/warning:")
+
+
+@st.fragment(run_every=DEMO_POLL_SECONDS)
+def demo_progress_ui(seeding: DemoSeeding, wl: Worklist, studies: int) -> None:
+    """The demo's progress while it seeds. ``studies``: how many the page shows (the fragment's reruns keep the
+    full run's arguments); the whole page reruns when a demo study joins the worklist, and when seeding ends."""
+    if seeding.running and len(wl) == studies:
+        st.progress(seeding.fraction, f"First start: preparing demo studies — {seeding.text}")
+    else:  # in the fragment's own reruns: a full run has just taken its arguments, so no click is rerun away
+        st.rerun()

@@ -71,10 +71,14 @@ def slice_viewer(
     presets: Mapping[str, tuple[float, float]],
     slice_notes: Sequence[str],
     thickness: float | None,
+    positions: Sequence[float] | None = None,
     positions_known: bool = True,
+    unit: str = "Slice",
+    spans: Sequence[tuple[int, int]] | None = None,
     heatmap_id: str | None = None,
     heatmap: Callable[[], bytes] | None = None,
     heatmap_label: str = "",
+    preview: Callable[[], bytes] | None = None,
     height: int = 480,
     key: str | None = None,
 ) -> dict[str, Any] | None:
@@ -86,20 +90,27 @@ def slice_viewer(
     level, width), likewise applied when it changes. ``slice_notes[i]`` is the model's one-line
     summary of slice i+1, shown on the image while scrolling, with no round trip to the server.
     ``height`` is the least height in pixels: the browser grows the viewer to the bottom of the screen.
+    The planes may be slabs (``unit`` "Slab"): ``spans[k]`` names plane k's first and last slice (1-based),
+    and ``positions`` their true centres in mm where they differ from ``locations`` (the NIfTI grid).
 
     ``volume()`` (``.nii.gz`` bytes, named ``volume_id``) and ``heatmap()`` (likewise, or ``None`` for no
-    overlay) are called only while the browser does not hold them yet.
+    overlay) are called only while the browser does not hold them yet. ``preview()``: a PNG of the ``goto``
+    plane, sent with the volume and shown at once while the browser loads the viewer and the volume.
     """
     if len(locations) != n_slices or len(slice_notes) != n_slices:
         raise ValueError(f"{len(locations)} locations and {len(slice_notes)} notes for {n_slices} slices")
     name, level, width = window
+    held = _held(key, "have") == volume_id
     return _viewer()(
         volume_id=volume_id,
-        volume=None if _held(key, "have") == volume_id else volume(),
+        volume=None if held else volume(),
+        preview=None if held or preview is None else preview(),
         n=n_slices,
         normal=[float(v) for v in normal],
         locations=[float(v) for v in locations],
-        positions=[round(float(v), 1) if positions_known else None for v in locations],
+        positions=[round(float(v), 1) if positions_known else None for v in (positions or locations)],
+        unit=unit,
+        spans=[list(span) for span in spans] if spans else None,
         goto=goto,
         goto_nonce=goto_nonce,
         window={"name": name, "level": level, "width": width},

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import pandas as pd
 from ich import dicom, exam, scope
 from ich.worklist.store import Worklist, _now, _Prediction
 
-__all__ = ["DEMO_CASES", "IngestReport", "Scorer", "ingest", "seed_demo"]
+__all__ = ["DEMO_CASES", "DEMO_RUNNING", "DEMO_SEEDED", "IngestReport", "Scorer", "ingest", "seed_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,8 @@ DEMO_CASES: tuple[tuple[str, ...], ...] = (
     ("subarachnoid",),
     (),
 )
-_SEED_LOCK = threading.Lock()  # one seeding per process, whichever session opens a fresh server first
+DEMO_SEEDED = "demo_seeded"  # the store's meta key: when the demo was seeded, or DEMO_RUNNING while it is
+DEMO_RUNNING = "running"
 
 Progress = Callable[[float, str], object]  # (fraction done, message); what it returns is ignored (st.progress)
 
@@ -181,36 +181,53 @@ def seed_demo(
     """Fill an empty worklist, once, with ``n`` synthetic phantom studies and their labels.
 
     The studies cycle through :data:`DEMO_CASES`, so the demo shows every subtype and a clear
-    head. ``size`` is the phantom matrix (default 512; tests use small ones). Returns ``None`` when the worklist
-    was seeded before or already holds studies.
+    head; each is on the worklist as soon as it is scored, so readers see the demo fill up. ``size`` is the
+    phantom matrix (default 512; tests use small ones). Returns ``None`` when the worklist was seeded before,
+    is being seeded, or already holds studies.
     """
     from ich import phantom  # only needed on first start
 
     step = progress or _silent
-    with _SEED_LOCK:  # two sessions opening a fresh server must not both seed
-        if worklist.get_meta("demo_seeded") is not None:
-            return None
-        if len(worklist):  # a store filled before the demo existed stays as it is
-            worklist.set_meta("demo_seeded", _now())
-            return None
-        with tempfile.TemporaryDirectory(prefix="ich-demo-") as tmp:
-            labels, files = [], []
-            for k in range(n):
-                step(0.8 * k / n, f"rendering synthetic study {k + 1} of {n}")
-                subtypes = DEMO_CASES[k % len(DEMO_CASES)]
-                study = phantom.generate_study(
-                    seed + k, hemorrhage=bool(subtypes), subtypes=subtypes or None, size=size or phantom.MATRIX
-                )
-                files += phantom.write_study(study, Path(tmp))
-                labels.append(study.labels)
-            report = ingest(
-                worklist,
-                predictor,
-                files,  # the DICOM files, one a slice, so ingest's bar knows how many slices come
-                pd.concat(labels),
-                truth="phantom",
-                demo=True,
-                progress=lambda fraction, message: step(0.8 + 0.2 * fraction, message),
+    if not _claim_demo(worklist):
+        return None
+    start = time.perf_counter()
+    report = IngestReport()
+    try:
+        for k in range(n):
+
+            def part(fraction: float, message: str, k: int = k) -> None:
+                step((k + fraction) / n, f"study {k + 1} of {n}: {message}")
+
+            part(0.0, "rendering")
+            subtypes = DEMO_CASES[k % len(DEMO_CASES)]
+            study = phantom.generate_study(
+                seed + k, hemorrhage=bool(subtypes), subtypes=subtypes or None, size=size or phantom.MATRIX
             )
-        worklist.set_meta("demo_seeded", _now())
+            with tempfile.TemporaryDirectory(prefix="ich-demo-") as tmp:
+                one = ingest(
+                    worklist,
+                    predictor,
+                    phantom.write_study(study, Path(tmp)),  # a file a slice, so ingest's bar knows how many come
+                    study.labels,
+                    truth="phantom",
+                    demo=True,
+                    progress=lambda fraction, _: part(0.5 + 0.5 * fraction, "scoring"),  # rendering takes as long
+                )
+            report.added += one.added
+            report.problems += [dicom.Problem(f"demo study {k + 1}, {p.path}", p.reason) for p in one.problems]
+            report.failed += one.failed
+    finally:  # a demo that failed half way is not tried again on every start
+        worklist.set_meta(DEMO_SEEDED, _now())
+    report.seconds = time.perf_counter() - start
     return report
+
+
+def _claim_demo(worklist: Worklist) -> bool:
+    """Whether this caller seeds the demo: the store is marked in one transaction, so of the sessions and
+    servers opening a fresh store at once exactly one seeds. A store filled before the demo existed is marked
+    seeded."""
+    if worklist.claim_meta(DEMO_SEEDED, DEMO_RUNNING, only_if_empty=True):
+        return True
+    if worklist.get_meta(DEMO_SEEDED) is None:  # refused for its studies: it never needs a demo
+        worklist.claim_meta(DEMO_SEEDED, _now())
+    return False

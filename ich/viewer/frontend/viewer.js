@@ -11,6 +11,15 @@
 
   const stage = document.getElementById("stage");
   const canvas = document.getElementById("gl");
+  const preview = document.getElementById("preview");
+  // NiiVue is 2 MB of script: loaded beside this one, so the server's preview shows before it is parsed.
+  const niivueLoaded = new Promise((resolve, reject) => {
+    const script = document.createElement("script");
+    script.src = "vendor/niivue.umd.js";
+    script.onload = resolve;
+    script.onerror = () => reject(new Error("the viewer's NiiVue script could not be loaded"));
+    document.head.appendChild(script);
+  });
   const hud = {
     slice: document.getElementById("hud-slice"),
     window: document.getElementById("hud-window"),
@@ -37,7 +46,21 @@
     loading: null,
   };
   // Read by the browser test: per-step latency and the drawn slice, without scraping pixels.
-  const probe = { stepMs: [], windowMs: [], loadMs: null, slice: null, level: null, width: null, loaded: false, errors: [] };
+  // argsAt / imageAt / readyAt: when the first study arrived from the server, when its first image was shown
+  // (the preview), when NiiVue drew it (scrolling works from then on); epoch ms, as the page's Date.now().
+  const probe = {
+    stepMs: [],
+    windowMs: [],
+    loadMs: null,
+    argsAt: null,
+    imageAt: null,
+    readyAt: null,
+    slice: null,
+    level: null,
+    width: null,
+    loaded: false,
+    errors: [],
+  };
   window.ichViewer = probe;
 
   // ------------------------------------------------------------------ Streamlit component protocol
@@ -103,7 +126,8 @@
     const k = state.slice;
     const where = args.positions[k] === null ? "" : `  ·  ${fmt(args.positions[k], 1)} mm`;
     const thick = args.thickness ? `  ·  ${fmt(args.thickness, 1)} mm thick` : "";
-    hud.slice.textContent = `Slice ${k + 1} / ${args.n}${where}${thick}`;
+    const span = args.spans ? ` (slices ${args.spans[k][0]}–${args.spans[k][1]})` : "";
+    hud.slice.textContent = `${args.unit} ${k + 1} / ${args.n}${span}${where}${thick}`;
     hud.model.textContent = args.notes[k] || "";
     probe.slice = k + 1;
   }
@@ -219,17 +243,43 @@
     c: () => state.nv.setSliceType(state.nv.sliceTypeCoronal),
     s: () => state.nv.setSliceType(state.nv.sliceTypeSagittal),
   };
+  // The page's own shortcuts (mark a slice, save the read, next unread) work while the image has the focus:
+  // keys the viewer does not use go on to the Streamlit page, as if typed there.
+  function forward(e) {
+    try {
+      const init = { key: e.key, code: e.code, ctrlKey: e.ctrlKey, metaKey: e.metaKey, altKey: e.altKey };
+      Object.assign(init, { shiftKey: e.shiftKey, bubbles: true, cancelable: true });
+      window.parent.document.dispatchEvent(new window.parent.KeyboardEvent("keydown", init));
+    } catch (err) {
+      // not same-origin (a proxy in between): the page's shortcuts need the focus on the page
+    }
+  }
+  const STEP_KEYS = new Set(["ArrowDown", "ArrowRight", "ArrowUp", "ArrowLeft", "PageDown", "PageUp", "Home", "End"]);
   window.addEventListener(
     "keydown",
     (e) => {
       const action = KEYS[e.key.length === 1 ? e.key.toLowerCase() : e.key];
-      if (!action || !probe.loaded || e.ctrlKey || e.metaKey || e.altKey) return;
+      if (!action || e.ctrlKey || e.metaKey || e.altKey) {
+        if (!["Tab", "Shift", "Control", "Alt", "Meta"].includes(e.key)) forward(e);
+        return;
+      }
+      if (!probe.loaded) return;
       e.preventDefault();
       e.stopPropagation(); // NiiVue's own hotkeys (clip planes, 3-D) are not for this reading screen
-      state.inputAt = performance.now();
+      // Timed from the key to the drawn slice; a key that moves no slice
+      // (a preset, the heatmap) must not leave its time behind for the next step to be measured from.
+      state.inputAt = STEP_KEYS.has(e.key) ? performance.now() : null;
       action();
     },
     true
+  );
+  // The toolbar under the image: the same actions as the keys, for a mouse.
+  document.querySelectorAll("#help button").forEach((button) =>
+    button.addEventListener("click", () => {
+      if (!probe.loaded) return;
+      KEYS[button.dataset.key]();
+      stage.focus({ preventScroll: true });
+    })
   );
   stage.addEventListener(
     "wheel",
@@ -265,7 +315,21 @@
   stage.addEventListener("pointerleave", () => (hud.probe.textContent = ""));
 
   // ------------------------------------------------------------------ rendering the component's args
+  // The plane the viewer opens on, as a PNG the server windowed: the first image while NiiVue loads.
+  function showPreview(args) {
+    const url = blobUrl(args.preview);
+    hud.status.textContent = "";
+    hud.slice.textContent = `${args.unit} ${args.goto} / ${args.n}  ·  loading the viewer…`;
+    preview.onload = () => {
+      URL.revokeObjectURL(url);
+      if (probe.imageAt === null) requestAnimationFrame(() => (probe.imageAt = probe.imageAt ?? Date.now()));
+    };
+    preview.src = url;
+    preview.hidden = false;
+  }
+
   async function load(args) {
+    await niivueLoaded;
     if (!state.nv) {
       const nv = new niivue.Niivue({
         isRadiologicalConvention: true, // the patient's right on the screen's left, as in PACS
@@ -291,7 +355,7 @@
       state.nv = nv;
     }
     const nv = state.nv;
-    hud.status.textContent = "Loading the study…";
+    if (preview.hidden) hud.status.textContent = "Loading the study…";
     probe.loaded = false;
     while (nv.volumes.length) nv.removeVolumeByIndex(0);
     const started = performance.now();
@@ -337,11 +401,13 @@
   }
 
   async function render(args) {
+    if (probe.argsAt === null && args.volume) probe.argsAt = Date.now();
     const first = state.args === null;
     state.args = args;
     if (first) fitHeight();
     try {
       if (args.volume_id !== state.volumeId) {
+        if (args.preview && !state.nv) showPreview(args);
         if (!args.volume) {
           // Python believes this page holds the study (the viewer was redrawn): ask for the bytes again.
           hud.status.textContent = "Loading the study…";
@@ -377,6 +443,13 @@
       }
       showSlice();
       showWindow();
+      preview.hidden = true; // NiiVue draws from here on
+      if (probe.readyAt === null) {
+        requestAnimationFrame(() => {
+          probe.readyAt = Date.now();
+          probe.imageAt = probe.imageAt ?? probe.readyAt;
+        });
+      }
     } catch (err) {
       probe.errors.push(String(err));
       hud.status.textContent = `The study could not be shown: ${err}`;
