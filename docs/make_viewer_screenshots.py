@@ -44,8 +44,10 @@ def main() -> None:
             for width, height in SIZES:
                 page = browser.new_page(viewport={"width": width, "height": height})
                 page.goto(f"{url}/viewer?study={report.added[0]}")
-                hud = page.frame_locator("iframe[title$='slice_viewer']").locator("#hud-slice")
-                hud.filter(has_text="/ 238").wait_for(timeout=180_000)
+                frame = page.frame_locator("iframe[title$='slice_viewer']")
+                # Opened as the slabs the model scored; "loading" while the first image is the server's preview.
+                frame.locator("#hud-slice").filter(has_text="/ 30").wait_for(timeout=180_000)
+                frame.locator("#preview").wait_for(state="hidden", timeout=180_000)
                 page.get_by_test_id("stStatusWidget").wait_for(state="hidden", timeout=180_000)
                 page.wait_for_timeout(1500)
                 out = args.out / f"viewer-{width}x{height}.png"

@@ -19,6 +19,9 @@ the same code. Why procrastinate, and what is guaranteed: docs/ARCHITECTURE.md, 
   another worker once the heartbeat is ``stalled_after`` seconds old (procrastinate's stalled-job API run as a
   periodic job, one at a time).
 
+Uploads follow the listener (:func:`uploads_queued`): where it queues, a dashboard's Upload page stores the files
+in the inbox as the listener stores instances and defers one job per exam (:func:`queue_uploads`).
+
 procrastinate is imported here only, when a queue is used: the embedded default never needs it.
 """
 
@@ -30,10 +33,12 @@ import hashlib
 import logging
 import signal
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ich.listener import NotScored, score_exam
+from ich import dicom
+from ich.listener import QUEUE_MODE, Inbox, NotScored, score_exam
 from ich.worklist import Worklist
 from ich.worklist.intake import Scorer
 
@@ -41,7 +46,20 @@ if TYPE_CHECKING:
     import procrastinate
     from procrastinate.jobs import Job
 
-__all__ = ["MAX_RETRIES", "QUEUE", "STALLED_AFTER_SECONDS", "TASK", "ExamJobs", "Queue", "conninfo", "work"]
+__all__ = [
+    "MAX_RETRIES",
+    "QUEUE",
+    "STALLED_AFTER_SECONDS",
+    "TASK",
+    "ExamJobs",
+    "Queue",
+    "QueuedUploads",
+    "conninfo",
+    "queue_uploads",
+    "upload_to_queue",
+    "uploads_queued",
+    "work",
+]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +130,7 @@ def _app(connector: procrastinate.BaseConnector, stalled_after: float = STALLED_
 
 
 class Queue:
-    """The listener's end of the queue: defers "score exam <key>" jobs, from the listener's own thread."""
+    """The listener's and the Upload page's end of the queue: defers "score exam <key>" jobs."""
 
     def __init__(self, worklist: Worklist) -> None:
         import procrastinate
@@ -131,6 +149,84 @@ class Queue:
 
     def close(self) -> None:
         self.app.close()
+
+
+def uploads_queued(worklist: Worklist) -> bool:
+    """Whether uploads go to the queue: the worklist is on PostgreSQL and its listener last started with
+    ``--queue`` (:data:`ich.listener.QUEUE_MODE`). The database says it, not each dashboard's settings, so no
+    dashboard can score uploads itself while the deployment's workers score the rest, or queue them where none run."""
+    return worklist.path is None and worklist.get_meta(QUEUE_MODE) == "on"
+
+
+@dataclass
+class QueuedUploads:
+    """What an upload handed to the queue did: its exams queued (inbox keys), files or exams that could not be used."""
+
+    queued: list[str] = field(default_factory=list)
+    problems: list[dicom.Problem] = field(default_factory=list)
+
+
+def _uids(upload: dicom.Upload) -> tuple[str, str, str]:
+    """(study, series, SOP instance UID) of an uploaded file, read by :mod:`ich.dicom` without its pixels, so it
+    refuses what an inline upload refuses (not a CT image, a lying header, a Deflated bomb); :class:`DicomError`."""
+    slices = dicom.read_file(upload, pixels=False)
+    first = slices[0]
+    if not first.study_uid:
+        raise dicom.DicomError(upload.name, "no StudyInstanceUID, so no exam to queue it in")
+    sop = first.sop_uid.removesuffix("[1]") if len(slices) > 1 else first.sop_uid  # the reader names frames
+    return first.study_uid, first.series_uid, sop
+
+
+def queue_uploads(
+    worklist: Worklist, inbox: Inbox, uploads: Sequence[dicom.Upload], defer: Callable[[str], object]
+) -> QueuedUploads:
+    """Store uploaded files (a zip's members too, under :mod:`ich.dicom`'s size and bomb limits) in ``inbox`` as the
+    listener stores received instances, then show each exam as "receiving" and ``defer`` its key, once all its files
+    are there. A file that cannot be read is a problem line; an exam with a file that could not be stored (a full
+    disk) is not queued (a problem line: it would be scored on part of its slices)."""
+    report = QueuedUploads()
+    exams: dict[str, str] = {}  # study UID -> inbox key, in upload order
+    broken: set[str] = set()
+    for item in dicom.iter_sources(uploads):
+        if isinstance(item, dicom.Problem):
+            report.problems.append(item)
+            continue
+        assert isinstance(item, dicom.Upload)  # uploads and their zips' members: never paths
+        try:
+            uids = _uids(item)
+        except dicom.DicomError as exc:
+            report.problems.append(dicom.Problem(exc.path, exc.reason))
+            continue
+        exams.setdefault(uids[0], inbox.folder(uids[0]).name)
+        try:
+            inbox.store(*uids, item.data)
+        except OSError as exc:
+            report.problems.append(dicom.Problem(item.name, f"could not be stored: {exc.strerror or exc}"))
+            broken.add(uids[0])
+    for n, (uid, key) in enumerate(exams.items(), 1):
+        place = f"exam {n} of {len(exams)}"  # never an identifier
+        if uid in broken:
+            report.problems.append(dicom.Problem(place, "not queued: one of its files was not stored; upload it again"))
+            continue
+        try:
+            worklist.note_receiving(key, "upload", uid)
+            defer(key)
+        except Exception as exc:  # noqa: BLE001 - the database unreachable: its files wait in the inbox
+            log.warning("uploaded exam %s could not be queued (%s)", key, type(exc).__name__)
+            report.problems.append(dicom.Problem(place, f"not queued ({type(exc).__name__}): upload it again"))
+            continue
+        report.queued.append(key)
+    return report
+
+
+def upload_to_queue(worklist: Worklist, directory: Path, uploads: Sequence[dicom.Upload]) -> QueuedUploads:
+    """The Upload page's end of the queue: :func:`queue_uploads` into ``directory``'s inbox, the one the listener
+    and the workers share, through a :class:`Queue` opened for this upload only."""
+    queue = Queue(worklist)
+    try:
+        return queue_uploads(worklist, Inbox(Path(directory) / "inbox"), uploads, queue.defer)
+    finally:
+        queue.close()
 
 
 class ExamJobs:

@@ -23,7 +23,8 @@
   whose first instance arrived first goes next. One exam is never scored by two workers at once.
 - Queue mode (``ich listen --queue``, PostgreSQL): the listener only receives and stores; each exam due is
   handed to the queue (:mod:`ich.jobs`) and ``ich worker`` processes score it through the same
-  :func:`score_exam`, with the queue's retries instead of the in-process ones.
+  :func:`score_exam`, with the queue's retries instead of the in-process ones. The listener records its mode in
+  the database (:data:`QUEUE_MODE`): in queue mode the dashboards queue uploads too (:func:`ich.jobs.uploads_queued`).
 - Nothing received is lost: an exam is marked done (``scored.json`` beside its files) only once it is on
   the worklist. One that fails (a full disk, a model error) stays in the inbox, shows as "failed" with the
   reason and is tried again after 30 s, 1 min, 2 min... (at most hourly); one with no series to score
@@ -63,6 +64,7 @@ from ich.worklist.intake import Scorer
 __all__ = [
     "DEFAULT_AE_TITLE",
     "DEFAULT_PORT",
+    "QUEUE_MODE",
     "SCORED_SOP_CLASSES",
     "Inbox",
     "Listener",
@@ -86,6 +88,9 @@ MAX_RETRY_SECONDS = 3600.0
 ENQUEUE_RETRY_SECONDS = 5.0  # queue mode: an exam the queue refused (its database restarting) is offered again
 MAX_SCORING_WORKERS = 4  # each holds one exam's decoded slices (a thin 238-slice series: ~250 MB as float32)
 SCORED = "scored.json"
+# The worklist's meta key saying where this deployment scores: "on" while its listener hands exams to the queue
+# (``ich listen --queue``), so every dashboard on the database queues uploads too; "off" once it scores itself.
+QUEUE_MODE = "scoring_queue"
 # C-STORE statuses (PS3.4 Annex B.2.3)
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000
@@ -210,7 +215,9 @@ def score_exam(
         return []
     started = time.perf_counter()
     try:
-        report = ingest(worklist, predictor, [folder], source="dicom")
+        pending = worklist.intake()  # how the exam came, as noted when it started arriving: a queued upload says so
+        source = next(iter(pending.loc[pending["key"] == folder.name, "source"]), "dicom")
+        report = ingest(worklist, predictor, [folder], source=str(source))
     except Exception as exc:  # ingest keeps one exam's failure to a problem line; this is the store itself
         log.exception("exam %s could not be scored", folder.name)
         raise NotScored(f"{type(exc).__name__}: {exc}", retry=True) from None
@@ -502,6 +509,7 @@ class Listener:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
+        self._declare_mode()
         server = self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
         assert server is not None  # block=False always returns the server
         bound = int(server.server_address[1])
@@ -517,6 +525,14 @@ class Listener:
         how = "queueing exams for ich worker" if self.enqueue else f"scoring up to {self.workers} exam(s) at once"
         log.info("listening as AE %r on %s:%d, %s", self.ae.ae_title, host, bound, how)
         return bound
+
+    def _declare_mode(self) -> None:
+        """Record where this deployment scores (:data:`QUEUE_MODE`), read by the dashboards' Upload page: the
+        listener is the one process whose mode defines it. Written only when it changes (an embedded listener on a
+        store that never had a queue writes nothing)."""
+        wanted, found = ("on" if self.enqueue is not None else "off"), self.worklist.get_meta(QUEUE_MODE)
+        if found != wanted and (found is not None or self.enqueue is not None):
+            self.worklist.set_meta(QUEUE_MODE, wanted)
 
     def stop(self) -> None:
         """Stop listening; each worker finishes the exam it holds (those waiting are found again at start)."""

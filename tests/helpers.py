@@ -161,6 +161,34 @@ def streamlit_server(data: Path, weights: Path | None, log_path: Path, **env: st
                 proc.kill()
 
 
+# One dashboard session in its own process (AppTest swaps global Streamlit state per run, so two cannot
+# share a process): opens the Upload page, puts the folder's files in the uploader, says "ready", waits
+# for a line on stdin, then clicks the button named on its command line and prints what the page said.
+APP_SESSION = """
+import pathlib, sys
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file(sys.argv[1], default_timeout=300).run()
+next(b for b in at.button if b.label == "Upload studies").click().run()
+files = [(p.name, p.read_bytes(), "application/dicom") for p in sorted(pathlib.Path(sys.argv[2]).iterdir())]
+at.file_uploader[0].set_value(files).run()
+print("ready", flush=True)
+sys.stdin.readline()
+next(b for b in at.button if b.label == sys.argv[3]).click().run()
+assert not at.exception, at.exception
+print("|".join(m.value for m in (*at.success, *at.warning, *at.error)), flush=True)
+"""
+
+
+def upload_session(files: Path, button: str, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """:data:`APP_SESSION` uploading the files in ``files`` with ``button``; its stderr (Streamlit's warnings, any
+    traceback) in ``log_path``. Write a line to its stdin to click; its stdout says "ready", then the page."""
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", APP_SESSION, str(ROOT / "streamlit_app.py"), str(files), button],
+            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+        )  # fmt: skip
+
+
 def zip_bytes(entries: dict[str, bytes]) -> bytes:
     """A deflated zip archive of ``entries`` (member name -> bytes), in memory."""
     buf = io.BytesIO()

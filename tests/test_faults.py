@@ -23,8 +23,8 @@ from ich import dicom
 from ich.listener import OUT_OF_RESOURCES, Inbox, Listener
 from ich.worklist import Worklist, ingest
 from tests.dicom_factory import make_ct
-from tests.helpers import ROOT, FakePredictor, add, free_port, uploads
-from tests.test_listener import QUIET, send, series, wait_for
+from tests.helpers import ROOT, FakePredictor, add, free_port, upload_session, uploads
+from tests.test_listener import QUIET, send, send_as_pacs, series, wait_for
 
 
 def real_series(shared: object, n: int) -> list[list]:
@@ -53,35 +53,17 @@ def test_four_senders_and_two_uploaders_at_once(tmp_path, shared_data):
 
     try:
         with ThreadPoolExecutor(6) as pool:
-            jobs = [pool.submit(send, port, datasets, f"CT{i}") for i, datasets in enumerate(pushed)]
+            jobs = [pool.submit(send_as_pacs, port, datasets, f"CT{i}") for i, datasets in enumerate(pushed)]
             jobs += [pool.submit(upload, files) for files in uploaded]
-            statuses = [job.result() for job in jobs[:4]]  # re-raises what failed in a thread
+            statuses = [job.result()[0] for job in jobs[:4]]  # re-raises what failed in a thread
             for job in jobs[4:]:
                 job.result()
         assert all(set(s) == {0} for s in statuses)
-        wait_for(lambda: len(wl) == 6, seconds=60)
+        expected = sorted([len(d) for d in pushed] + [6, 8])  # every study once, with every slice
+        # (an exam of which a sender had to send part again is scored again once that part is in)
+        wait_for(lambda: sorted(int(n) for n in wl.studies()["n_slices"]) == expected, seconds=60)
     finally:
         listener.stop()
-    got = sorted(int(n) for n in wl.studies()["n_slices"])
-    assert got == sorted([len(d) for d in pushed] + [6, 8])  # every study once, with every slice
-
-
-# One dashboard session in its own process (AppTest swaps global Streamlit state per run, so two cannot
-# share a process): opens the Upload page, puts the folder's files in the uploader, says "ready", waits
-# for a line on stdin, then scores them and prints what the page said.
-APP_SESSION = """
-import pathlib, sys
-from streamlit.testing.v1 import AppTest
-at = AppTest.from_file(sys.argv[1], default_timeout=300).run()
-next(b for b in at.button if b.label == "Upload studies").click().run()
-files = [(p.name, p.read_bytes(), "application/dicom") for p in sorted(pathlib.Path(sys.argv[2]).iterdir())]
-at.file_uploader[0].set_value(files).run()
-print("ready", flush=True)
-sys.stdin.readline()
-next(b for b in at.button if b.label == "Score and add to worklist").click().run()
-assert not at.exception, at.exception
-print("|".join(m.value for m in (*at.success, *at.warning, *at.error)), flush=True)
-"""
 
 
 def logs(folder: Path) -> str:
@@ -104,24 +86,19 @@ def test_four_senders_and_two_dashboard_sessions_at_once(tmp_path, shared_data, 
             folder.mkdir()
             for k, ds in enumerate(datasets):
                 ds.save_as(folder / f"{k}.dcm", enforce_file_format=True)
-            cmd = [sys.executable, "-c", APP_SESSION, str(ROOT / "streamlit_app.py"), str(folder)]
-            with open(tmp_path / f"session-{i}.log", "w") as log:  # its Streamlit warnings and any traceback
-                sessions.append(
-                    subprocess.Popen(
-                        cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
-                    )
-                )
+            sessions.append(upload_session(folder, "Score and add to worklist", env, tmp_path / f"session-{i}.log"))
         for session in sessions:  # both on the Upload page with their files chosen
             assert session.stdout.readline().strip() == "ready", session.communicate()[0] + logs(tmp_path)
         port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
         with caplog.at_level(logging.INFO), ThreadPoolExecutor(4) as pool:
-            jobs = [pool.submit(send, port, datasets, f"CT{i}") for i, datasets in enumerate(pushed)]
+            jobs = [pool.submit(send_as_pacs, port, datasets, f"CT{i}") for i, datasets in enumerate(pushed)]
             for session in sessions:  # "Score and add to worklist" while the senders connect
                 session.stdin.write("go\n")
                 session.stdin.flush()
-            statuses = [job.result() for job in jobs]
+            statuses = [job.result()[0] for job in jobs]
             pages = [session.communicate(timeout=300)[0] for session in sessions]
-            wait_for(lambda: len(wl) == 6, seconds=120)
+            expected = sorted(len(d) for d in real)  # every study once, with every slice
+            wait_for(lambda: sorted(int(n) for n in wl.studies()["n_slices"]) == expected, seconds=120)
     finally:
         listener.stop()
         for session in sessions:
@@ -131,8 +108,6 @@ def test_four_senders_and_two_dashboard_sessions_at_once(tmp_path, shared_data, 
     for page, session in zip(pages, sessions):
         assert session.returncode == 0 and "1 exam added" in page and "could not" not in page, page + logs(tmp_path)
     assert "database is locked" not in caplog.text + "".join(pages) + logs(tmp_path)
-    got = sorted(int(n) for n in wl.studies()["n_slices"])
-    assert got == sorted(len(d) for d in real)  # every study once, with every slice
     assert sorted(wl.studies()["source"]) == ["dicom"] * 4 + ["upload"] * 2
 
 

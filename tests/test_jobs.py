@@ -1,9 +1,10 @@
 """ich.jobs: scoring as jobs on procrastinate's queue in the worklist's PostgreSQL database.
 
-One listener in queue mode (in this process) and ``python -m ich worker`` processes (a tiny checkpoint): exams sent
-at once are each scored exactly once, a worker killed with SIGKILL mid-exam has its job finished by another, and a
-database restarted mid-run loses nothing a sender was told was stored. The job body, its idempotency and its dead
-letter are checked in-process.
+One listener in queue mode (in this process), ``python -m ich worker`` processes (a tiny checkpoint) and dashboard
+sessions (AppTest, each in a process of its own): exams sent and uploaded at once are each scored exactly once, a
+worker killed with SIGKILL mid-exam has its job finished by another, and a database restarted mid-run loses nothing
+a sender was told was stored. The job body, its idempotency, its dead letter and uploads handed to the queue are
+checked in-process.
 """
 
 from __future__ import annotations
@@ -20,15 +21,24 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from ich import dicom
 from ich.cli import main
-from ich.listener import Inbox, Listener, NotScored, score_exam
-from ich.worklist import INTAKE_FAILED, Worklist
+from ich.listener import QUEUE_MODE, Inbox, Listener, NotScored, score_exam
+from ich.worklist import INTAKE_FAILED, INTAKE_RECEIVING, Worklist
 from tests.dicom_factory import to_bytes
-from tests.helpers import ROOT, FakePredictor
-from tests.test_listener import send, series, wait_for
+from tests.helpers import ROOT, FakePredictor, upload_session, zip_bytes
+from tests.test_listener import send, send_as_pacs, series, wait_for
 
 procrastinate = pytest.importorskip("procrastinate", reason="procrastinate (requirements.txt) is not installed")
-from ich.jobs import MAX_RETRIES, QUEUE, TASK, ExamJobs, Queue  # noqa: E402  (after the skip: imports procrastinate)
+from ich.jobs import (  # noqa: E402  (after the skip: imports procrastinate)
+    MAX_RETRIES,
+    QUEUE,
+    TASK,
+    ExamJobs,
+    Queue,
+    queue_uploads,
+    uploads_queued,
+)
 
 QUIET = 0.3
 STALLED_AFTER = 3  # seconds; the product's default is 30
@@ -123,10 +133,13 @@ def cluster(tmp_path, postgres_server, postgres_url, tiny_checkpoint, monkeypatc
             worker.wait()
 
 
-def send_all(port: int, exams: list[list]) -> list[list[int]]:
-    """Each exam over an association of its own, all at once."""
+def send_all(port: int, exams: list[list]) -> tuple[list[list[int]], set[str]]:
+    """Each exam over an association of its own, all at once, as PACS send (what got no answer is sent again:
+    :func:`tests.test_listener.send_as_pacs`); the statuses, and the exams of which part was sent again (they
+    may be scored twice: once without the part, again when it came)."""
     with ThreadPoolExecutor(len(exams)) as pool:
-        return list(pool.map(lambda exam: send(port, exam), exams))
+        results = list(pool.map(lambda exam: send_as_pacs(port, exam), exams))
+    return [statuses for statuses, _ in results], {e[0].StudyInstanceUID for e, (_, r) in zip(exams, results) if r}
 
 
 def rows(worklist: Worklist) -> list[tuple[str, str | None]]:
@@ -135,21 +148,57 @@ def rows(worklist: Worklist) -> list[tuple[str, str | None]]:
         return [tuple(r) for r in db.execute(sa.text("SELECT study_uid, updated FROM studies"))]
 
 
+def dashboards(cluster: Cluster, exams: list[list]) -> list[subprocess.Popen]:
+    """A dashboard session per exam (the Upload page, its files chosen), each in a process of its own on the
+    cluster's database and data directory, all "ready"."""
+    env = dict(os.environ, ICH_DATA_DIR=str(cluster.directory), ICH_WEIGHTS=str(cluster.checkpoint), ICH_DEMO="0")
+    sessions = []
+    for i, datasets in enumerate(exams):
+        folder = cluster.directory / f"upload-{i}"
+        folder.mkdir()
+        for k, ds in enumerate(datasets):
+            (folder / f"{k}.dcm").write_bytes(to_bytes(ds))
+        log = cluster.directory / f"session-{i}.log"
+        sessions.append(upload_session(folder, "Queue for scoring", env, log))
+    for i, session in enumerate(sessions):
+        ready = session.stdout.readline().strip()
+        assert ready == "ready", session.communicate()[0] + (cluster.directory / f"session-{i}.log").read_text()
+    return sessions
+
+
 @pytest.mark.slow
-def test_twenty_exams_sent_at_once_are_each_scored_exactly_once_by_two_workers(cluster):
+def test_twenty_exams_sent_and_two_uploaded_at_once_are_each_scored_exactly_once_by_two_workers(cluster):
     for _ in range(2):
         cluster.start_worker()
-    cluster.wait_until_ready()  # starting two torch processes on two cores is not what this measures
-    exams = [series(3) for _ in range(20)]
-    assert send_all(cluster.port, exams) == [[0, 0, 0]] * 20
-    wait_for(lambda: len(cluster.worklist) == 20, 90)
+    uploaded = [series(3) for _ in range(2)]
+    sessions = dashboards(cluster, uploaded)  # the listener's --queue puts their Upload pages in queue mode
+    try:
+        cluster.wait_until_ready()  # starting two torch processes on two cores is not what this measures
+        exams = [series(3) for _ in range(20)]
+        with ThreadPoolExecutor(1) as pool:
+            sending = pool.submit(send_all, cluster.port, exams)
+            for session in sessions:  # "Queue for scoring" while the senders connect
+                session.stdin.write("go\n")
+                session.stdin.flush()
+            statuses, resent = sending.result()
+            assert statuses == [[0, 0, 0]] * 20
+        pages = [session.communicate(timeout=120)[0] for session in sessions]
+    finally:
+        for session in sessions:
+            if session.poll() is None:
+                session.kill()
+    for page, session in zip(pages, sessions):
+        assert session.returncode == 0 and "1 exam queued for scoring" in page and "could not" not in page, page
+    wait_for(lambda: len(cluster.worklist) == 22, 90)
     wait_for(cluster.queue_empty, 30)
     found = rows(cluster.worklist)
-    assert sorted(uid for uid, _ in found) == sorted(e[0].StudyInstanceUID for e in exams)
-    assert [updated for _, updated in found] == [None] * 20  # none scored twice
+    assert sorted(uid for uid, _ in found) == sorted(e[0].StudyInstanceUID for e in exams + uploaded)
+    # None scored twice, but an exam that grew: part of it sent again after no answer came (see send_all).
+    assert {uid for uid, updated in found if updated is not None} <= resent
     lines = cluster.scored_lines()
-    assert len(lines) == 20 and len({line.split(SCORED_LINE)[0] for line in lines}) == 20
+    assert len({line.split(SCORED_LINE)[0] for line in lines}) == 22 and 22 <= len(lines) <= 22 + len(resent)
     assert all(cluster.logs[k].read_text().count(SCORED_LINE) for k in range(2)), "one worker scored nothing"
+    assert sorted(cluster.worklist.studies()["source"]) == ["dicom"] * 20 + ["upload"] * 2
     wait_for(lambda: len(cluster.worklist.intake()) == 0)
     text = "".join(log.read_text() for log in cluster.logs)
     assert not [i for i in (exams[0][0].StudyInstanceUID, exams[0][0].PatientID) if i in text]
@@ -191,8 +240,8 @@ def test_a_database_restarted_mid_run_loses_nothing_acknowledged(cluster):
         sending = pool.submit(send_all, cluster.port, before)
         time.sleep(0.2)  # some stored and queued, some arriving
         cluster.postgres.restart()
-        statuses = sending.result()
-    statuses += send_all(cluster.port, after)  # straight after the restart
+        statuses = sending.result()[0]
+    statuses += send_all(cluster.port, after)[0]  # straight after the restart
     acknowledged = {e[0].StudyInstanceUID for e, s in zip(before + after, statuses) if s == [0, 0, 0]}
     assert len(acknowledged) == 16  # the listener answers from disk: the database is never waited for
     wait_for(lambda: {uid for uid, _ in rows(cluster.worklist)} >= acknowledged, 60)
@@ -245,6 +294,60 @@ def test_a_failing_exam_is_retried_then_left_as_a_dead_letter(tmp_path):
     assert row.attempts == 2 and row.next_try is None
     assert row.reason.startswith(f"gave up after {MAX_RETRIES + 1} attempts: ")
     assert len(wl) == 0 and folder.is_dir()  # nothing received is lost
+
+
+# ---------------------------------------------------------------------------- uploads handed to the queue
+
+
+def test_uploads_are_stored_as_the_listener_stores_and_queued_once_per_exam(tmp_path):
+    plain, zipped = series(3), series(4)
+    uploads = [dicom.Upload(f"{i}.dcm", to_bytes(ds)) for i, ds in enumerate(plain)]
+    uploads.append(dicom.Upload("exam.zip", zip_bytes({f"CT/{i}.dcm": to_bytes(ds) for i, ds in enumerate(zipped)})))
+    uploads.append(dicom.Upload("broken.dcm", b"\0" * 50))
+    uploads.append(dicom.Upload("bomb.zip", zip_bytes({"x.dcm": bytes(1 << 20)})))  # inflates 1000x: refused
+    wl, inbox, deferred = Worklist(tmp_path), Inbox(tmp_path / "inbox"), []
+    report = queue_uploads(wl, inbox, uploads, deferred.append)
+    keys = [inbox.folder(e[0].StudyInstanceUID).name for e in (plain, zipped)]
+    assert report.queued == deferred == keys  # one job per exam, once all its files are stored
+    assert [p.path for p in report.problems] == ["broken.dcm", "bomb.zip"]
+    assert "zip bomb suspected" in report.problems[1].reason
+    received = Inbox(tmp_path / "received")  # the same instances as a listener stores them
+    for ds in plain + zipped:
+        received.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, to_bytes(ds))
+    layout = sorted(p.relative_to(inbox.root).as_posix() for p in inbox.root.rglob("*.dcm"))
+    assert layout == sorted(p.relative_to(received.root).as_posix() for p in received.root.rglob("*.dcm"))
+    assert not [uid for uid in (plain[0].StudyInstanceUID, plain[0].SOPInstanceUID) if uid in "".join(layout)]
+    pending = wl.intake()  # shown as arriving until a worker scores them
+    assert sorted(pending["key"]) == sorted(keys) and set(pending["state"]) == {INTAKE_RECEIVING}
+    jobs = ExamJobs(wl, FakePredictor(), tmp_path / "inbox")
+    for key in deferred:
+        jobs.run(key, job(0, key))
+    assert sorted(wl.studies()["n_slices"]) == [3, 4] and set(wl.studies()["source"]) == {"upload"}
+    assert len(wl.intake()) == 0
+
+
+def test_an_upload_the_queue_refuses_is_a_problem_line_not_an_error(tmp_path):
+    def down(key: str) -> None:
+        raise OSError("connection refused")
+
+    wl = Worklist(tmp_path)
+    report = queue_uploads(wl, Inbox(tmp_path / "inbox"), [dicom.Upload("0.dcm", to_bytes(series(1)[0]))], down)
+    assert report.queued == [] and [(p.path, p.reason) for p in report.problems] == [
+        ("exam 1 of 1", "not queued (OSError): upload it again")
+    ]
+
+
+def test_the_listener_says_where_uploads_go(tmp_path):
+    """``listen --queue`` puts the dashboards' uploads in the queue; an embedded listener takes them back. The
+    queue needs PostgreSQL: on SQLite uploads are always scored by the dashboard."""
+    wl = Worklist(tmp_path)
+    for enqueue, mode in ((None, None), ([].append, "on"), (None, "off")):
+        listener = Listener(wl, FakePredictor(), Inbox(tmp_path / "inbox"), enqueue=enqueue)
+        listener.start("127.0.0.1", 0)
+        listener.stop()
+        assert wl.get_meta(QUEUE_MODE) == mode
+    wl.set_meta(QUEUE_MODE, "on")
+    assert not uploads_queued(wl)
 
 
 def test_queue_mode_needs_postgresql(tmp_path, capsys):

@@ -1,8 +1,10 @@
-"""The Upload page: drop an exam's DICOM files or zips, score them onto the worklist."""
+"""The Upload page: drop an exam's DICOM files or zips, score them onto the worklist, or, where the deployment
+scores on workers (:func:`ich.jobs.uploads_queued`), queue them for the workers."""
 
 from __future__ import annotations
 
 import io
+import logging
 
 import pandas as pd
 import streamlit as st
@@ -11,22 +13,28 @@ from ich import dicom
 from ich.dashboard import navigation
 from ich.dashboard.resources import model, store
 from ich.dashboard.worklist_page import STUDY_COLUMNS
+from ich.jobs import QueuedUploads, upload_to_queue, uploads_queued
 from ich.labels import read_rsna_csv
 from ich.presentation import studies_table
-from ich.worklist import IngestReport, ingest
+from ich.worklist import IngestReport, data_dir, ingest
+
+log = logging.getLogger(__name__)
+
+FILES_LABEL = "DICOM files (.dcm or no extension) or .zip archives"
 
 
 def page() -> None:
     st.header("Upload")
+    if uploads_queued(store()):
+        queue_page()
+        return
     st.write(
         "Drop a head-CT exam: its DICOM files, or one or more `.zip` archives. Each exam lands on the worklist, "
         "scored on one series (axial, soft tissue, not a scout or a reformat); files that cannot be read are "
         "listed with the reason."
     )
     run = st.session_state.setdefault("upload_run", 0)
-    files = st.file_uploader(
-        "DICOM files (.dcm or no extension) or .zip archives", accept_multiple_files=True, key=f"files-{run}"
-    )
+    files = st.file_uploader(FILES_LABEL, accept_multiple_files=True, key=f"files-{run}")
     csv = st.file_uploader(
         "Labels (optional): RSNA-format CSV, `ID,Label` with ID = `<SOPInstanceUID>_<class>`",
         type=["csv"],
@@ -62,8 +70,46 @@ def page() -> None:
             st.page_link(navigation.pages()["worklist"], label="Open the worklist", icon=":material/list_alt:")
         else:
             st.warning("No usable CT exam was found in the upload.")
-        if shown.problems:
-            st.warning(f"{len(shown.problems)} file(s) or exam(s) could not be used; the rest were added.")
-            st.dataframe(
-                pd.DataFrame([(p.path, p.reason) for p in shown.problems], columns=["file", "reason"]), hide_index=True
+        problems(shown.problems, "added")
+
+
+def queue_page() -> None:
+    """A queue deployment: the files go to the shared inbox and each exam to the workers, as the listener's do;
+    nothing is scored in the dashboard (no model loaded for it)."""
+    st.write(
+        "Drop a head-CT exam: its DICOM files, or one or more `.zip` archives. Each exam is queued for the scoring "
+        "workers and lands on the worklist once scored, on one series (axial, soft tissue, not a scout or a "
+        "reformat); files that cannot be read are listed with the reason. Labels (a CSV) are taken only where the "
+        "dashboard scores uploads itself."
+    )
+    run = st.session_state.setdefault("upload_run", 0)
+    files = st.file_uploader(FILES_LABEL, accept_multiple_files=True, key=f"files-{run}")
+    if st.button("Queue for scoring", type="primary", disabled=not files):
+        try:
+            report = upload_to_queue(store(), data_dir(), [dicom.Upload(f.name, f.getvalue()) for f in files])
+        except Exception as exc:  # the database unreachable when the queue opens: nothing was stored
+            log.exception("the upload could not be queued")
+            st.error(f"The scoring queue could not be reached ({type(exc).__name__}); nothing was queued. Try again.")
+            return
+        st.session_state["upload_queued"] = report
+        st.session_state["upload_run"] = run + 1  # fresh, empty uploader: the files are in the inbox now
+        st.rerun()
+    shown: QueuedUploads | None = st.session_state.get("upload_queued")
+    if shown is not None:
+        if shown.queued:
+            n = len(shown.queued)
+            st.success(
+                f"{n} exam{'' if n == 1 else 's'} queued for scoring; "
+                f"{'it appears' if n == 1 else 'they appear'} on the worklist when scored."
             )
+            st.page_link(navigation.pages()["worklist"], label="Open the worklist", icon=":material/list_alt:")
+        else:
+            st.warning("No usable CT exam was found in the upload.")
+        problems(shown.problems, "queued")
+
+
+def problems(found: list[dicom.Problem], done: str) -> None:
+    """The files or exams of an upload that could not be used, with why."""
+    if found:
+        st.warning(f"{len(found)} file(s) or exam(s) could not be used; the rest were {done}.")
+        st.dataframe(pd.DataFrame([(p.path, p.reason) for p in found], columns=["file", "reason"]), hide_index=True)
