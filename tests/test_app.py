@@ -95,6 +95,19 @@ def viewer_args(at: AppTest) -> dict:
     return json.loads(proto.json_args) | {a.key: a.bytes for a in proto.special_args}
 
 
+def viewer_answers(at: AppTest, key: str) -> dict:
+    """The browser's first answer to the viewer (it got the preview; it holds no volume yet), and the args of
+    the rerun that answer causes: the volume comes then."""
+    first = viewer_args(at)
+    assert first["volume"] is None and first["preview"][:8] == b"\x89PNG\r\n\x1a\n", "only the preview first"
+    at.session_state[key] = {"slice": first["goto"], "seq": 0, "have": None, "have_heatmap": None}
+    at.run()
+    assert not at.exception, at.exception
+    args = viewer_args(at)
+    assert args["volume"] is not None and args["preview"] is None and args["goto_nonce"] == first["goto_nonce"]
+    return args
+
+
 def downloads(at: AppTest) -> dict[str, bytes]:
     """The page's download buttons: label -> the file's bytes, as they reach the browser."""
     found = [e.proto for e in at.get("component_instance") if e.proto.component_name.endswith("download_button")]
@@ -118,7 +131,7 @@ def test_viewer_follows_the_browser_viewer_windows_heatmap_and_read(data_dir):
 
     assert any(e.label == "What these numbers mean" for e in at.expander)
     assert "flagged at a likelihood of 50% or more" in texts(at)  # the tiny checkpoint's default threshold
-    args = viewer_args(at)
+    args = viewer_answers(at, f"viewer-{study_id}")
     assert args["n"] == n and len(args["locations"]) == n and len(args["notes"]) == n
     assert args["window"] == {"name": "brain", "level": 40.0, "width": 80.0} and args["heatmap"] is None
     assert args["notes"][0].startswith("model: any ") and "called" in args["notes"][0]
@@ -497,7 +510,7 @@ def test_a_thin_series_is_read_as_the_slabs_the_model_scored_with_its_thin_slice
     at.query_params["study"] = str(study_id)
     at.run()
     assert not at.exception, at.exception
-    args = viewer_args(at)
+    args = viewer_answers(at, f"viewer-{study_id}")
     assert args["n"] == 3 and args["unit"] == "Slab" and args["spans"] == [[1, 8], [9, 16], [17, 24]]
     assert args["goto"] == 2  # the most suspicious slice (9) lies in slab 2
     slabs = nib.Nifti1Image.from_bytes(gzip.decompress(args["volume"]))

@@ -540,7 +540,7 @@ def test_open_to_first_image(two_exams_server):
                     times.setdefault(n, []).append((probe["imageAt"] - clicked) / 1000)
                     parts.setdefault(n, []).append(
                         {
-                            "study_arrived_s": (probe["argsAt"] - clicked) / 1000,
+                            "first_message_s": (probe["argsAt"] - clicked) / 1000,
                             "scrollable_s": (probe["readyAt"] - clicked) / 1000,
                         }
                     )

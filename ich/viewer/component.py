@@ -95,16 +95,19 @@ def slice_viewer(
 
     ``volume()`` (``.nii.gz`` bytes, named ``volume_id``) and ``heatmap()`` (likewise, or ``None`` for no
     overlay) are called only while the browser does not hold them yet. ``preview()``: a PNG of the ``goto``
-    plane, sent with the volume and shown at once while the browser loads the viewer and the volume.
+    plane, sent alone in the first render (the volume follows once the browser answers), so the first image
+    is on screen while the volume is made, sent and loaded.
     """
     if len(locations) != n_slices or len(slice_notes) != n_slices:
         raise ValueError(f"{len(locations)} locations and {len(slice_notes)} notes for {n_slices} slices")
     name, level, width = window
     held = _held(key, "have") == volume_id
+    # Until the browser first answers, only the preview: it is on screen while the volume is made and sent.
+    first = key is not None and st.session_state.get(key) is None
     return _viewer()(
         volume_id=volume_id,
-        volume=None if held else volume(),
-        preview=None if held or preview is None else preview(),
+        volume=None if held or first else volume(),
+        preview=preview() if first and preview is not None else None,
         n=n_slices,
         normal=[float(v) for v in normal],
         locations=[float(v) for v in locations],

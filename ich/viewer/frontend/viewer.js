@@ -401,7 +401,7 @@
   }
 
   async function render(args) {
-    if (probe.argsAt === null && args.volume) probe.argsAt = Date.now();
+    if (probe.argsAt === null && (args.volume || args.preview)) probe.argsAt = Date.now();
     const first = state.args === null;
     state.args = args;
     if (first) fitHeight();
@@ -409,8 +409,10 @@
       if (args.volume_id !== state.volumeId) {
         if (args.preview && !state.nv) showPreview(args);
         if (!args.volume) {
-          // Python believes this page holds the study (the viewer was redrawn): ask for the bytes again.
-          hud.status.textContent = "Loading the study…";
+          // The first render (a preview only), or Python believes this page holds the study (the viewer was
+          // redrawn): ask for the bytes. Python already shows the opening slice: no new slice to report.
+          if (preview.hidden) hud.status.textContent = "Loading the study…";
+          if (state.reported < 0) state.reported = args.goto - 1;
           state.volumeId = null;
           sendValue();
           return;
