@@ -62,7 +62,7 @@ def window_ui() -> Window:
 
 def heatmap_ui(classes: tuple[str, ...], enabled: bool) -> str | None:
     """The class to explain, or ``None`` when the overlay is off."""
-    on_col, target_col = st.columns([1, 1], vertical_alignment="center")
+    on_col, target_col = st.columns([4, 3], vertical_alignment="center")
     on = on_col.toggle("Heatmap", key="heatmap", disabled=not enabled, persist_state="session")
     target = target_col.selectbox(
         "for", classes, key="heatmap_target", disabled=not on, label_visibility="collapsed", persist_state="session",
