@@ -55,22 +55,17 @@ def page() -> None:
         if csv_problem:
             report.problems.append(csv_problem)
         bar.empty()
-        st.session_state["upload_report"] = report
-        st.session_state["upload_run"] = run + 1  # fresh, empty uploaders: the files are on the worklist now
-        st.rerun()
+        keep_outcome("upload_report", report, run)
     shown: IngestReport | None = st.session_state.get("upload_report")
     if shown is not None:
-        if shown.added:
-            n = len(shown.added)
-            st.success(f"{n} exam{'' if n == 1 else 's'} added to the worklist in {shown.seconds:.1f} s.")
-            studies = store().studies()
-            st.dataframe(
-                studies_table(studies[studies["id"].isin(shown.added)]), hide_index=True, column_config=STUDY_COLUMNS
-            )
-            st.page_link(navigation.pages()["worklist"], label="Open the worklist", icon=":material/list_alt:")
-        else:
-            st.warning("No usable CT exam was found in the upload.")
-        problems(shown.problems, "added")
+        n = len(shown.added)
+        studies = store().studies()
+        outcome_ui(
+            f"{n} exam{'' if n == 1 else 's'} added to the worklist in {shown.seconds:.1f} s." if n else None,
+            shown.problems,
+            "added",
+            studies[studies["id"].isin(shown.added)],
+        )
 
 
 def queue_page() -> None:
@@ -91,25 +86,37 @@ def queue_page() -> None:
             log.exception("the upload could not be queued")
             st.error(f"The scoring queue could not be reached ({type(exc).__name__}); nothing was queued. Try again.")
             return
-        st.session_state["upload_queued"] = report
-        st.session_state["upload_run"] = run + 1  # fresh, empty uploader: the files are in the inbox now
-        st.rerun()
+        keep_outcome("upload_queued", report, run)
     shown: QueuedUploads | None = st.session_state.get("upload_queued")
     if shown is not None:
-        if shown.queued:
-            n = len(shown.queued)
-            st.success(
-                f"{n} exam{'' if n == 1 else 's'} queued for scoring; "
-                f"{'it appears' if n == 1 else 'they appear'} on the worklist when scored."
-            )
-            st.page_link(navigation.pages()["worklist"], label="Open the worklist", icon=":material/list_alt:")
-        else:
-            st.warning("No usable CT exam was found in the upload.")
-        problems(shown.problems, "queued")
+        n = len(shown.queued)
+        outcome_ui(
+            f"{n} exam{'' if n == 1 else 's'} queued for scoring; "
+            f"{'it appears' if n == 1 else 'they appear'} on the worklist when scored."
+            if n
+            else None,
+            shown.problems,
+            "queued",
+        )
 
 
-def problems(found: list[dicom.Problem], done: str) -> None:
-    """The files or exams of an upload that could not be used, with why."""
+def keep_outcome(key: str, report: object, run: int) -> None:
+    """Keep an upload's ``report`` for the page's next run, with fresh, empty uploaders (the files are stored)."""
+    st.session_state[key] = report
+    st.session_state["upload_run"] = run + 1
+    st.rerun()
+
+
+def outcome_ui(success: str | None, found: list[dicom.Problem], done: str, studies: pd.DataFrame | None = None) -> None:
+    """What an upload gave: ``success`` (``None``: no usable exam), the ``studies`` added, and the files or exams
+    that could not be used, with why."""
+    if success:
+        st.success(success)
+        if studies is not None:
+            st.dataframe(studies_table(studies), hide_index=True, column_config=STUDY_COLUMNS)
+        st.page_link(navigation.pages()["worklist"], label="Open the worklist", icon=":material/list_alt:")
+    else:
+        st.warning("No usable CT exam was found in the upload.")
     if found:
         st.warning(f"{len(found)} file(s) or exam(s) could not be used; the rest were {done}.")
         st.dataframe(pd.DataFrame([(p.path, p.reason) for p in found], columns=["file", "reason"]), hide_index=True)
