@@ -220,6 +220,7 @@ def _listen(args: argparse.Namespace) -> int:
         predictor = _predictor(args)
         after = _after_scoring(args, worklist, predictor)
         listener = Listener(worklist, predictor, inbox, ae_title=args.ae_title, allow=_allowed(args), on_scored=after)
+    listener.ae.maximum_associations = args.max_associations
     _log_scoring(args)
     port = listener.start(args.host, args.port)
     print(
@@ -429,6 +430,12 @@ def get_parser() -> argparse.ArgumentParser:
     ls.add_argument("--allow", help="comma-separated calling AE titles accepted (default: any)")
     ls.add_argument("--quiet-seconds", type=float, default=10.0, help="a series is scored when quiet this long")
     ls.add_argument("--data-dir", help=f"worklist and inbox folder (default ${DATA_ENV} or .ich-data/)")
+    ls.add_argument(
+        "--max-associations",
+        type=int,
+        default=10,
+        help="associations accepted at once (pynetdicom's default 10); more are refused, and senders retry",
+    )
     ls.add_argument(
         "--queue",
         action="store_true",

@@ -161,10 +161,12 @@ def test_listener_answers_out_of_resources_when_its_disk_is_full(tmp_path, monke
 class ListenerProcess:
     """``python -m ich -vv listen`` on ``port`` with the tiny checkpoint, started and ready; ``lines`` is its log."""
 
-    def __init__(self, data: Path, weights: Path, port: int, quiet: float) -> None:
+    def __init__(self, data: Path, weights: Path, port: int, quiet: float, *options: str) -> None:
         env = dict(os.environ, ICH_DATA_DIR=str(data), ICH_WEIGHTS=str(weights), OMP_NUM_THREADS="1")
         cmd = [sys.executable, "-m", "ich", "-vv", "listen", "--port", str(port), "--quiet-seconds", str(quiet)]
-        self.proc = subprocess.Popen([*cmd, "--device", "cpu"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [*cmd, "--device", "cpu", *options], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+        )
         self.lines: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()  # also keeps a full pipe from blocking it
         wait_for(lambda: self.said("listening as AE") or self.proc.poll() is not None, seconds=120)
@@ -263,3 +265,29 @@ def test_a_listener_killed_while_it_scores_or_writes_loses_nothing(tmp_path, tin
         wait_for(lambda: not Inbox(tmp_path / "inbox").unscored(), seconds=30)
     finally:
         last.stop()
+
+
+@pytest.mark.slow
+def test_a_listener_refuses_associations_beyond_its_limit_and_takes_them_again_after(tmp_path, tiny_checkpoint):
+    """``--max-associations 2``: a third sender at once is refused (it retries later, as PACS do), not left
+    hanging; once one closes, the next is accepted."""
+    from pynetdicom import AE
+
+    port = free_port()
+    listener = ListenerProcess(tmp_path, tiny_checkpoint, port, 0.3, "--max-associations", "2")
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage)
+    try:
+        held = [ae.associate("127.0.0.1", port, ae_title="ICH") for _ in range(2)]
+        assert all(a.is_established for a in held)
+        third = ae.associate("127.0.0.1", port, ae_title="ICH")
+        assert third.is_rejected
+        wait_for(lambda: listener.said("too many associations at once"))
+        held.pop().release()
+        time.sleep(0.5)  # the listener counts it closed
+        again = ae.associate("127.0.0.1", port, ae_title="ICH")
+        assert again.is_established
+        again.release()
+        held[0].release()
+    finally:
+        listener.stop()
