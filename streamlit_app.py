@@ -39,7 +39,7 @@ def main() -> None:
     else:
         st.sidebar.caption(f"Model: {pred.name}. Worklist and reads are stored on this server only.")
     try:
-        session.identifiers_ui(store())
+        session.identifiers_switch(store())
         if seeding := start_demo_seeding(store(), pred):
             demo_status_ui(seeding, store())
         arrivals_ui(store())

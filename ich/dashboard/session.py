@@ -66,7 +66,7 @@ def identifiers_shown(wl: Worklist) -> bool:
     return wl.identifiers_on and access.load_config() is not None
 
 
-def identifiers_ui(wl: Worklist) -> None:
+def identifiers_switch(wl: Worklist) -> None:
     """Admins (signed in): turn identifiers on or off for this worklist."""
     if not user().is_admin or access.load_config() is None:
         return

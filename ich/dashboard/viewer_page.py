@@ -268,7 +268,7 @@ def page() -> None:
     thickness = None if thickness is None or pd.isna(thickness) else float(thickness)
     with series_place:
         shown_series = series_ui(info, wl.other_series(study_id))
-    reading_ui(wl, info, slices, thickness, shown_series, jump, unassessed)
+    reading_screen(wl, info, slices, thickness, shown_series, jump, unassessed)
 
     shown = viewer_volume(directory, study_id, version, bool(st.session_state.get("thin")))
     st.subheader(f"Most suspicious {shown.planes.unit.lower()}s")
@@ -286,7 +286,7 @@ def page() -> None:
         audit("export", study_id)
     results_ui(wl, study_id)
     if user().is_admin:
-        delete_ui(wl, study_id, info.label)
+        delete_study_form(wl, study_id, info.label)
 
 
 def current_window() -> Window:
@@ -298,7 +298,7 @@ def current_window() -> Window:
 
 
 @st.fragment
-def reading_ui(
+def reading_screen(
     wl: Worklist,
     info: StudyRecord,
     slices: pd.DataFrame,
@@ -307,7 +307,7 @@ def reading_ui(
     jump: Callable[[int], None],
     unassessed: str,
 ) -> None:
-    """The reading screen: toolbar, image and, beside it, the slice's numbers and the read.
+    """The reading screen: toolbar, image and, beside it, the slice's numbers and the read (saved from here).
 
     A fragment: settling on a slice or changing the window reruns this alone, not the gallery and exports
     below, so the side panel follows the reader quickly (issue 25).
@@ -525,7 +525,7 @@ def other_series_ui(shown: ViewerVolume, series: SeriesChoice, window: Window, k
     )
 
 
-def delete_ui(wl: Worklist, study_id: int, label: str) -> None:
+def delete_study_form(wl: Worklist, study_id: int, label: str) -> None:
     """Admins only: remove a study (with a confirmation), e.g. a demo or a wrong upload."""
     with st.expander(f"Delete {label}", icon=":material/delete:"):
         sure = st.checkbox("Yes, delete this study, its slices and its reads", key=f"delete-sure-{study_id}")

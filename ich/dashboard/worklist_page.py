@@ -53,7 +53,7 @@ def page() -> None:
     if upload_col.button("Upload studies", icon=":material/upload:", width="stretch"):
         navigation.go("upload")
     wl = store()
-    intake_ui(wl)
+    pending_exams_panel(wl)
     status = filter_ui()
     studies = wl.studies(status)
     if studies.empty:
@@ -121,7 +121,7 @@ def page() -> None:
             audit("export")
 
 
-def intake_ui(wl: Worklist) -> None:
+def pending_exams_panel(wl: Worklist) -> None:
     """Exams received but not on the worklist: arriving (not scored on part of an exam), or failed with the
     reason and the next try. Admins may give up on a failed one (its received files are removed)."""
     pending = wl.intake()
