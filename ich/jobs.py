@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -41,6 +40,7 @@ from ich import dicom
 from ich.listener import QUEUE_MODE, Inbox, NotScored, score_exam
 from ich.worklist import Worklist
 from ich.worklist.intake import Scorer
+from ich.worklist.store import advisory_key
 
 if TYPE_CHECKING:
     import procrastinate
@@ -71,7 +71,7 @@ RETRY_BASE_SECONDS = 5  # procrastinate's exponential wait: 5 ** (attempt + 1) s
 STALLED_AFTER_SECONDS = 30.0  # procrastinate's default: a worker silent this long is taken for dead
 RESTART_SECONDS = 5.0  # a worker stopped by a lost database starts again after this
 _CONTEXT = "ich_exam_jobs"  # the worker's additional_context key for its ExamJobs
-_SCHEMA_LOCK = int.from_bytes(hashlib.sha256(b"ich.jobs schema").digest()[:8], "big", signed=True)
+_SCHEMA_LOCK = advisory_key("ich.jobs schema")
 
 
 def conninfo(worklist: Worklist) -> str:

@@ -280,10 +280,11 @@ class Listener:
             raise ValueError("a listener needs a predictor to score with, or a queue to hand exams to")
         self.worklist, self.predictor, self.inbox = worklist, predictor, inbox
         self.on_scored, self.retry_seconds, self.enqueue = on_scored, retry_seconds, enqueue
-        cores = _cores()
-        self.workers = (
-            0 if enqueue is not None else workers or scoring_workers(getattr(predictor, "threads", cores), cores)
-        )
+        if enqueue is not None:  # receives only: no scoring pool, and no torch import (_cores) for one
+            self.workers = 0
+        else:
+            cores = _cores()
+            self.workers = workers or scoring_workers(getattr(predictor, "threads", cores), cores)
         self.ae = AE(ae_title=ae_title)
         for context in AllStoragePresentationContexts:
             self.ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)

@@ -507,8 +507,9 @@ def test_open_opens_the_study_clicked_when_the_list_was_re_sorted_meanwhile(two_
 
 
 def test_open_to_first_image(two_exams_server):
-    """Issue 25's target: the worklist's Open click to the study's first image drawn, for 36 and 238 slices
-    (three opens each, in one session; the first is cold). Prints median and range; the bound is loose."""
+    """Issue 25's target: the worklist's Open click to the study's first image drawn, for the 36-slice RSNA series
+    and the 238-slice CQ500 series (opened as its 30 slabs), three opens each in one session, the first cold.
+    Prints median and range; the bound only catches a hang."""
     from playwright.sync_api import expect, sync_playwright
 
     server, _ = two_exams_server
@@ -554,5 +555,5 @@ def test_open_to_first_image(two_exams_server):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "open-to-first-image.json").write_text(json.dumps(summary, indent=1))
     print(f"Open -> first image (software WebGL): {summary}\nparts: {parts}")
-    assert len(times) == 2 and all(len(t) == 3 for t in times.values()), times
+    assert sorted(times) == [30, 36] and all(len(t) == 3 for t in times.values()), times
     assert all(max(t) < 60 for t in times.values()), summary  # a hang, not a target: targets are in the README

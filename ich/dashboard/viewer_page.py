@@ -73,13 +73,13 @@ def heatmap_ui(classes: tuple[str, ...], enabled: bool) -> str | None:
 
 def thin_ui(planes: Planes) -> bool:
     """For a thin series: whether to show its thin slices instead of the slabs the model scored."""
-    if not planes.slabbed and not st.session_state.get("thin"):
+    if not planes.slabbed:  # nothing to choose: the series' own slices are shown
         return False
     return st.toggle(
         "Thin slices",
         key="thin",
         persist_state="session",
-        help=f"Off: the {len(planes) if planes.slabbed else ''} ~5 mm slabs the model scored (each the mean of its "
+        help=f"Off: the {len(planes)} ~5 mm slabs the model scored (each the mean of its "
         "thin slices), quick to scroll and window. On: every thin slice as stored.",
     )
 

@@ -232,8 +232,15 @@ _EXAM_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS studies_exam ON studies (study_
 INTAKE_RECEIVING = "receiving"
 INTAKE_FAILED = "failed"
 _CORRUPT = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB: the file is damaged, not busy or misused
+
+
+def advisory_key(name: str) -> int:
+    """A PostgreSQL advisory lock key (a signed 64-bit integer) named by ``name``."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
 # pg_advisory_xact_lock's key: PostgreSQL's counterpart of SQLite's one write lock (see Worklist._write).
-_PG_WRITE_LOCK = int.from_bytes(hashlib.sha256(b"ich.worklist write").digest()[:8], "big", signed=True)
+_PG_WRITE_LOCK = advisory_key("ich.worklist write")
 
 
 class StoreError(RuntimeError):
