@@ -225,7 +225,8 @@ class Predictor:
     def predict_series(self, series: Series, progress: Callable[[float], None] | None = None) -> StudyPrediction:
         """One row per slice of ``series``; a thin one is scored on its slab means (module docstring)."""
         pixels = [s.pixels for s in series.slices]
-        slab = slabs.slab_of_slice(np.array([s.location for s in series.slices], float), series.spacing)
+        locations = series.locations()
+        slab = None if locations is None else slabs.slab_of_slice(locations, series.spacing)
         if slab is None:
             probs, timings = self.predict_volume(pixels, progress)
             return self.summarize(series.sop_uids, probs, timings)

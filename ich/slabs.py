@@ -17,10 +17,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["SLAB_MM", "THIN_MM", "slab_of_slice", "slab_means"]
+__all__ = ["SLAB_MM", "THIN_MM", "median_step", "slab_of_slice", "slab_means"]
 
 SLAB_MM = 5.0  # the training slices' thickness
 THIN_MM = 2.5  # spacing under half a slab: slabbed. The same cut as ich.scope's "thin slices" warning.
+
+
+def median_step(locations: Sequence[float] | np.ndarray) -> float | None:
+    """The median step (mm) between sorted slice ``locations``, as :attr:`ich.dicom.Series.spacing` is
+    computed; ``None`` for fewer than two slices."""
+    return float(np.median(np.abs(np.diff(locations)))) if len(locations) > 1 else None
 
 
 def slab_of_slice(locations: Sequence[float] | np.ndarray, spacing: float | None) -> np.ndarray | None:

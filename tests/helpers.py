@@ -74,6 +74,7 @@ class FakePredictor:
     """Scores every slice with the same probability row; no torch needed."""
 
     name = "fake"
+    top_k = 2
 
     def __init__(self, row: dict[str, float] | None = None, fail_on: int | None = None) -> None:
         self.thresholds = dict(THRESHOLDS)

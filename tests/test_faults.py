@@ -131,7 +131,7 @@ def test_a_full_disk_gives_a_clear_problem_and_keeps_earlier_studies(tmp_path, m
     wl = Worklist(tmp_path)
     earlier, _ = add(wl, 0.4)
 
-    def disk_full(path, volume, affine=None) -> None:
+    def disk_full(path, series) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ich.worklist.store, "_write_npz", disk_full)

@@ -144,6 +144,7 @@ def test_a_thin_series_is_shown_as_the_slabs_the_model_scored():
     assert (planes.of_slice == expected).all()
     assert planes.first[0] == 0 and planes.last[-1] == n - 1 and (planes.first[1:] == planes.last[:-1] + 1).all()
     assert planes.label(11) == f"Slab 12 / 30 (slices {planes.first[11] + 1}–{planes.last[11] + 1})"
+    assert planes.label(11, of_total=False) == f"Slab 12 (slices {planes.first[11] + 1}–{planes.last[11] + 1})"
 
     hu = np.arange(n, dtype=np.float32)[:, None, None] * np.ones((1, 4, 4), np.float32)
     shown = planes.volume(hu)
@@ -156,6 +157,23 @@ def test_a_thin_series_is_shown_as_the_slabs_the_model_scored():
     thin = Planes.of(n, affine, thin=True)  # on demand: every slice, as stored
     assert not thin.slabbed and len(thin) == n and thin.affine(affine) is affine and thin.volume(hu) is hu
     assert thin.label(4) == "Slice 5 / 238"
+
+
+def test_a_thin_series_missing_a_slice_is_shown_as_the_slabs_the_model_scored(tmp_path):
+    """The viewer groups the stored slice positions, not the affine's even grid: after a missing slice the grid
+    would shift every later slab against the scored ones."""
+    from ich import slabs
+    from ich.viewer.planes import Planes
+
+    z = [0.625 * i for i in range(40) if i != 9]  # slice 10 of 40 lost in transit
+    s = series(z)
+    scored = slabs.slab_of_slice(s.locations(), s.spacing)  # as Predictor.predict_series groups it
+    wl = Worklist(tmp_path)
+    study_id = wl.add_study(s, FakePredictor().predict_series(s))
+    shown = Planes.of(len(s), wl.affine(study_id), locations=wl.locations(study_id))
+    assert shown.slabbed and (shown.of_slice == scored).all()
+    grid = Planes.of(len(s), wl.affine(study_id))  # a volume stored without positions: the affine's grid
+    assert not (grid.of_slice == scored).all()
 
 
 @pytest.mark.parametrize("step", [5.0, 2.5])

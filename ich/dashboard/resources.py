@@ -12,7 +12,7 @@ import streamlit as st
 
 import ich.worklist
 from ich import explain, viewer
-from ich.inference import Predictor, default_weights
+from ich.inference import STUDY_AGGREGATION, Predictor, aggregation_text, default_weights
 from ich.viewer.component import data_id
 from ich.viewer.planes import Planes
 from ich.worklist import Worklist, data_dir
@@ -50,7 +50,8 @@ def affine(directory: str, study_id: int, version: str, series_uid: str | None =
 def planes(directory: str, study_id: int, version: str, thin: bool, series_uid: str | None = None) -> Planes:
     """What the viewer steps through: a thin series' slabs (unless ``thin``), else its slices."""
     vol = volume(directory, study_id, version, series_uid)
-    return Planes.of(len(vol), affine(directory, study_id, version, series_uid), thin=thin)
+    locations = worklist(directory).locations(study_id, series_uid)
+    return Planes.of(len(vol), affine(directory, study_id, version, series_uid), thin=thin, locations=locations)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -182,6 +183,15 @@ def load_model() -> tuple[Predictor | None, str | None]:
 
 def model() -> Predictor | None:
     return load_model()[0]
+
+
+def aggregation(top_k: int | None = None) -> str:
+    """How a study scored with ``top_k`` was scored, in words; for a study stored without its rule, the
+    loaded model's (or the default's when no model loads)."""
+    if top_k:
+        return aggregation_text(top_k)
+    pred = model()
+    return pred.aggregation if pred is not None else STUDY_AGGREGATION
 
 
 def pred_metadata() -> dict:

@@ -12,6 +12,7 @@ from streamlit.delta_generator import DeltaGenerator
 from ich import explain, review, scope
 from ich.dashboard.resources import (
     ViewerVolume,
+    aggregation,
     heatmap_file,
     model,
     pred_metadata,
@@ -23,7 +24,7 @@ from ich.dashboard.resources import (
 from ich.dashboard.session import audit, user
 from ich.dashboard.worklist_page import PERCENT_BAR
 from ich.exam import SeriesChoice
-from ich.inference import STUDY_AGGREGATION, aggregation_text, default_weights
+from ich.inference import default_weights
 from ich.labels import CLASSES, NOT_NAMED, SUBTYPES
 from ich.presentation import (
     SOURCE_NAMES,
@@ -224,11 +225,8 @@ def gallery_ui(
         first = int(planes.first[k])
         with col:
             st.image(png_data_uri(explain.render(shown[k], window)[::2, ::2]), width="stretch")
-            name = planes.label(int(k)).split(" / ")[0] + (
-                f" (slices {first + 1}–{planes.last[k] + 1})" if planes.slabbed else ""
-            )
             st.markdown(
-                f"**{name}** · any {pct(probs[k])}  \n"
+                f"**{planes.label(int(k), of_total=False)}** · any {pct(probs[k])}  \n"
                 + findings_markdown(*slice_findings(rows.iloc[k], thresholds), unknown=unknown)
             )
             st.button("Show", key=f"go-{first}", icon=":material/visibility:", on_click=jump, args=(first + 1,))
@@ -474,9 +472,7 @@ def study_summary_ui(info: StudyRecord, slices: pd.DataFrame, thresholds: Mappin
         f"Likelihood **{pct(info.score)}** · {flag} · status **{info.status}** · "
         f"{SOURCE_NAMES[info.source]} · scored by {info.model or 'an unnamed model'}{updated}"
     )
-    pred = model()
-    fallback = pred.aggregation if pred else STUDY_AGGREGATION
-    st.caption(flag_rule(info.top_k, info.thresholds.get("any", review.DEFAULT_THRESHOLD), fallback) + ".")
+    st.caption(flag_rule(info.top_k, info.thresholds.get("any", review.DEFAULT_THRESHOLD), aggregation()) + ".")
     if len(info.exam_series) > 1:
         with st.expander(f"Series in this exam: {len(info.exam_series)}, one scored", icon=":material/stacks:"):
             st.dataframe(exam_series_table(info), hide_index=True)
@@ -550,13 +546,14 @@ def results_ui(wl: Worklist, study_id: int) -> None:
         return
     pred = model()
     cam = (lambda hu: explain.grad_cam(pred, hu, "any")) if pred and "any" in pred.model_classes else None
-    record = wl.study(study_id)  # the study's own rule, not the loaded model's (they differ after an update)
-    aggregation = aggregation_text(record.top_k) if record.top_k else pred.aggregation if pred else STUDY_AGGREGATION
+    how = aggregation(
+        wl.study(study_id).top_k
+    )  # the study's own rule, not the loaded model's (they differ after an update)
     built = f"results-{study_id}-{wl.study(study_id).received}"  # a re-score needs new results
     if built not in st.session_state:
         if st.button("Prepare results for PACS (DICOM SR + key image)", icon=":material/download:"):
             with st.spinner("Building the structured report and the key image…"):
-                st.session_state[built] = results.study_results_zip(wl, study_id, cam, aggregation)
+                st.session_state[built] = results.study_results_zip(wl, study_id, cam, how)
             st.rerun()
     elif download_button(
         "Download results for PACS (.zip)", st.session_state[built], f"ich-study-{study_id}-results.zip",

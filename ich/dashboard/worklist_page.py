@@ -10,9 +10,9 @@ import streamlit as st
 
 from ich import review
 from ich.dashboard import navigation
-from ich.dashboard.resources import DemoSeeding, demo_seeding, model, store
+from ich.dashboard.resources import DemoSeeding, aggregation, demo_seeding, store
 from ich.dashboard.session import audit, identifiers_shown, user
-from ich.inference import STUDY_AGGREGATION, Predictor
+from ich.inference import Predictor
 from ich.listener import Inbox
 from ich.presentation import OPEN_PREFIX, pct, studies_table, worklist_rule
 from ich.viewer.component import download_button
@@ -59,7 +59,6 @@ def page() -> None:
     if studies.empty:
         st.info("No studies yet: upload a series." if status is None else "No studies with this status.")
         return
-    pred = model()
     # Each study's own rule, as stored when it was scored: studies scored by different models may differ.
     rules = [
         (None if pd.isna(k) else int(k), float(json.loads(t).get("any", review.DEFAULT_THRESHOLD)))
@@ -67,7 +66,7 @@ def page() -> None:
     ]
     st.caption(
         "Unread studies first, each group by likelihood of hemorrhage, highest first. "
-        + worklist_rule(rules, pred.aggregation if pred else STUDY_AGGREGATION)
+        + worklist_rule(rules, aggregation())
         + " "
         "Open a study with its row's button, or select a row and open it below."
         + (" Demo studies are synthetic phantoms with known labels." if studies["demo"].any() else "")

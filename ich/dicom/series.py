@@ -166,6 +166,11 @@ class Series:
     def sop_uids(self) -> list[str]:
         return [s.sop_uid for s in self.slices]
 
+    def locations(self) -> np.ndarray | None:
+        """float64 ``(N,)``: each slice's position along its normal (mm), or ``None`` when one has none."""
+        found = [s.location for s in self.slices]
+        return None if any(x is None for x in found) else np.asarray(found, np.float64)
+
     def affine(self) -> np.ndarray | None:
         """4x4 from voxel (column, row, slice) to patient LPS mm, or ``None`` without position,
         orientation and pixel spacing. The slice step is the mean step first to last, so a gap shows."""

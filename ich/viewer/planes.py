@@ -29,13 +29,21 @@ class Planes:
     slabbed: bool
 
     @classmethod
-    def of(cls, n_slices: int, affine_lps: np.ndarray | None, thin: bool = False) -> Planes:
-        """The series' slabs when it is thin (by its affine's slice step) and ``thin`` is not asked for; else
-        one plane per slice. Without an affine the geometry is unknown: never slabbed."""
+    def of(
+        cls, n_slices: int, affine_lps: np.ndarray | None, thin: bool = False, locations: np.ndarray | None = None
+    ) -> Planes:
+        """The series' slabs when it is thin and ``thin`` is not asked for; else one plane per slice.
+
+        ``locations`` are the slices' own positions along the normal (mm, as stored with the volume): grouped
+        on them, the slabs are the ones the model scored, also after a missing slice. Volumes stored without
+        them fall back on the affine's even grid. Without either the geometry is unknown: never slabbed.
+        """
         groups = None
-        if affine_lps is not None and not thin and n_slices > 1:
-            _, locations = slice_axis(affine_lps, n_slices)
-            groups = slabs.slab_of_slice(locations, abs(locations[1] - locations[0]))
+        if not thin and n_slices > 1:
+            if locations is None and affine_lps is not None:
+                locations = np.asarray(slice_axis(affine_lps, n_slices)[1])
+            if locations is not None:
+                groups = slabs.slab_of_slice(locations, slabs.median_step(locations))
         if groups is None:
             index = np.arange(n_slices, dtype=np.intp)
             return cls(index, index.copy(), index.copy(), False)
@@ -73,9 +81,10 @@ class Planes:
         loc = np.asarray(locations, np.float64)
         return [float(loc[a : b + 1].mean()) for a, b in zip(self.first, self.last)]
 
-    def label(self, k: int) -> str:
-        """``"Slice 12 / 36"``, or ``"Slab 12 / 30 (slices 89–96)"``; ``k`` 0-based."""
-        name = f"{self.unit} {k + 1} / {len(self)}"
+    def label(self, k: int, of_total: bool = True) -> str:
+        """``"Slice 12 / 36"``, or ``"Slab 12 / 30 (slices 89–96)"``; ``k`` 0-based; without the `` / 30``
+        when not ``of_total`` (where the count is plain, as in the gallery)."""
+        name = f"{self.unit} {k + 1}" + (f" / {len(self)}" if of_total else "")
         if self.slabbed:
             name += f" (slices {self.first[k] + 1}–{self.last[k] + 1})"
         return name

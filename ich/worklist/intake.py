@@ -45,6 +45,7 @@ class Scorer(Protocol):
     """What ingest needs of a model: :class:`ich.inference.Predictor` (kept abstract: no torch import here)."""
 
     thresholds: dict[str, float]
+    top_k: int  # the study score's k (ich.inference.study_score), stored with each study it scores
 
     @property
     def name(self) -> str: ...
@@ -142,7 +143,7 @@ def ingest(
                     demo=demo,
                     source=source,
                     exam_series=rule.exams[series.study_uid],
-                    top_k=getattr(predictor, "top_k", None),  # test stand-ins may have none
+                    top_k=predictor.top_k,
                 )
             )
             stored.add(series.study_uid)

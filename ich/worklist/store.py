@@ -344,13 +344,15 @@ def _nullable(values: np.ndarray) -> list[float | None]:
     return [None if np.isnan(v) else float(v) for v in values]
 
 
-def _write_npz(path: Path, volume: np.ndarray, affine: np.ndarray | None = None) -> None:
-    """int16 HU as a standard ``.npz`` (key ``hu``, and ``affine``: voxel to patient LPS mm, when the
-    headers gave one); deflate level 1 is 4x faster than numpy's default for 5 % more bytes, which keeps
+def _write_npz(path: Path, series: dicom.Series) -> None:
+    """The series' int16 HU as a standard ``.npz`` (key ``hu``; ``affine``: voxel to patient LPS mm, and
+    ``locations``: each slice's position along the normal, by which the viewer groups a thin series into the
+    slabs the model scored, when the headers gave them); deflate level 1 is 4x faster than numpy's default for 5 % more bytes, which keeps
     an upload within its time budget. Written then renamed."""
-    arrays = {"hu": np.clip(np.rint(volume), -32768, 32767).astype(np.int16)}
-    if affine is not None:
-        arrays["affine"] = np.asarray(affine, np.float64)
+    arrays = {"hu": np.clip(np.rint(series.volume()), -32768, 32767).astype(np.int16)}
+    for name, array in (("affine", series.affine()), ("locations", series.locations())):
+        if array is not None:
+            arrays[name] = np.asarray(array, np.float64)
 
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
@@ -590,7 +592,7 @@ class Worklist:
         header = _new_name("header", series.study_uid, series.series_uid, ".dcm")
         written = [self.volumes / key]
         try:
-            _write_npz(self.volumes / key, series.volume(), series.affine())
+            _write_npz(self.volumes / key, series)
             kept = self._keep_header(series, self.headers / header)
             if kept:
                 written.append(self.headers / header)
@@ -615,7 +617,7 @@ class Worklist:
         key = _new_name("volume", study_uid, series.series_uid, ".npz")
         path = self.volumes / key
         try:
-            _write_npz(path, series.volume(), series.affine())
+            _write_npz(path, series)
             with self._write() as db:
                 found = _run(db, "SELECT id FROM studies WHERE study_uid = :uid", uid=study_uid).scalar_one_or_none()
                 old = None
@@ -990,8 +992,15 @@ class Worklist:
 
     def affine(self, study_id: int, series_uid: str | None = None) -> np.ndarray | None:
         """4x4 voxel (column, row, slice) to patient LPS mm; ``None`` for a volume stored without one."""
+        return self._volume_array(study_id, series_uid, "affine")
+
+    def locations(self, study_id: int, series_uid: str | None = None) -> np.ndarray | None:
+        """Each slice's position along the normal (mm); ``None`` for a volume stored without them."""
+        return self._volume_array(study_id, series_uid, "locations")
+
+    def _volume_array(self, study_id: int, series_uid: str | None, name: str) -> np.ndarray | None:
         with np.load(self._volume_path(study_id, series_uid), allow_pickle=False) as npz:
-            return npz["affine"] if "affine" in npz.files else None
+            return npz[name] if name in npz.files else None
 
     def header(self, study_id: int) -> Dataset | None:
         """The study's first slice header as received (no pixel data; patient identifiers included, which is
