@@ -266,26 +266,22 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _worklist(args: argparse.Namespace) -> int:
     from ich.files import data_dir
-    from ich.worklist import StoreError, Worklist
+    from ich.worklist import Worklist
 
-    try:
-        store = Worklist(Path(args.data_dir) if args.data_dir else data_dir())
-        if args.check:
-            found = store.check()
-            how = "SQLite integrity check" if store.path is not None else "every table and column present"
-            print("\n".join(found) if found else f"{store.location}: ok ({how})")
-            return EXIT_NOTHING_USABLE if found else EXIT_OK
-        frame, pending = store.studies(), store.intake()
-    except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_NOTHING_USABLE
+    store = Worklist(Path(args.data_dir) if args.data_dir else data_dir())
+    if args.check:
+        found = store.check()
+        how = "SQLite integrity check" if store.path is not None else "every table and column present"
+        print("\n".join(found) if found else f"{store.location}: ok ({how})")
+        return EXIT_NOTHING_USABLE if found else EXIT_OK
+    frame, pending = store.studies(), store.intake()
     frame = frame.rename(columns={"score": "likelihood", "n_slices": "slices"})
-    columns = ["id", "source", "received", "slices", "likelihood", "flagged", "status"]
+    columns = ["id", "source", "received", "slices", "likelihood", "flagged", "status", "updated"]
     # Exams received but not on the worklist (yet): arriving, or failed with the reason and the next try.
     pending = pending.rename(columns={"state": "status", "first_seen": "received", "key": "exam"})
     pending_columns = ["exam", "source", "received", "status", "study_id", "attempts", "next_try", "reason"]
     if args.json:
-        frame["received"] = frame["received"].astype(str)
+        frame[["received", "updated"]] = frame[["received", "updated"]].astype(str).replace("NaT", None)
         rows = json.loads(frame[columns].to_json(orient="records"))
         rows += json.loads(pending[pending_columns].to_json(orient="records"))
         print(json.dumps(rows, indent=2))
@@ -485,4 +481,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ich import dicom
 
     dicom.quiet_invalid_values()  # an entry point: RSNA's invalid UIDs are expected, not news
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        from ich.worklist import StoreError  # imported here: most commands never open the worklist
+
+        if not isinstance(exc, StoreError):
+            raise
+        print(f"error: {exc}", file=sys.stderr)  # names the database and what to do; a traceback would not help
+        return EXIT_NOTHING_USABLE

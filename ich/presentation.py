@@ -143,7 +143,8 @@ def studies_table(studies: pd.DataFrame) -> pd.DataFrame:
             "Likelihood": studies["score"] * 100,
             "Most likely subtype": studies["top_subtype"].where(studies["flagged"]).fillna("—"),
             "Flag": np.where(studies["flagged"], "⚠ flagged", ""),
-            "Status": studies["status"],
+            # A re-score (a late instance, a re-upload) changed the row: the reader may have seen the old one.
+            "Status": studies["status"].where(studies["updated"].isna(), studies["status"] + " · updated"),
         }
     )
 

@@ -3,6 +3,7 @@
 - :func:`out_of_scope`: plain lines for a series unlike the ones the model learned from and was
   checked on (axial, ~5 mm non-contrast adult head CT: RSNA 2019, PHE-SICH, CQ500).
 - :func:`score_meaning`: what "flagged" means for this checkpoint (its operating point).
+- :func:`subtype_rule`: when a subtype is named, from a study's thresholds.
 - :func:`validation_lines`: the checkpoint's own out-of-fold numbers, per class, with intervals, and
   which subtypes it does not name.
 """
@@ -10,14 +11,23 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import numpy as np
 
 from ich.dicom import Series
-from ich.labels import CLASSES, NOT_NAMED
+from ich.labels import CLASSES, NOT_NAMED, SUBTYPES
 from ich.slabs import THIN_MM as THIN_SLICE_MM  # the training slices are ~5 mm (RSNA 2019)
 
-__all__ = ["ADULT_YEARS", "NOTE_PREFIX", "THIN_SLICE_MM", "out_of_scope", "score_meaning", "validation_lines"]
+__all__ = [
+    "ADULT_YEARS",
+    "NOTE_PREFIX",
+    "THIN_SLICE_MM",
+    "out_of_scope",
+    "score_meaning",
+    "subtype_rule",
+    "validation_lines",
+]
 
 NOTE_PREFIX = "Outside what the model was validated on: "  # how these lines are kept among a series' notes
 
@@ -58,6 +68,19 @@ def score_meaning(metadata: dict) -> str:
         f"Probabilities are calibrated estimates, not certainties. A study is flagged at a likelihood of "
         f'{threshold:.0%} or more: {how}. Flagged means "read this first", not "hemorrhage".'
     )
+
+
+def subtype_rule(thresholds: Mapping[str, float]) -> str:
+    """One sentence on when a subtype is named, from the thresholds a study was scored with."""
+    named = {c: float(thresholds[c]) for c in SUBTYPES if c in thresholds and float(thresholds[c]) < NOT_NAMED}
+    unnamed = [c for c in SUBTYPES if c not in named]
+    line = "A subtype is named only on a slice called bleeding, and only at or above its own threshold"
+    if named:
+        low, high = min(named.values()), max(named.values())
+        line += f" ({low:.0%}" + (f"–{high:.0%}" if f"{high:.0%}" != f"{low:.0%}" else "") + ")"
+    if unnamed:
+        line += f"; not named by this model: {', '.join(unnamed)}"
+    return line + "."
 
 
 def validation_lines(metadata: dict) -> list[str]:

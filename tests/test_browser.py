@@ -15,6 +15,7 @@ import statistics
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers import ROOT, streamlit_server
@@ -354,9 +355,10 @@ def test_viewer_scrolls_windows_and_fits_a_reading_screen(thin_series_server, tm
             browser.close()
 
 
-def _study_data_in(body: bytes, known: list[bytes], gallery_shape: tuple[int, int]) -> str | None:
-    """Why ``body`` carries study data (``None`` when it does not): a NIfTI volume or heatmap, the bytes of
-    an export the signed-in page downloaded, or a slice image the size of the gallery's."""
+def _study_data_in(url: str, body: bytes, known: list[bytes], icon: str) -> str | None:
+    """Why ``body``, fetched from ``url``, carries study data (``None`` when it does not): a NIfTI volume or
+    heatmap, the bytes of an export the signed-in page downloaded, or any image Streamlit serves from /media
+    other than the page icon (``icon``'s URL): the app puts nothing else there, so any other is a slice."""
     import gzip
     import io
 
@@ -372,12 +374,12 @@ def _study_data_in(body: bytes, known: list[bytes], gallery_shape: tuple[int, in
         return "a NIfTI image"
     if any(k in body for k in known):
         return "an export's rows"
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            if image.size[::-1] == gallery_shape:
-                return "a slice image"
-    except Exception:  # noqa: BLE001 - not an image: fine
-        pass
+    if "/media/" in url and url != icon:
+        try:
+            with Image.open(io.BytesIO(body)) as image:
+                return f"a {image.size[0]}x{image.size[1]} image from /media"
+        except Exception:  # noqa: BLE001 - not an image: fine
+            pass
     return None
 
 
@@ -434,6 +436,10 @@ def test_a_signed_out_client_gets_no_study_data_from_any_address_the_signed_in_p
                 downloaded.append(Path(saved.value.path()).read_bytes())
                 expect(page.get_by_test_id("stStatusWidget")).to_be_hidden(timeout=SLOW_MS)
                 page.wait_for_timeout(1000)
+                icon = page.evaluate("document.querySelector(\"link[rel*='icon']\").href")
+                # Issue 21: no sign-in cookie a script could read; Streamlit's XSRF token is the only one.
+                cookies = page.context.cookies()
+                assert [(c["name"], c["sameSite"]) for c in cookies] == [("_streamlit_xsrf", "Strict")], cookies
             finally:
                 browser.close()
             anonymous = pw.request.new_context()  # no cookie, no storage
@@ -447,13 +453,17 @@ def test_a_signed_out_client_gets_no_study_data_from_any_address_the_signed_in_p
                 anonymous.dispose()
     # The detectors can fail: what the signed-in page downloaded is study data by each of them.
     known = [d.splitlines()[1] for d in downloaded]  # a first data row of each export
-    assert all(_study_data_in(d, known, (48, 48)) for d in downloaded)
+    assert all(_study_data_in(server, d, known, icon) for d in downloaded)
     volume = wl.volume(int(wl.studies()["id"].iloc[0]))
-    from ich import viewer
+    from ich import explain, viewer
+    from ich.presentation import png_bytes
+    from ich.windowing import BRAIN
 
-    assert _study_data_in(viewer.volume_nifti(volume, None), known, (48, 48)) == "a NIfTI image"
+    assert _study_data_in(server, viewer.volume_nifti(volume, None), known, icon) == "a NIfTI image"
+    slice_png = png_bytes(explain.render(volume[0].astype(np.float32), BRAIN))
+    assert _study_data_in(f"{server}/media/x.png", slice_png, known, icon) == "a 96x96 image from /media"
     assert len(fetched) > 10 and any("/_stcore/" in u or "/static/" in u for u in fetched)
-    leaks = {url: why for url, body in fetched.items() if (why := _study_data_in(body, known, (48, 48)))}
+    leaks = {url: why for url, body in fetched.items() if (why := _study_data_in(url, body, known, icon))}
     assert not leaks, leaks
 
 

@@ -159,13 +159,15 @@ def test_listener_answers_out_of_resources_when_its_disk_is_full(tmp_path, monke
 
 
 class ListenerProcess:
-    """``python -m ich -vv listen`` on ``port`` with the tiny checkpoint, started and ready; ``lines`` is its log."""
+    """``python -m ich -vv listen`` on ``port`` with the tiny checkpoint, started and ready; ``lines`` is its log.
+
+    Started with a shell's usual umask (022), not this test process's (the store sets 077 in-process)."""
 
     def __init__(self, data: Path, weights: Path, port: int, quiet: float, *options: str) -> None:
         env = dict(os.environ, ICH_DATA_DIR=str(data), ICH_WEIGHTS=str(weights), OMP_NUM_THREADS="1")
         cmd = [sys.executable, "-m", "ich", "-vv", "listen", "--port", str(port), "--quiet-seconds", str(quiet)]
         self.proc = subprocess.Popen(
-            [*cmd, "--device", "cpu", *options], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+            [*cmd, "--device", "cpu", *options], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, umask=0o022
         )
         self.lines: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()  # also keeps a full pipe from blocking it
@@ -265,6 +267,24 @@ def test_a_listener_killed_while_it_scores_or_writes_loses_nothing(tmp_path, tin
         wait_for(lambda: not Inbox(tmp_path / "inbox").unscored(), seconds=30)
     finally:
         last.stop()
+
+
+@pytest.mark.slow
+def test_what_a_listener_process_stores_is_owner_only(tmp_path, tiny_checkpoint):
+    """Issue 21: the inbox, volumes, headers and database a listener writes are 700/600, though it was
+    started with umask 022: other accounts on the machine read no pixel and no header."""
+    data, port = tmp_path / "data", free_port()
+    listener = ListenerProcess(data, tiny_checkpoint, port, 0.3)
+    try:
+        assert send(port, series(3)) == [0, 0, 0]
+        wait_for(lambda: len(Worklist(data)) == 1, seconds=60)
+    finally:
+        listener.stop()
+    written = [data, *data.rglob("*")]
+    assert {"inbox", "volumes", "headers", "worklist.sqlite3"} <= {p.name for p in written}
+    assert [p for p in (data / "inbox").rglob("*") if p.is_file()], "the received instances are kept in the inbox"
+    loose = {str(p.relative_to(data)): oct(p.stat().st_mode & 0o777) for p in written if p.stat().st_mode & 0o077}
+    assert not loose
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from ich.listener import Inbox, Listener, SendResults
+from ich.presentation import studies_table
 from ich.worklist import Worklist
 from tests.dicom_factory import make_ct, to_bytes
 from tests.helpers import ROOT, FakePredictor, add
@@ -89,13 +90,15 @@ def test_a_pushed_series_is_scored_once_and_rescored_when_it_grows(running, capl
         assert send(port, first) == [0, 0, 0]
         wait_for(lambda: len(wl) == 1)
         (study_id,) = wl.studies()["id"]
-        assert wl.study(study_id).n_slices == 3 and wl.study(study_id).flagged
+        assert wl.study(study_id).n_slices == 3 and wl.study(study_id).flagged and wl.study(study_id).updated is None
+        assert studies_table(wl.studies())["Status"].tolist() == ["new"]
         assert send(port, first[:1]) == [0]  # a repeated instance is accepted and ignored
         more = series(2, first[0].StudyInstanceUID, first[0].SeriesInstanceUID, start=3)
         assert send(port, more) == [0, 0]
         wait_for(lambda: len(scored) == 2)  # the callbacks run after the store commits: wait for them
     assert len(wl) == 1 and listener.predictor.calls == 2 and scored == [study_id, study_id]
-    assert wl.study(study_id).n_slices == 5
+    assert wl.study(study_id).n_slices == 5 and wl.study(study_id).updated  # marked for the reader who saw 3
+    assert studies_table(wl.studies())["Status"].tolist() == ["new · updated"]
     text = caplog.text
     assert "3 stored, 0 duplicates" in text and "0 stored, 1 duplicates" in text and "FLAGGED" in text
     identifiers = [first[0].StudyInstanceUID, first[0].SeriesInstanceUID, first[0].PatientID, str(first[0].PatientName)]
@@ -188,19 +191,24 @@ def test_inbox_names_hide_identifiers(tmp_path):
 
 def test_worklist_command_prints_without_identifiers(tmp_path):
     wl = Worklist(tmp_path)
-    add(wl, 0.9)
-    out = subprocess.run(
-        [sys.executable, "-m", "ich", "worklist", "--json", "--data-dir", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
+    _, rescored = add(wl, 0.9)
+    add(wl, 0.2)
+    wl.add_study(rescored, FakePredictor({"any": 0.8}).predict_series(rescored))  # a re-score: marked updated
+
+    def listed() -> list[dict]:
+        command = [sys.executable, "-m", "ich", "worklist", "--json", "--data-dir", str(tmp_path)]
+        return json.loads(subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+
+    high, low = listed()
+    assert high["likelihood"] == pytest.approx(0.8) and high["flagged"] and high["slices"] == 4
+    assert high["source"] == "upload"  # how it came, as the store recorded it
+    assert set(high) == {"id", "source", "received", "slices", "likelihood", "flagged", "status", "updated"}
+    assert high["updated"] >= high["received"] and low["updated"] is None
+    assert np.isfinite(high["likelihood"])
+    text = subprocess.run(
+        [sys.executable, "-m", "ich", "worklist", "--data-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
     ).stdout
-    (row,) = json.loads(out)
-    assert row["likelihood"] == pytest.approx(0.9) and row["flagged"] and row["slices"] == 4
-    assert row["source"] == "upload"  # how it came, as the store recorded it
-    assert set(row) == {"id", "source", "received", "slices", "likelihood", "flagged", "status"}
-    assert np.isfinite(row["likelihood"])
+    assert "updated" in text.splitlines()[0] and high["updated"][:16] in text
 
 
 def test_results_go_back_to_pacs_in_the_scanned_study(tmp_path, pacs):

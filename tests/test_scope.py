@@ -75,6 +75,18 @@ def test_the_bundled_checkpoint_explains_its_flag_and_numbers():
     assert len(lines) == 6 and lines[0].startswith("- any: AUC 0.") and "–" in lines[0]
     unnamed = [c for c, t in metadata["thresholds"].items() if t >= NOT_NAMED]  # the bundled model: epidural
     assert [line.split(":")[0] for line in lines if "not named" in line] == [f"- {c}" for c in unnamed]
+    # Issue 22: no subtype named at a probability a reader calls negligible, and the dashboard says the rule.
+    from train.series_policy import NAMING_FLOOR
+
+    subtypes = {c: t for c, t in metadata["thresholds"].items() if c != "any"}
+    assert all(NAMING_FLOOR <= t for t in subtypes.values()), subtypes
+    rule = scope.subtype_rule(metadata["thresholds"])
+    lowest = min(t for t in subtypes.values() if t < NOT_NAMED)
+    assert rule.startswith("A subtype is named only on a slice called bleeding") and f"({lowest:.0%}–" in rule
+    assert rule.endswith(f"; not named by this model: {', '.join(unnamed)}.")
+    assert scope.subtype_rule({"any": 0.3, "subdural": 0.25}).endswith(
+        "(25%); not named by this model: epidural, intraparenchymal, intraventricular, subarachnoid."
+    )
     named = lines[2]  # intraparenchymal, which the bundled model names
     quiet = metadata | {"thresholds": metadata["thresholds"] | {"intraparenchymal": NOT_NAMED}}
     assert scope.validation_lines(quiet)[2] == named + (

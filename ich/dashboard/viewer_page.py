@@ -453,9 +453,7 @@ def slice_panel_ui(
         hide_index=True,
         column_config={
             "probability": PERCENT_BAR,
-            "threshold": st.column_config.TextColumn(
-                help="Called at or above this. Not named: this model does not name the class on its own."
-            ),
+            "threshold": st.column_config.TextColumn(help="Called at or above this. " + scope.subtype_rule(thresholds)),
         },
     )
 
@@ -491,7 +489,7 @@ def study_summary_ui(info: StudyRecord, slices: pd.DataFrame, thresholds: Mappin
         else:
             st.caption(f":material/warning: Series note: {note}")
     with st.expander("What these numbers mean", icon=":material/info:"):
-        st.markdown(scope.score_meaning(pred_metadata()))
+        st.markdown(scope.score_meaning(pred_metadata()) + " " + scope.subtype_rule(thresholds))
         lines = scope.validation_lines(pred_metadata())
         if lines:
             st.markdown(

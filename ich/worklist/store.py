@@ -910,14 +910,15 @@ class Worklist:
             raise ValueError(f"status must be one of {STATUSES}")
         query = (
             "SELECT id, label, received, study_datetime, description, n_slices, thickness, source, score,"
-            " top_subtype, flagged, status, demo, model, thresholds, top_k FROM studies"
+            " top_subtype, flagged, status, demo, model, thresholds, top_k, updated FROM studies"
             + (" WHERE status = :status" if status else "")
             + " ORDER BY status != :new, score IS NULL, score DESC, id"
         )
         with self._read() as db:
             frame = pd.read_sql_query(sa.text(query), db, params={"status": status, "new": STATUS_NEW})
         local = dt.datetime.now().astimezone().tzinfo
-        frame["received"] = pd.to_datetime(frame["received"], utc=True).dt.tz_convert(local).dt.tz_localize(None)
+        for when in ("received", "updated"):  # stored in UTC, shown in the server's local time
+            frame[when] = pd.to_datetime(frame[when], utc=True).dt.tz_convert(local).dt.tz_localize(None)
         frame["study_datetime"] = pd.to_datetime(frame["study_datetime"])  # the scanner's local time, as DICOM has it
         frame[["flagged", "demo"]] = frame[["flagged", "demo"]].astype(bool)
         return frame
