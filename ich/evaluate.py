@@ -123,7 +123,8 @@ def _exam_table(scored: list[dict], rule: exam.ExamRule | None) -> pd.DataFrame:
         for uid, choices in (rule.exams.items() if rule else ())
         if not choices[0].scored
     ]
-    table = pd.DataFrame(scored + unscored, columns=EXAM_COLUMNS)
+    # Counts stay whole numbers in the CSV ("238", not "238.0") where an unscored exam leaves them blank.
+    table = pd.DataFrame(scored + unscored, columns=EXAM_COLUMNS).astype({"series_number": "Int64", "slices": "Int64"})
     order = list(rule.exams) if rule else list(dict.fromkeys(table["study_uid"]))
     table["exam"] = [order.index(uid) + 1 for uid in table["study_uid"]]
     return table.sort_values("exam", kind="stable").reset_index(drop=True)

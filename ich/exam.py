@@ -166,18 +166,7 @@ def _candidate(index: int, s: Series) -> _Candidate:
         scored=False,
         reason="",
     )
-    if s.modality != "CT":
-        excluded = f"not a CT image (modality {s.modality})"
-    elif not viewable(s):
-        excluded = "secondary capture (dose page or screenshot)"
-    elif "LOCALIZER" in first.image_type:
-        excluded = "localizer (scout)"
-    elif len(s) < MIN_SLICES:
-        excluded = f"too few slices ({len(s)})"
-    elif name in ("coronal", "sagittal") or (name == "oblique" and angle > MAX_TILT_DEG):
-        excluded = f"{name}, {angle:.0f}° from axial"
-    else:
-        excluded = ""
+    excluded = _not_a_ct_image(s.modality, first.sop_class_uid) or _not_scorable(s, name, angle)
     derived = ""
     if {"DERIVED", "SECONDARY"} & set(first.image_type[:2]):
         detail = ", ".join(v for v in first.image_type[2:] if v)
@@ -185,13 +174,57 @@ def _candidate(index: int, s: Series) -> _Candidate:
     return _Candidate(index, choice, angle, derived, excluded)
 
 
+def _not_scorable(s: Series, name: str, angle: float) -> str:
+    """Why a CT image series is never scored ('' where it may be): rule step 1's others."""
+    if "LOCALIZER" in s.slices[0].image_type:
+        return "localizer (scout)"
+    if len(s) < MIN_SLICES:
+        return f"too few slices ({len(s)})"
+    if name in ("coronal", "sagittal") or (name == "oblique" and angle > MAX_TILT_DEG):
+        return f"{name}, {angle:.0f}° from axial"
+    return ""
+
+
+def _not_a_ct_image(modality: str, sop_class: str) -> str:
+    """Why an object is not a CT image the model could score ('' where it is one): rule step 1's first two."""
+    if modality != "CT":
+        return f"not a CT image (modality {modality or 'unknown'})"
+    if _secondary_capture(sop_class):
+        return "secondary capture (dose page or screenshot)"
+    return ""
+
+
+def _secondary_capture(sop_class: str) -> bool:
+    return sop_class == _SECONDARY_CAPTURE or sop_class.startswith(_SECONDARY_CAPTURE + ".")
+
+
+def set_aside(
+    number: int | None, description: str, modality: str, sop_class: str, sop_class_name: str, instances: int
+) -> SeriesChoice:
+    """A series the DICOM listener set aside at the door (a dose page, a dose SR, a structured report): never
+    stored, so known only by what its instances said. Its reason reads as an upload's for the same object,
+    with the SOP class named: "not a CT image (modality SR, X-Ray Radiation Dose SR Storage)"."""
+    reason = _not_a_ct_image(modality, sop_class) or "not a CT image"
+    if reason.endswith(")") and sop_class_name not in reason:
+        reason = f"{reason[:-1]}, {sop_class_name})"
+    elif sop_class_name not in reason:
+        reason = f"{reason} ({sop_class_name})"
+    return SeriesChoice("", number, description, instances, None, "", "unknown", False, reason)
+
+
+def with_set_aside(choices: Sequence[SeriesChoice], extra: Sequence[SeriesChoice]) -> list[SeriesChoice]:
+    """An exam's ``choices`` (:func:`choose_series`) with ``extra`` series set aside (:func:`set_aside`) among
+    the others: the scored one still first, the rest by series number."""
+    head = list(choices[:1]) if choices and choices[0].scored else []
+    rest = [*choices[len(head) :], *extra]
+    return head + sorted(rest, key=lambda c: (c.number is None, c.number or 0))
+
+
 def viewable(s: Series) -> bool:
     """Whether a series not scored is still kept for the viewer: a CT image (bone kernel, thin, reformat,
     scout), not a dose page or another modality's image."""
     sop_class = s.slices[0].sop_class_uid
-    return s.modality == "CT" and not (
-        sop_class == _SECONDARY_CAPTURE or sop_class.startswith(_SECONDARY_CAPTURE + ".")
-    )
+    return s.modality == "CT" and not _secondary_capture(sop_class)
 
 
 def choose_series(series: Sequence[Series]) -> list[SeriesChoice]:
@@ -225,12 +258,17 @@ class ExamRule:
     ``keep_viewable``) by the exam's other :func:`viewable` series, so a caller storing them gets them
     after the series they belong with. Afterwards ``exams`` maps each Study Instance UID to its choices
     (scored first), and an exam with no series to score is a :class:`ich.dicom.Problem` in ``problems``,
-    named by its place in the input ("exam 2 of 3"), never by an identifier.
+    named by its place in the input ("exam 2 of 3"), never by an identifier. ``set_aside``: series received
+    but never stored (:func:`set_aside`, the listener's), listed among the other series of each exam (the
+    listener's input is one exam's folder).
     """
 
-    def __init__(self, problems: list[Problem], keep_viewable: bool = False) -> None:
+    def __init__(
+        self, problems: list[Problem], keep_viewable: bool = False, set_aside: Sequence[SeriesChoice] = ()
+    ) -> None:
         self.problems = problems
         self.keep_viewable = keep_viewable
+        self.set_aside = tuple(set_aside)
         self.exams: dict[str, list[SeriesChoice]] = {}
 
     def place(self, study_uid: str) -> str:
@@ -244,11 +282,13 @@ class ExamRule:
 
     def __call__(self, headers: list[Series]) -> list[Series]:
         groups = group_exams(headers)
-        self.exams = {study_uid: choose_series(members) for study_uid, members in groups.items()}
+        chosen = {study_uid: choose_series(members) for study_uid, members in groups.items()}
+        self.exams = {study_uid: with_set_aside(choices, self.set_aside) for study_uid, choices in chosen.items()}
         wanted: list[Series] = []
-        for study_uid, choices in self.exams.items():
+        for study_uid, choices in chosen.items():
             if not choices[0].scored:
-                self.problems.append(Problem(self.place(study_uid), f"no series to score ({not_scored_text(choices)})"))
+                why = not_scored_text(self.exams[study_uid])  # the series set aside too
+                self.problems.append(Problem(self.place(study_uid), f"no series to score ({why})"))
                 continue
             by_uid = {s.series_uid: s for s in groups[study_uid]}
             wanted.append(by_uid[choices[0].series_uid])

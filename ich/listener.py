@@ -4,13 +4,18 @@
 
 - Accepts every storage SOP class (a CT head exam also holds secondary captures, dose reports,
   structured reports...) and C-ECHO, so the sender sees success for a whole exam; stores only CT and
-  Enhanced CT images and logs what it set aside (SOP class names and counts). Calling AE titles not on
+  Enhanced CT images and logs what it set aside (SOP class names and counts). What it set aside is still
+  listed with the exam's series, with why it was not scored (:func:`ich.exam.set_aside`): each such series'
+  number, description, modality, SOP class and instance count are kept in ``set_aside.json`` beside the exam's
+  files (no identifier). Calling AE titles not on
   ``--allow`` (when given) and a called AE title other than its own are refused. Every transfer syntax
   is accepted but Deflated Explicit VR Little Endian: pynetdicom would inflate such a dataset whole, with no
   limit, on receipt (a few MB can become gigabytes); a sender falls back to another, and one offering
   nothing else is refused with a log line naming the SOP class and the syntax.
 - Each CT instance is written as received (no decoding) under ``<data dir>/inbox/<exam key>/<series
   key>/``; the keys are hashes, so no UID or name appears in a path. A repeated SOP instance is ignored.
+  An instance set aside for an exam already scored (a dose report sent after the images) is added to its
+  series list; the exam is not scored again and no replacement result goes to PACS (its images are the same).
 - Each C-STORE is answered once its bytes are on disk, never after waiting for the database (a dashboard
   or worker holding SQLite's write lock must not make a sender time out).
 - While an exam arrives it shows as "receiving" (:meth:`ich.worklist.Worklist.intake`). It is scored once
@@ -50,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -57,6 +63,8 @@ from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verific
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ich import results
+from ich.exam import SeriesChoice
+from ich.exam import set_aside as set_aside_choice
 from ich.files import atomic_write, private_dir
 from ich.worklist import Worklist, ingest
 from ich.worklist.intake import Scorer
@@ -70,6 +78,7 @@ __all__ = [
     "Listener",
     "NotScored",
     "SendResults",
+    "retry_delay",
     "score_exam",
     "scoring_workers",
 ]
@@ -88,6 +97,7 @@ MAX_RETRY_SECONDS = 3600.0
 ENQUEUE_RETRY_SECONDS = 5.0  # queue mode: an exam the queue refused (its database restarting) is offered again
 MAX_SCORING_WORKERS = 4  # each holds one exam's decoded slices (a thin 238-slice series: ~250 MB as float32)
 SCORED = "scored.json"
+SET_ASIDE = "set_aside.json"  # the exam's series received but not stored, by a hash of their UIDs (no identifier)
 # The worklist's meta key saying where this deployment scores: "on" while its listener hands exams to the queue
 # (``ich listen --queue``), so every dashboard on the database queues uploads too; "off" once it scores itself.
 QUEUE_MODE = "scoring_queue"
@@ -101,6 +111,13 @@ def scoring_workers(threads_per_exam: int, cores: int) -> int:
     """Exams scored at once: one per ``threads_per_exam`` cores (an inference's threads), at most
     :data:`MAX_SCORING_WORKERS`, at least one."""
     return max(1, min(MAX_SCORING_WORKERS, cores // max(1, threads_per_exam)))
+
+
+def retry_delay(attempts: int, first: float = RETRY_SECONDS) -> float:
+    """Seconds before a failed exam is tried again after its ``attempts``-th failure: ``first``, then twice as
+    long each time (30 s, 1, 2, 4... min), at most :data:`MAX_RETRY_SECONDS` (the exponent capped too: an exam
+    failing hourly for weeks must not overflow a float)."""
+    return float(min(first * 2 ** min(max(0, attempts - 1), 64), MAX_RETRY_SECONDS))
 
 
 def _cores() -> int:
@@ -120,6 +137,7 @@ class Inbox:
         self.root, self.quiet_seconds = Path(root), quiet_seconds
         private_dir(self.root)  # received instances carry patient identifiers
         self._lock = threading.Lock()
+        self._aside_lock = threading.Lock()  # set_aside.json is read, changed and written by one thread at a time
         self._last: dict[Path, float] = {}  # exam folder -> monotonic time of its newest instance
         self._sending: Counter[Path] = Counter()  # exam folder -> open associations that delivered some of it
 
@@ -138,6 +156,31 @@ class Inbox:
         with self._lock:
             self._last[exam] = time.monotonic()
         return True
+
+    def set_aside(self, study_uid: str, instances: Sequence[tuple[str, str, dict[str, Any]]]) -> int:
+        """Remember instances of one exam that were not stored, ``(series UID, SOP instance UID, what it is``
+        (:func:`describe`)``)`` each, in the exam's :data:`SET_ASIDE`, under their series (and SOP class), in one
+        write. Returns how many were new: none when all were remembered already, or the exam has no folder
+        (no image of it stored: a study that holds no CT leaves nothing here)."""
+        exam = self.folder(study_uid)
+        with self._aside_lock:
+            if not exam.is_dir():
+                return 0
+            records, new = _set_aside(exam), 0
+            for series_uid, sop_uid, series in instances:
+                key, instance = _key(study_uid, series_uid, series["sop_class"]), _key(sop_uid)
+                record = records.setdefault(key, {**series, "instances": []})
+                if instance not in record["instances"]:
+                    record["instances"].append(instance)
+                    new += 1
+            if new:
+                atomic_write(exam / SET_ASIDE, lambda tmp: tmp.write_text(json.dumps(records, sort_keys=True)))
+        return new
+
+    @staticmethod
+    def set_aside_series(folder: Path) -> list[SeriesChoice]:
+        """The exam's series set aside (:meth:`set_aside`), as :func:`ich.exam.set_aside` lists them."""
+        return [_aside_choice(r) for _, r in sorted(_set_aside(folder).items())]
 
     def hold(self, exam: Path) -> None:
         """An open association is delivering ``exam``: not due until it closes (a sender pausing mid-exam,
@@ -169,7 +212,7 @@ class Inbox:
     def unscored(self) -> list[Path]:
         """Exams whose files differ from what was last put on the worklist (a crash, a failure, never scored).
         A folder of an older inbox holds one series' files directly; it is read the same way."""
-        return [f for f in sorted(p for p in self.root.iterdir() if p.is_dir()) if _files(f) != _scored(f)]
+        return [f for f in sorted(p for p in self.root.iterdir() if p.is_dir()) if _contents(f) != _scored(f)]
 
     @staticmethod
     def mark_scored(folder: Path, files: Sequence[str]) -> None:
@@ -178,6 +221,58 @@ class Inbox:
 
 def _files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.dcm"))
+
+
+def _set_aside(folder: Path) -> dict[str, dict[str, Any]]:
+    try:
+        records = json.loads((folder / SET_ASIDE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def _aside_choice(record: dict[str, Any]) -> SeriesChoice:
+    number = record.get("number")
+    return set_aside_choice(
+        number if isinstance(number, int) else None,
+        str(record.get("description") or ""),
+        str(record.get("modality") or ""),
+        str(record.get("sop_class") or ""),
+        str(record.get("sop_class_name") or ""),
+        len(record.get("instances") or ()),
+    )
+
+
+def _study_uid(folder: Path) -> str | None:
+    """The Study Instance UID of an exam folder's images (its name is a hash), from the first file's header."""
+    for path in sorted(folder.rglob("*.dcm")):
+        try:
+            return str(dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+        except Exception:  # noqa: BLE001 - unreadable: the next file may say
+            continue
+    return None
+
+
+def _contents(folder: Path) -> list[str]:
+    """What the exam's folder holds, as ``scored.json`` records it: its files, and each series set aside with its
+    instance count (an exam scored before any was set aside reads as before)."""
+    aside = [f"{SET_ASIDE}:{key}:{len(r.get('instances', ()))}" for key, r in _set_aside(folder).items()]
+    return sorted(_files(folder) + aside)
+
+
+def describe(ds: Dataset, sop_class: UID) -> dict[str, Any]:
+    """What :meth:`Inbox.set_aside` keeps of an instance not stored: no identifier, no UID but its SOP class's."""
+    try:
+        number: int | None = int(ds.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        number = None
+    return {
+        "number": number,
+        "description": str(ds.get("SeriesDescription", "") or ""),
+        "modality": str(ds.get("Modality", "") or "").strip().upper(),
+        "sop_class": str(sop_class),
+        "sop_class_name": sop_class.name,
+    }
 
 
 def _scored(folder: Path) -> list[str] | None:
@@ -209,15 +304,24 @@ def score_exam(
     """
     if not folder.is_dir():  # an admin discarded it
         return []
-    files = _files(folder)
-    if files == _scored(folder):
+    files, scored = _contents(folder), _scored(folder)
+    if files == scored:
         worklist.intake_done(folder.name)  # a "receiving" line left by instances that were all duplicates
         return []
+    if scored is not None and _files(folder) == [f for f in scored if not f.startswith(SET_ASIDE)]:
+        # Only objects set aside came since it was scored (a dose report sent minutes after the images): listed with
+        # its series, not scored again, and no replacement result sent to PACS for the same images.
+        study_uid = _study_uid(folder)
+        if study_uid and worklist.list_set_aside(study_uid, Inbox.set_aside_series(folder)):
+            log.info("exam %s: set-aside series listed, images unchanged: not scored again", folder.name)
+            Inbox.mark_scored(folder, files)
+            worklist.intake_done(folder.name)
+            return []
     started = time.perf_counter()
     try:
         pending = worklist.intake()  # how the exam came, as noted when it started arriving: a queued upload says so
         source = next(iter(pending.loc[pending["key"] == folder.name, "source"]), "dicom")
-        report = ingest(worklist, predictor, [folder], source=str(source))
+        report = ingest(worklist, predictor, [folder], source=str(source), set_aside=Inbox.set_aside_series(folder))
     except Exception as exc:  # ingest keeps one exam's failure to a problem line; this is the store itself
         log.exception("exam %s could not be scored", folder.name)
         raise NotScored(f"{type(exc).__name__}: {exc}", retry=True) from None
@@ -252,6 +356,9 @@ class _Association:
     duplicates: int = 0
     failed: int = 0
     set_aside: Counter[str] = field(default_factory=Counter)  # SOP class name -> instances not stored
+    # Instances not stored: study UID -> (series, SOP instance UIDs, what Inbox.set_aside keeps), remembered in one
+    # write per exam when the association closes (by then the exam's images have come, in whatever order).
+    aside: dict[str, list[tuple[str, str, dict[str, Any]]]] = field(default_factory=dict)
     exams: set[Path] = field(default_factory=set)  # exam folders it delivered to (held in the inbox until it closes)
     started: float = field(default_factory=time.monotonic)
 
@@ -346,6 +453,8 @@ class Listener:
     def _on_closed(self, event: evt.Event) -> None:
         a = self._associations.pop(id(event.assoc), None)
         if a is not None:
+            for study_uid, instances in a.aside.items():  # before the exams are released: scored, they list them
+                self._remember(a, study_uid, instances)
             for exam in a.exams:
                 self.inbox.release(exam)
             aside = ", ".join(f"{n} {name}" for name, n in sorted(a.set_aside.items()))
@@ -367,8 +476,12 @@ class Listener:
             return CANNOT_UNDERSTAND
         sop_class = UID(str(event.request.AffectedSOPClassUID))
         if sop_class not in SCORED_SOP_CLASSES:  # part of the exam, not for the model: accepted, not kept
+            instance = uids[1], uids[2], describe(ds, sop_class)
             if counts:
                 counts.set_aside[sop_class.name] += 1
+                counts.aside.setdefault(uids[0], []).append(instance)
+            else:
+                self._remember(None, uids[0], [instance])
             return SUCCESS
         try:
             new = self.inbox.store(*uids, event.encoded_dataset(include_meta=True))
@@ -380,14 +493,31 @@ class Listener:
         if counts:
             counts.stored += new
             counts.duplicates += not new
-        exam = self.inbox.folder(uids[0])
+        self._arrived(counts, uids[0])
+        return SUCCESS
+
+    def _arrived(self, counts: _Association | None, study_uid: str) -> None:
+        """Some of an exam arrived: held until the association closes, shown as "receiving"."""
+        exam = self.inbox.folder(study_uid)
         if counts and exam not in counts.exams:
             counts.exams.add(exam)
             self.inbox.hold(exam)
         if exam not in self._receiving:  # once per exam: the database is not written per instance
             self._receiving[exam] = time.monotonic()
-            self._notes.put((exam, uids[0]))
-        return SUCCESS
+            self._notes.put((exam, study_uid))
+
+    def _remember(
+        self, counts: _Association | None, study_uid: str, instances: Sequence[tuple[str, str, dict[str, Any]]]
+    ) -> None:
+        """Keep instances set aside in their exam's series list; one new to an exam stored already (a dose report
+        sent after the images) makes the exam due, which lists it (:func:`score_exam`: without scoring again)."""
+        try:
+            new = self.inbox.set_aside(study_uid, instances)
+        except OSError as exc:  # only the series list misses them: the exam's images are stored
+            log.error("could not note %d instance(s) set aside: %s", len(instances), exc.strerror or exc)
+            return
+        if new:
+            self._arrived(counts, study_uid)
 
     def _note_loop(self) -> None:
         """Show exams as "receiving" on the worklist, off the association threads."""
@@ -423,7 +553,7 @@ class Listener:
     def _failed(self, folder: Path, reason: str, retry: bool) -> None:
         """Keep a failed exam visible with its reason, and when ``retry``, schedule its next attempt."""
         attempts = self._attempts[folder] = self._attempts.get(folder, 0) + 1
-        delay = min(self.retry_seconds * 2 ** (attempts - 1), MAX_RETRY_SECONDS) if retry else None
+        delay = retry_delay(attempts, self.retry_seconds) if retry else None
         if delay is not None:
             with self._queue_changed:
                 self._retry[folder] = time.monotonic() + delay

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+
+MiB = 1 << 20
 
 
 def make_ct(
@@ -64,3 +70,75 @@ def to_bytes(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def deflated(pixel_bytes: int, hu: np.ndarray | None = None) -> bytes:
+    """A Deflated Explicit VR Little Endian CT file whose PixelData holds ``pixel_bytes`` zeros (or ``hu``).
+
+    Zeros are deflated once per 16 MiB block, flushed so that the block can be repeated: gigabytes of
+    pixel data cost milliseconds and a few MB.
+    """
+    ds = make_ct(hu)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    if hu is not None:
+        return to_bytes(ds)
+    del ds.PixelData
+    meta, body = DicomBytesIO(), DicomBytesIO()
+    for fp in (meta, body):
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+    meta.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(meta, ds.file_meta)
+    write_dataset(body, ds)
+    block = 16 * MiB
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    head = deflate.compress(body.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes))
+    head += deflate.flush(zlib.Z_FULL_FLUSH)
+    zeros = deflate.compress(bytes(block)) + deflate.flush(zlib.Z_FULL_FLUSH)
+    rest = deflate.compress(bytes(pixel_bytes % block)) + deflate.flush()
+    return meta.getvalue() + head + zeros * (pixel_bytes // block) + rest
+
+
+def make_enhanced_ct(
+    n_frames: int = 4, *, spacing: float = 5.0, series_uid: str | None = None, study_uid: str | None = None, **overrides
+) -> Dataset:
+    """An Enhanced CT (multi-frame) object of ``n_frames`` axial frames ``spacing`` mm apart, each the
+    :func:`make_ct` disc, its geometry and rescale in the functional groups as the standard puts them."""
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedCTImageStorage
+
+    ds = make_ct(series_uid=series_uid, study_uid=study_uid)
+    frame = np.frombuffer(ds.PixelData, np.int16)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    ds.NumberOfFrames = n_frames
+    ds.PixelData = np.tile(frame, n_frames).tobytes()
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.RescaleIntercept, ds.RescaleSlope
+    per_frame = []
+    for i in range(n_frames):
+        item, plane = Dataset(), Dataset()
+        plane.ImagePositionPatient = [0.0, 0.0, spacing * i]
+        item.PlanePositionSequence = Sequence([plane])
+        per_frame.append(item)
+    shared, orient, transform = Dataset(), Dataset(), Dataset()
+    orient.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PlaneOrientationSequence = Sequence([orient])
+    transform.RescaleSlope, transform.RescaleIntercept = 1, -1024
+    shared.PixelValueTransformationSequence = Sequence([transform])
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    for key, value in overrides.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def make_non_image(sop_class: str, modality: str, *, study_uid: str | None = None, **overrides) -> Dataset:
+    """An instance of another storage class (a dose SR, a structured report) in a CT exam: :func:`make_ct`'s
+    identifiers without its image, as far as a Storage SCP that sets it aside needs."""
+    from pydicom.uid import UID
+
+    ds = make_ct(study_uid=study_uid, Modality=modality, **overrides)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    for keyword in ("PixelData", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
+                    "BitsStored", "HighBit", "PixelRepresentation", "RescaleIntercept", "RescaleSlope", "WindowCenter",
+                    "WindowWidth", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness"):  # fmt: skip
+        delattr(ds, keyword)
+    return ds

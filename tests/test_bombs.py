@@ -15,12 +15,9 @@ import subprocess
 import sys
 import time
 import zipfile
-import zlib
 
 import numpy as np
 import pytest
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
@@ -29,10 +26,8 @@ from ich import dicom
 from ich.dicom import sources
 from ich.listener import Inbox, Listener
 from ich.worklist import Worklist, ingest
-from tests.dicom_factory import make_ct, to_bytes
+from tests.dicom_factory import MiB, deflated, make_ct, to_bytes
 from tests.helpers import ROOT, FakePredictor, zip_bytes
-
-MiB = 1 << 20
 
 
 def slices(n: int = 3) -> dict[str, bytes]:
@@ -44,32 +39,6 @@ def slices(n: int = 3) -> dict[str, bytes]:
         )
         for i in range(n)
     }
-
-
-def deflated(pixel_bytes: int, hu: np.ndarray | None = None) -> bytes:
-    """A Deflated Explicit VR Little Endian CT file whose PixelData holds ``pixel_bytes`` zeros (or ``hu``).
-
-    Zeros are deflated once per 16 MiB block, flushed so that the block can be repeated: gigabytes of
-    pixel data cost milliseconds and a few MB.
-    """
-    ds = make_ct(hu)
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    if hu is not None:
-        return to_bytes(ds)
-    del ds.PixelData
-    meta, body = DicomBytesIO(), DicomBytesIO()
-    for fp in (meta, body):
-        fp.is_little_endian, fp.is_implicit_VR = True, False
-    meta.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(meta, ds.file_meta)
-    write_dataset(body, ds)
-    block = 16 * MiB
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    head = deflate.compress(body.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes))
-    head += deflate.flush(zlib.Z_FULL_FLUSH)
-    zeros = deflate.compress(bytes(block)) + deflate.flush(zlib.Z_FULL_FLUSH)
-    rest = deflate.compress(bytes(pixel_bytes % block)) + deflate.flush()
-    return meta.getvalue() + head + zeros * (pixel_bytes // block) + rest
 
 
 def reasons(problems: list[dicom.Problem]) -> dict[str, str]:

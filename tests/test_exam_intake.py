@@ -7,6 +7,7 @@ import contextlib
 import errno
 import logging
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -15,15 +16,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    UID,
+    ComprehensiveSRStorage,
+    SecondaryCaptureImageStorage,
+    XRayRadiationDoseSRStorage,
+    generate_uid,
+)
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 import ich.worklist.store
 from ich import dicom
-from ich.listener import Inbox, Listener, SendResults
+from ich.listener import SET_ASIDE, Inbox, Listener, SendResults, describe, retry_delay
 from ich.worklist import INTAKE_FAILED, INTAKE_RECEIVING, StoreError, Worklist, ingest
-from tests.dicom_factory import make_ct, to_bytes
+from tests.dicom_factory import make_ct, make_enhanced_ct, make_non_image, to_bytes
 from tests.helpers import ROOT, FakePrediction, FakePredictor, add, series_of, uploads
 from tests.test_listener import QUIET, series, wait_for
 
@@ -99,13 +106,131 @@ def test_a_whole_exam_by_c_store_is_one_row_scored_on_the_axial_soft_tissue_seri
     assert reasons["Head 5mm soft"] == "" and row.exam_series[0].scored
     assert reasons["Topogram"] == "localizer (scout)"
     assert "bone kernel" in reasons["Head 5mm bone"] and "coronal" in reasons["Coronal MPR"]
-    assert "Dose report" not in reasons  # set aside at the door: never stored
+    # Set aside at the door (never stored), still listed, as an upload lists it ("not a CT image (modality OT)").
+    assert reasons["Dose report"] == "not a CT image (modality OT, Secondary Capture Image Storage)"
+    (dose,) = [c for c in row.exam_series if c.description == "Dose report"]
+    assert dose.n_slices == 1 and not dose.scored and row.exam_series[-1] == dose  # by series number: none, last
+    (remembered,) = (tmp_path / "inbox").rglob(SET_ASIDE)
+    assert stat.S_IMODE(remembered.stat().st_mode) == 0o600 and not list(remembered.parent.glob(".*.tmp"))
+    text = remembered.read_text()
+    dose_uids = [parts["dose"][0].StudyInstanceUID, parts["dose"][0].SeriesInstanceUID, parts["dose"][0].SOPInstanceUID]
+    assert not [v for v in [*dose_uids, "TEST-0001", "DOE"] if v in text]  # no identifier, no UID
     kept = wl.other_series(row.id)  # for the viewer: scout, bone and coronal, unscored
     assert sorted(kept.values()) == [1, 6, 8]
     coronal = parts["coronal"][0].SeriesInstanceUID
     assert wl.volume(row.id, coronal).shape == (8, 32, 32) and wl.affine(row.id, coronal) is not None
     assert "set aside (not CT images): 1 Secondary Capture Image Storage" in caplog.text
     assert len(list((tmp_path / "inbox").rglob("*.dcm"))) == 1 + 6 + 6 + 8
+
+
+def send_classes(port: int, datasets: list) -> list[int]:
+    """:func:`send_all` offering each dataset's own SOP class (a dose SR, an Enhanced CT...)."""
+    ae = AE(ae_title="PACS")
+    for sop_class in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICH")
+    assert assoc.is_established
+    try:
+        return [int(s.Status) if s else -1 for s in (assoc.send_c_store(ds) for ds in datasets)]
+    finally:
+        assoc.release()
+
+
+def test_dose_reports_and_an_enhanced_ct_by_c_store(tmp_path, caplog):
+    """Structured reports are set aside (answered with success, not stored) and listed with the exam's series,
+    whichever order they come in; an Enhanced CT object is stored and scored, frame by frame; a dose page sent
+    after the exam was scored is added to its series list, without scoring the same images again."""
+    wl = Worklist(tmp_path)
+    listener = Listener(wl, ByKernel(), Inbox(tmp_path / "inbox", QUIET))
+    port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
+    study = generate_uid()
+    dose_sr = make_non_image(XRayRadiationDoseSRStorage, "SR", study_uid=study, SeriesNumber=997,
+                             SeriesDescription="Dose Report")  # fmt: skip
+    report = make_non_image(ComprehensiveSRStorage, "SR", study_uid=study, SeriesNumber=998)
+    enhanced = make_enhanced_ct(4, study_uid=study, SeriesNumber=2, SeriesDescription="Head enhanced",
+                                ConvolutionKernel="H30s", ImageType=["ORIGINAL", "PRIMARY", "AXIAL"])  # fmt: skip
+    page = make_non_image(SecondaryCaptureImageStorage, "OT", study_uid=study, SeriesNumber=999,
+                          SeriesDescription="Dose page")  # fmt: skip
+    try:
+        with caplog.at_level(logging.INFO, logger="ich"):
+            assert send_classes(port, [dose_sr, report, enhanced, dose_sr]) == [0, 0, 0, 0]  # SRs first, one twice
+            wait_for(lambda: len(wl) == 1 and len(wl.intake()) == 0)
+            (study_id,) = wl.studies()["id"]
+            row = wl.study(int(study_id))
+            assert row.series_uid == enhanced.SeriesInstanceUID and row.n_slices == 4 and row.flagged  # scored
+            assert [(c.number, c.description, c.n_slices, c.scored, c.reason) for c in row.exam_series] == [
+                (2, "Head enhanced", 4, True, ""),
+                (997, "Dose Report", 1, False, "not a CT image (modality SR, X-Ray Radiation Dose SR Storage)"),
+                (998, "", 1, False, "not a CT image (modality SR, Comprehensive SR Storage)"),
+            ]
+            assert send_classes(port, [page]) == [0]  # after the exam was scored, alone
+            wait_for(lambda: len(wl.study(int(study_id)).exam_series) == 4 and len(wl.intake()) == 0)
+    finally:
+        listener.stop()
+    row = wl.study(int(study_id))
+    assert row.exam_series[-1].reason == "not a CT image (modality OT, Secondary Capture Image Storage)"
+    assert len(wl) == 1 and listener.predictor.calls == 1 and not row.updated and row.n_slices == 4
+    assert "set-aside series listed, images unchanged: not scored again" in caplog.text
+    assert (
+        "1 stored, 0 duplicates ignored, 0 failed, set aside (not CT images): 1 Comprehensive SR Storage,"
+        " 2 X-Ray Radiation Dose SR Storage" in caplog.text
+    )
+    assert "set aside (not CT images): 1 Secondary Capture Image Storage" in caplog.text
+    assert len(list((tmp_path / "inbox").rglob("*.dcm"))) == 1  # the Enhanced CT object, whole
+    assert not Inbox(tmp_path / "inbox").unscored()
+
+
+def test_a_queue_worker_lists_the_series_set_aside_too(tmp_path):
+    """``ich listen --queue`` stores and remembers; ``ich worker`` scores through the same score_exam."""
+    procrastinate = pytest.importorskip("procrastinate")
+    from ich.jobs import QUEUE, TASK, ExamJobs
+
+    parts, inbox, wl = exam(generate_uid()), Inbox(tmp_path / "inbox"), Worklist(tmp_path)
+    (dose,) = parts.pop("dose")
+    described = describe(dose, UID(SecondaryCaptureImageStorage))
+    study, instance = dose.StudyInstanceUID, (dose.SeriesInstanceUID, dose.SOPInstanceUID, described)
+    assert inbox.set_aside(study, [instance]) == 0  # no image of the exam stored yet: nothing kept
+    for ds in (ds for part in parts.values() for ds in part):
+        inbox.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, to_bytes(ds))
+    (folder,) = inbox.unscored()
+    jobs = ExamJobs(wl, ByKernel(), tmp_path / "inbox")
+
+    def run() -> None:
+        key = folder.name
+        jobs.run(key, procrastinate.jobs.Job(id=1, queue=QUEUE, lock=key, queueing_lock=key, task_name=TASK,
+                                             task_kwargs={"key": key}, attempts=0))  # fmt: skip
+
+    run()
+    (study_id,) = wl.studies()["id"]
+    assert "Dose report" not in {c.description for c in wl.study(int(study_id)).exam_series}  # not sent yet
+    assert inbox.set_aside(study, [instance, instance]) == 1 and inbox.set_aside(study, [instance]) == 0  # once
+    assert inbox.unscored() == [folder]  # the exam changed: a worker lists it
+    run()
+    reasons = {c.description: c.reason for c in wl.study(int(study_id)).exam_series}
+    assert reasons["Dose report"] == "not a CT image (modality OT, Secondary Capture Image Storage)"
+    assert jobs.predictor.calls == 1 and not inbox.unscored() and len(wl) == 1  # the same images: not scored again
+    run()  # delivered again: nothing to do
+    assert jobs.predictor.calls == 1
+
+
+def test_a_failed_exam_is_retried_after_30_s_then_twice_as_long_each_time_at_most_hourly(tmp_path):
+    assert [retry_delay(n) for n in range(1, 10)] == [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]
+    assert retry_delay(5000) == 3600  # failing hourly for months: no overflow
+    assert [retry_delay(n, first=0.3) for n in (1, 2, 3)] == [0.3, 0.6, 1.2]
+    wl = Worklist(tmp_path)
+    listener = Listener(wl, None, Inbox(tmp_path / "inbox"), enqueue=lambda key: None)  # never started: no wait
+    folder = tmp_path / "inbox" / "0123abcd"
+    for attempt in range(1, 10):
+        before, now = time.monotonic(), pd.Timestamp.now(tz="UTC")
+        listener._failed(folder, "OSError: simulated", retry=True)
+        assert listener._retry[folder] - before == pytest.approx(retry_delay(attempt), abs=1)
+        (row,) = wl.intake().itertuples()
+        assert row.attempts == attempt and row.state == INTAKE_FAILED
+        waits = (pd.Timestamp(row.next_try) - now).total_seconds()
+        assert waits == pytest.approx(retry_delay(attempt), abs=2)
+    del listener._retry[folder]
+    listener._failed(folder, "no series to score", retry=False)  # nothing to retry: waits for more instances
+    assert folder not in listener._retry and wl.intake()["next_try"].isna().all()
 
 
 def test_a_sender_pausing_mid_exam_does_not_get_it_scored_on_part_of_its_slices(tmp_path):
@@ -335,9 +460,10 @@ def test_a_damaged_database_is_named_with_what_to_do(tmp_path):
     (tmp_path / "worklist.sqlite3-wal").unlink(missing_ok=True)
     with pytest.raises(StoreError, match=r"worklist\.sqlite3: the worklist database is damaged .* backup"):
         Worklist(tmp_path).studies()
-    run = [sys.executable, "-m", "ich", "worklist", "--data-dir", str(tmp_path)]
-    for extra in ([], ["--check"]):
-        done = subprocess.run([*run, *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    commands = [["worklist"], ["worklist", "--check"], ["listen", "--port", "0"]]  # every command that opens it
+    for command in commands:
+        run = [sys.executable, "-m", "ich", *command, "--data-dir", str(tmp_path)]
+        done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert "worklist.sqlite3: the worklist database is damaged" in done.stderr
         assert "ICH_DATA_DIR" in done.stderr
@@ -385,6 +511,8 @@ def test_ich_predict_scores_each_exam_on_its_chosen_series_and_writes_an_exam_cs
     assert {i.rsplit("_", 1)[0] for i in pd.read_csv(out)["ID"]} == soft  # the axial soft-tissue series only
     exams = pd.read_csv(tmp_path / "sub_exams.csv")
     assert len(exams) == 3 and exams["exam"].tolist() == [1, 2, 3]
+    counts = [line.split(",")[5] for line in (tmp_path / "sub_exams.csv").read_text().splitlines()[1:]]
+    assert sorted(counts) == ["", "6", "6"]  # whole numbers, blank for the exam with none scored (not "6.0")
     scored = exams.dropna(subset=["score"])
     assert set(scored["series_uid"]) == {e["soft"][0].SeriesInstanceUID for e in (first, second)}
     assert (scored["slices"] == 6).all() and scored["not_scored"].str.contains("bone kernel").all()

@@ -178,6 +178,35 @@ def test_evaluate_cli(shared_data, tiny_checkpoint, tmp_path):
     assert "| subdural |" in (tmp_path / "report.md").read_text()
 
 
+def test_evaluate_cli_scores_each_exam_on_its_soft_tissue_series(tiny_checkpoint, tmp_path):
+    """Two exams of five series each (scout, soft tissue, bone kernel, coronal reformat, dose page) in the RSNA
+    layout: one exams.csv row per exam, scored on its axial soft-tissue series, the others named with why not."""
+    from tests.test_exam_intake import exam
+
+    data = tmp_path / "data"
+    (data / "stage_2_train").mkdir(parents=True)
+    exams = [exam(generate_uid()) for _ in range(2)]
+    rows = ["ID,Label"]
+    for parts in exams:
+        for ds in (ds for part in parts.values() for ds in part):
+            (data / "stage_2_train" / f"{ds.SOPInstanceUID}.dcm").write_bytes(to_bytes(ds))
+            rows += [f"{ds.SOPInstanceUID}_{c},0" for c in CLASSES]
+    (data / "stage_2_train.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    proc = run_ich("evaluate", str(data), "--weights", str(tiny_checkpoint), "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(out / "exams.csv")
+    assert table["exam"].tolist() == [1, 2] and table["slices"].tolist() == [6, 6]
+    assert sorted(table["series_uid"]) == sorted(parts["soft"][0].SeriesInstanceUID for parts in exams)
+    assert (table["series_description"] == "Head 5mm soft").all() and table["score"].between(0, 1).all()
+    for not_scored in table["not_scored"]:
+        assert "Topogram: localizer (scout)" in not_scored and "Head 5mm bone: bone kernel (H70h)" in not_scored
+        assert "Coronal MPR: coronal" in not_scored and "Dose report: not a CT image (modality OT)" in not_scored
+    report = json.loads((out / "report.json").read_text())
+    assert report["slice"]["n"] == 12 and report["series"]["n"] == 2  # the scored series' slices only
+    assert len(pd.read_csv(out / "predictions.csv")) == 12 * len(CLASSES)
+
+
 def test_predict_cli_nothing_readable_exits_2(tmp_path, tiny_checkpoint):
     (tmp_path / "junk.dcm").write_bytes(b"junk")
     out = tmp_path / "sub.csv"

@@ -98,6 +98,7 @@ def ingest(
     demo: bool = False,
     source: str = "upload",
     progress: Progress | None = None,
+    set_aside: Sequence[exam.SeriesChoice] = (),
 ) -> IngestReport:
     """Read ``sources`` exam by exam, score each exam's chosen series and put the exam on the worklist.
 
@@ -106,11 +107,13 @@ def ingest(
     the rest still load.
     ``progress(fraction, message)`` runs as each series is read and scored: the fraction is the
     share of the upload's slices done, reading a slice counting as half its work, scoring as the rest.
+    ``set_aside``: series of the exam received but never stored (the DICOM listener's, :func:`ich.exam.set_aside`),
+    listed with its series (``sources`` then hold one exam).
     """
     start = time.perf_counter()
     report = IngestReport()
     bar = _Bar(progress or _silent, len(sources))
-    rule = exam.ExamRule(report.problems, keep_viewable=True)
+    rule = exam.ExamRule(report.problems, keep_viewable=True, set_aside=set_aside)
     stored: set[str] = set()  # exams on the worklist: their other series are kept for the viewer
 
     done = 0  # slices of the exams finished

@@ -73,7 +73,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from ich import dicom
-from ich.exam import SeriesChoice
+from ich.exam import SeriesChoice, with_set_aside
 from ich.files import atomic_write, data_dir, private_dir, warn_permissions
 from ich.labels import CLASSES
 from ich.review import Read, read_truth
@@ -795,6 +795,18 @@ class Worklist:
             status = STATUS_HEMORRHAGE if read.hemorrhage else STATUS_CLEAR
             _run(db, "UPDATE studies SET status = :status WHERE id = :id", status=status, id=study_id)
         return read
+
+    def list_set_aside(self, study_uid: str, set_aside: Sequence[SeriesChoice]) -> bool:
+        """Replace the series an exam's row lists as set aside at the door (:func:`ich.exam.set_aside`: no UID
+        kept) by ``set_aside``, leaving its score alone; ``False`` when the exam is not on the worklist."""
+        with self._write() as db:
+            row = _run(db, "SELECT id, exam_series FROM studies WHERE study_uid = :uid", uid=study_uid).first()
+            if row is None:
+                return False
+            kept = [SeriesChoice(**c) for c in json.loads(row.exam_series) if c["series_uid"]]
+            listed = json.dumps([dataclasses.asdict(c) for c in with_set_aside(kept, set_aside)])
+            _run(db, "UPDATE studies SET exam_series = :listed WHERE id = :id", listed=listed, id=row.id)
+            return True
 
     def delete_study(self, study_id: int) -> None:
         """Remove a study with its slices, reads, volume and header files (the rows first: a crash leaves no
