@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ich.dicom import Problem, Series
+from ich.dicom import OtherObject, Problem, Series
 from ich.slabs import THIN_MM  # below: a thin series, scored on ~5 mm slabs
 
 AXIAL_TOLERANCE_DEG = 10.0
@@ -258,9 +258,16 @@ class ExamRule:
     ``keep_viewable``) by the exam's other :func:`viewable` series, so a caller storing them gets them
     after the series they belong with. Afterwards ``exams`` maps each Study Instance UID to its choices
     (scored first), and an exam with no series to score is a :class:`ich.dicom.Problem` in ``problems``,
-    named by its place in the input ("exam 2 of 3"), never by an identifier. ``set_aside``: series received
-    but never stored (:func:`set_aside`, the listener's), listed among the other series of each exam (the
-    listener's input is one exam's folder).
+    named by its place in the input ("exam 2 of 3"), never by an identifier.
+
+    ``problems`` is the list :func:`ich.dicom.iter_series` is given: when the rule is called it holds the
+    header pass's problems. A file refused as an object of another kind than a CT image (a dose SR, a
+    structured report, a colour dose page: :class:`ich.dicom.OtherObject`) whose exam has series is taken out
+    of them and listed among that exam's series instead, as the listener lists what it set aside
+    (:func:`set_aside`: one per series and SOP class, its instances counted); one whose exam has no series
+    (an upload of a dose SR alone, an MR study) stays a problem line. ``set_aside``: series received but never
+    stored (:func:`set_aside`, the listener's), listed among the other series of each exam (the listener's
+    input is one exam's folder).
     """
 
     def __init__(
@@ -282,8 +289,12 @@ class ExamRule:
 
     def __call__(self, headers: list[Series]) -> list[Series]:
         groups = group_exams(headers)
+        others = self._other_objects(set(groups))
         chosen = {study_uid: choose_series(members) for study_uid, members in groups.items()}
-        self.exams = {study_uid: with_set_aside(choices, self.set_aside) for study_uid, choices in chosen.items()}
+        self.exams = {
+            study_uid: with_set_aside(choices, [*self.set_aside, *others.get(study_uid, ())])
+            for study_uid, choices in chosen.items()
+        }
         wanted: list[Series] = []
         for study_uid, choices in chosen.items():
             if not choices[0].scored:
@@ -295,3 +306,28 @@ class ExamRule:
             if self.keep_viewable:
                 wanted += [by_uid[c.series_uid] for c in choices[1:] if viewable(by_uid[c.series_uid])]
         return wanted
+
+    def _other_objects(self, studies: set[str]) -> dict[str, list[SeriesChoice]]:
+        """The problems of objects of another kind than a CT image (:class:`ich.dicom.OtherObject`) of exams in
+        ``studies``, taken out of ``problems``: per exam, one :func:`set_aside` series each (by series UID and
+        SOP class, as the listener groups them), its distinct instances counted."""
+        kept: list[Problem] = []
+        series: dict[tuple[str, str, str], list[OtherObject]] = {}
+        for problem in self.problems:
+            o = problem.other
+            if o is None or o.study_uid not in studies:
+                kept.append(problem)
+            else:
+                series.setdefault((o.study_uid, o.series_uid, o.sop_class), []).append(o)
+        if series:
+            self.problems[:] = kept  # the caller's list, changed in place
+        listed: dict[str, list[SeriesChoice]] = {}
+        for (study_uid, _, _), objects in series.items():
+            first = objects[0]
+            instances = len({o.sop_uid or f"#{k}" for k, o in enumerate(objects)})  # a file read twice counts once
+            listed.setdefault(study_uid, []).append(
+                set_aside(
+                    first.number, first.description, first.modality, first.sop_class, first.sop_class_name, instances
+                )
+            )
+        return listed

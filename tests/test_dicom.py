@@ -10,10 +10,17 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import EnhancedCTImageStorage, MRImageStorage, generate_uid
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    EnhancedCTImageStorage,
+    MRImageStorage,
+    SecondaryCaptureImageStorage,
+    XRayRadiationDoseSRStorage,
+    generate_uid,
+)
 
 from ich import dicom
-from tests.dicom_factory import make_ct, to_bytes
+from tests.dicom_factory import make_ct, make_non_image, to_bytes
 from tests.helpers import zip_bytes
 
 
@@ -229,6 +236,34 @@ def test_rt_struct_refused():
 def test_colour_refused():
     ds = make_ct(PhotometricInterpretation="RGB", SamplesPerPixel=3)
     assert "colour image" in _bad("photo.dcm", to_bytes(ds)).reason
+
+
+def test_an_object_of_another_kind_says_what_it_is_where_a_damaged_ct_image_does_not():
+    """A dose SR, a colour dose page, an MR image: refused with what a listing with its exam's series needs
+    (:func:`ich.exam.set_aside`); not shown in the problem line, which names the file only."""
+    study, series = generate_uid(), generate_uid()
+    sr = make_non_image(XRayRadiationDoseSRStorage, "SR", study_uid=study, series_uid=series, SeriesNumber=997,
+                        SeriesDescription="Dose Report")  # fmt: skip
+    error = _bad("dose.dcm", to_bytes(sr))
+    assert error.other == dicom.OtherObject(
+        study, series, sr.SOPInstanceUID, 997, "Dose Report", "SR", XRayRadiationDoseSRStorage,
+        "X-Ray Radiation Dose SR Storage",
+    )  # fmt: skip
+    problems = dicom.load([dicom.Upload("dose.dcm", to_bytes(sr))], pixels=False).problems
+    assert [(p.path, p.other) for p in problems] == [("dose.dcm", error.other)]
+    assert study not in repr(problems) + str(problems[0]) and series not in repr(problems) + str(problems[0])
+    assert _bad("report.dcm", to_bytes(make_non_image(ComprehensiveSRStorage, "CT"))).other.sop_class_name == (
+        "Comprehensive SR Storage"
+    )  # "no pixel data: Comprehensive SR Storage is not an image"
+    page = make_ct(Modality="OT", SOPClassUID=SecondaryCaptureImageStorage, PhotometricInterpretation="RGB",
+                   SamplesPerPixel=3)  # fmt: skip
+    assert _bad("page.dcm", to_bytes(page)).other.modality == "OT"
+    assert _bad("mr.dcm", to_bytes(make_ct(Modality="MR", SOPClassUID=MRImageStorage))).other.modality == "MR"
+    nopix = make_ct()
+    del nopix.PixelData
+    colour = make_ct(PhotometricInterpretation="RGB", SamplesPerPixel=3)
+    assert _bad("nopix.dcm", to_bytes(nopix)).other is None and _bad("photo.dcm", to_bytes(colour)).other is None
+    assert _bad("cut.dcm", to_bytes(make_ct())[:-100]).other is None
 
 
 def test_secondary_capture_accepted_with_note():

@@ -6,11 +6,17 @@ import math
 
 import numpy as np
 import pytest
-from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    CTImageStorage,
+    SecondaryCaptureImageStorage,
+    XRayRadiationDoseSRStorage,
+    generate_uid,
+)
 
 from ich import dicom
 from ich.dicom.series import Slice, sort_series
-from ich.exam import SeriesChoice, choose_series, group_exams, plane
+from ich.exam import ExamRule, SeriesChoice, choose_series, group_exams, plane, set_aside
 from tests.dicom_factory import make_ct, to_bytes
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -302,3 +308,46 @@ def test_physionet_single_ot_slices_are_not_scored(shared_data):
     for series_ in exams(shared_data / "physionet-ctich/hemo_subset").values():
         [choice] = choose_series(series_)
         assert not choice.scored and choice.reason == "not a CT image (modality OT)"
+
+
+def _other(study: str, series: str, sop_class: str, number: int | None = 997, description: str = "Dose Report"):
+    name = {XRayRadiationDoseSRStorage: "X-Ray Radiation Dose SR Storage"}.get(sop_class, "Comprehensive SR Storage")
+    other = dicom.OtherObject(study, series, generate_uid(), number, description, "SR", sop_class, name)
+    return dicom.Problem(f"{generate_uid()}.dcm", f"not a CT image: modality SR (structured report; {name})", other)
+
+
+def test_the_rule_lists_objects_of_another_kind_with_their_exam_and_leaves_the_rest_problem_lines():
+    """What the header pass refused as not a CT image is listed among its exam's series, one per series and SOP
+    class with its instances counted; an exam without series keeps its problem lines; the listener's ``set_aside``
+    still lists its own."""
+    study, scout_only, lonely = "1.2.826.0.1.3680043.1", "1.2.826.0.1.3680043.2", "1.2.826.0.1.3680043.3"
+    dose, report = generate_uid(), generate_uid()
+    twice = _other(study, dose, XRayRadiationDoseSRStorage)
+    broken = dicom.Problem("cut.dcm", "pixel data too short")
+    alone = _other(lonely, generate_uid(), XRayRadiationDoseSRStorage)
+    problems = [
+        twice,
+        _other(study, dose, XRayRadiationDoseSRStorage),  # a second instance of the dose series
+        dicom.Problem("again.dcm", twice.reason, twice.other),  # the same instance in another file: counted once
+        _other(study, report, ComprehensiveSRStorage, 998, ""),
+        broken,
+        alone,
+        _other(scout_only, generate_uid(), XRayRadiationDoseSRStorage),
+    ]
+    listener = set_aside(None, "Dose page", "OT", SecondaryCaptureImageStorage, "Secondary Capture Image Storage", 1)
+    rule = ExamRule(problems, set_aside=[listener])
+    soft = series(number=2)
+    scout = series(1, number=1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), study=scout_only)
+
+    assert rule([soft, scout]) == [soft]
+
+    assert [(c.number, c.description, c.n_slices, c.scored, c.reason) for c in rule.exams[study]] == [
+        (2, "", 30, True, ""),
+        (997, "Dose Report", 2, False, "not a CT image (modality SR, X-Ray Radiation Dose SR Storage)"),
+        (998, "", 1, False, "not a CT image (modality SR, Comprehensive SR Storage)"),
+        (None, "Dose page", 1, False, "not a CT image (modality OT, Secondary Capture Image Storage)"),
+    ]
+    assert problems[:2] == [broken, alone]  # the exam with no series: its file stays a problem line
+    (no_series,) = problems[2:]
+    assert no_series.path == "exam 2 of 2" and "Dose Report: not a CT image (modality SR" in no_series.reason
+    assert scout_only not in no_series.reason and "localizer (scout)" in no_series.reason

@@ -541,3 +541,65 @@ def test_a_study_keeps_the_rule_that_scored_it(tmp_path):
     assert (record.top_k, record.model, dict(record.thresholds)) == (6, scorer.name, scorer.thresholds)
     listed = Worklist(tmp_path).studies()
     assert listed["top_k"].tolist() == [6] and listed["model"].tolist() == [scorer.name]
+
+
+def structured_reports(study: str) -> list:
+    """A dose SR and a comprehensive SR of ``study``, as a scanner sends them with the images."""
+    return [
+        make_non_image(XRayRadiationDoseSRStorage, "SR", study_uid=study, SeriesNumber=997,
+                       SeriesDescription="Dose Report"),
+        make_non_image(ComprehensiveSRStorage, "SR", study_uid=study, SeriesNumber=998),
+    ]  # fmt: skip
+
+
+def test_an_upload_lists_the_exams_structured_reports_with_its_series_not_as_problem_lines(tmp_path):
+    """As the listener lists what it sets aside at the door (the same reasons), not "not a CT image: modality SR"
+    problem lines; a report uploaded alone, with no image of its exam, stays one."""
+    study = generate_uid()
+    parts, (dose, report) = exam(study), structured_reports(study)
+    files = [dicom.Upload(f"{ds.SOPInstanceUID}.dcm", to_bytes(ds)) for p in parts.values() for ds in p]
+    files += [dicom.Upload("dose.dcm", to_bytes(dose)), dicom.Upload("report.dcm", to_bytes(report))]
+    files += [dicom.Upload("dose.dcm", to_bytes(dose))]  # the same instance twice: one instance
+    wl = Worklist(tmp_path)
+
+    result = ingest(wl, ByKernel(), files)
+
+    assert len(result.added) == 1 and not result.problems and not result.failed
+    row = Worklist(tmp_path).study(result.added[0])
+    assert row.series_uid == parts["soft"][0].SeriesInstanceUID
+    listed = [(c.number, c.description, c.n_slices, c.scored, c.reason) for c in row.exam_series]
+    assert listed[1:3] == [
+        (997, "Dose Report", 1, False, "not a CT image (modality SR, X-Ray Radiation Dose SR Storage)"),
+        (998, "", 1, False, "not a CT image (modality SR, Comprehensive SR Storage)"),
+    ]
+    assert len(listed) == 5 + 2 and {c.description for c in row.exam_series} >= {"Topogram", "Dose report"}
+
+    alone = ingest(wl, ByKernel(), [dicom.Upload("dose.dcm", to_bytes(structured_reports(generate_uid())[0]))])
+    assert not alone.added and [str(p) for p in alone.problems] == [
+        "dose.dcm: not a CT image: modality SR (structured report; X-Ray Radiation Dose SR Storage)"
+    ]
+
+
+def test_ich_predict_names_an_exams_structured_reports_among_the_series_not_scored(tmp_path, tiny_checkpoint):
+    from tests.test_predict import run_ich
+
+    study = generate_uid()
+    parts, (dose, report) = exam(study), structured_reports(study)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for ds in [*parts["soft"], *parts["bone"]]:
+        (folder / f"{ds.SOPInstanceUID}.dcm").write_bytes(to_bytes(ds))
+    (folder / "dose.dcm").write_bytes(to_bytes(dose))
+    (folder / "report.dcm").write_bytes(to_bytes(report))
+    out = tmp_path / "sub.csv"
+
+    proc = run_ich("predict", str(folder), "--weights", str(tiny_checkpoint), "--out", str(out), "--quiet")
+
+    assert proc.returncode == 0, proc.stderr
+    (row,) = pd.read_csv(tmp_path / "sub_exams.csv").itertuples()
+    assert row.series_uid == parts["soft"][0].SeriesInstanceUID
+    assert row.not_scored == (
+        "Dose Report: not a CT image (modality SR, X-Ray Radiation Dose SR Storage); "
+        "series 998: not a CT image (modality SR, Comprehensive SR Storage); Head 5mm bone: bone kernel (H70h)"
+    )
+    assert "dose.dcm" not in proc.stderr and "report.dcm" not in proc.stderr

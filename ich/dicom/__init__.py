@@ -21,7 +21,7 @@ from ich.dicom.metadata import metadata_frame
 from ich.dicom.reader import MAX_DIM as MAX_DIM
 from ich.dicom.reader import MAX_FRAMES as MAX_FRAMES
 from ich.dicom.reader import quiet_invalid_values, read_file, read_slice
-from ich.dicom.series import DicomError, LoadResult, Problem, Series, Slice
+from ich.dicom.series import DicomError, LoadResult, OtherObject, Problem, Series, Slice
 from ich.dicom.sources import MAX_ARCHIVE_BYTES as MAX_ARCHIVE_BYTES
 from ich.dicom.sources import MAX_COMPRESSION_RATIO as MAX_COMPRESSION_RATIO
 from ich.dicom.sources import MAX_FILE_BYTES as MAX_FILE_BYTES
@@ -38,6 +38,7 @@ from ich.dicom.stream import iter_series, load
 __all__ = [
     "Upload",
     "Problem",
+    "OtherObject",
     "DicomError",
     "Slice",
     "Series",

@@ -22,7 +22,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from ich.dicom.series import DicomError, Slice, is_wrapped
+from ich.dicom.series import DicomError, OtherObject, Slice, is_wrapped
 from ich.dicom.sources import MAX_COMPRESSION_RATIO, MAX_FILE_BYTES, READ_CHUNK, Source, open_source, size_text
 
 # A lying header must not make us allocate gigabytes: no CT slice is larger than this.
@@ -62,6 +62,8 @@ _IDENTIFYING = {
     "accession_number": "AccessionNumber",
     "institution_name": "InstitutionName",
 }
+# CT, Enhanced CT and Legacy Converted Enhanced CT Image Storage: a colour one is a damaged CT image, not another object.
+_CT_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
 
 
@@ -183,27 +185,48 @@ def _sop_class(ds: Dataset) -> str:
     return str(ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None) or "")
 
 
+def _other(ds: Dataset, sop_class: str, class_name: str) -> OtherObject:
+    """What an object of another kind than a CT image says of itself, to be listed with its exam's series."""
+    return OtherObject(
+        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+        sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        number=_int(ds.get("SeriesNumber")),
+        description=str(ds.get("SeriesDescription", "") or ""),
+        modality=str(ds.get("Modality", "") or "").strip().upper(),
+        sop_class=sop_class,
+        sop_class_name=class_name,
+    )
+
+
 def _check_kind(ds: Dataset, name: str, notes: list[str]) -> str:
-    """Refuse what is not a greyscale CT image, by name."""
+    """Refuse what is not a greyscale CT image, by name. An object of another kind (another modality, not an
+    image, a colour image of a class other than CT's) carries what it is (:class:`OtherObject`); a damaged CT
+    image does not."""
     sop_class = _sop_class(ds)
     class_name = UID(sop_class).name if sop_class else "unknown SOP class"
     modality = str(ds.get("Modality", "")).upper()
     if modality in _MODALITY_NAMES:
-        raise DicomError(name, f"not a CT image: modality {modality} ({_MODALITY_NAMES[modality]}; {class_name})")
+        raise DicomError(
+            name,
+            f"not a CT image: modality {modality} ({_MODALITY_NAMES[modality]}; {class_name})",
+            _other(ds, sop_class, class_name),
+        )
     if "PixelData" not in ds and "Rows" not in ds:
         if "Image Storage" in class_name:
             # pydicom stops quietly at end of file: an image object without its image header was cut short.
             raise DicomError(
                 name, f"truncated file: {class_name} header ends before the image (no Rows/Columns/PixelData)"
             )
-        raise DicomError(name, f"no pixel data: {class_name} is not an image")
+        raise DicomError(name, f"no pixel data: {class_name} is not an image", _other(ds, sop_class, class_name))
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric in _COLOUR or int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise DicomError(name, f"colour image ({photometric}, {class_name}): a head CT slice is greyscale")
+        other = _other(ds, sop_class, class_name) if sop_class and sop_class not in _CT_CLASSES else None
+        raise DicomError(name, f"colour image ({photometric}, {class_name}): a head CT slice is greyscale", other)
     if modality == "OT":
         notes.append("secondary capture (modality OT): pixel values taken as Hounsfield units")
     elif modality not in ("CT", ""):
-        raise DicomError(name, f"not a CT image: modality {modality} ({class_name})")
+        raise DicomError(name, f"not a CT image: modality {modality} ({class_name})", _other(ds, sop_class, class_name))
     return modality or "CT"
 
 

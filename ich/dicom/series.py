@@ -19,23 +19,43 @@ ORIENTATION_TOLERANCE = 1e-2  # direction cosines: about half a degree
 
 
 @dataclass(frozen=True)
+class OtherObject:
+    """What a file refused as not a CT image (a dose or other structured report, a secondary capture in colour,
+    an MR image) said of itself in its header: enough to list it with its exam's series instead of as a problem
+    line (:class:`ich.exam.ExamRule`, :func:`ich.exam.set_aside`). The UIDs group it; none is ever shown."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str  # '' where the header holds none
+    number: int | None  # SeriesNumber
+    description: str  # SeriesDescription
+    modality: str
+    sop_class: str
+    sop_class_name: str
+
+
+@dataclass(frozen=True)
 class Problem:
-    """A file that could not be used, and why."""
+    """A file that could not be used, and why; ``other`` where the file is an object of another kind than a CT
+    image (:class:`OtherObject`), not compared and not shown (it holds UIDs)."""
 
     path: str
     reason: str
+    other: OtherObject | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
 
 
 class DicomError(ValueError):
-    """A specific file cannot be used; ``reason`` says why in words a user can act on."""
+    """A specific file cannot be used; ``reason`` says why in words a user can act on. ``other``: what the file
+    is, where it is an object of another kind than a CT image (:class:`OtherObject`)."""
 
-    def __init__(self, path: str, reason: str) -> None:
+    def __init__(self, path: str, reason: str, other: OtherObject | None = None) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+        self.other = other
 
 
 def is_wrapped(bits_stored: int, pixel_representation: int, intercept: float) -> bool:

@@ -51,7 +51,7 @@ def load(
                 seen.add(key)
                 groups.setdefault((s.study_uid, s.series_uid), []).append(s)
         except DicomError as exc:
-            problems.append(Problem(exc.path, exc.reason))
+            problems.append(Problem(exc.path, exc.reason, exc.other))
         if progress is not None:
             progress(count, name)
     series = []
@@ -72,7 +72,9 @@ def iter_series(
     """Series with pixels, one at a time: headers of everything first, then each series' pixels.
 
     ``select(headers)``, given every series read headers-only, returns those whose pixels are wanted (an
-    exam's scored series, :func:`ich.exam.choose_series`); the others are never decoded.
+    exam's scored series, :func:`ich.exam.choose_series`); the others are never decoded. It is called once the
+    header pass's problems are in ``problems``, and may take some out: :class:`ich.exam.ExamRule` lists an exam's
+    objects of another kind than a CT image (a dose SR: :class:`ich.dicom.OtherObject`) with its series instead.
 
     Files in folders are read again per series, and so are zip members (also zips inside folders, and
     zips inside zips), each from its archive (:class:`ich.dicom.sources.Archives`): a zip on disk, or
