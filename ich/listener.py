@@ -63,6 +63,7 @@ from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verific
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ich import results
+from ich.dicom import OtherObject
 from ich.exam import SeriesChoice
 from ich.exam import set_aside as set_aside_choice
 from ich.files import atomic_write, private_dir
@@ -79,6 +80,7 @@ __all__ = [
     "NotScored",
     "SendResults",
     "retry_delay",
+    "uploaded_aside",
     "score_exam",
     "scoring_workers",
 ]
@@ -258,6 +260,17 @@ def _contents(folder: Path) -> list[str]:
     instance count (an exam scored before any was set aside reads as before)."""
     aside = [f"{SET_ASIDE}:{key}:{len(r.get('instances', ()))}" for key, r in _set_aside(folder).items()]
     return sorted(_files(folder) + aside)
+
+
+def uploaded_aside(other: OtherObject) -> tuple[str, str, dict[str, Any]]:
+    """An uploaded object the reader refused as not a CT image, as :meth:`Inbox.set_aside` takes it (a queued
+    upload lists it as a received one is listed)."""
+    what = {"number": other.number, "description": other.description, "modality": other.modality}
+    return (
+        other.series_uid,
+        other.sop_uid,
+        {**what, "sop_class": other.sop_class, "sop_class_name": other.sop_class_name},
+    )
 
 
 def describe(ds: Dataset, sop_class: UID) -> dict[str, Any]:

@@ -326,6 +326,27 @@ def test_uploads_are_stored_as_the_listener_stores_and_queued_once_per_exam(tmp_
     assert len(wl.intake()) == 0
 
 
+def test_a_queued_upload_lists_its_structured_reports_with_the_exam_as_an_inline_upload_does(tmp_path):
+    from pydicom.uid import generate_uid
+    from pynetdicom.sop_class import XRayRadiationDoseSRStorage  # type: ignore[attr-defined]
+
+    from tests.dicom_factory import make_non_image
+
+    images = series(3)
+    dose = make_non_image(XRayRadiationDoseSRStorage, "SR", study_uid=images[0].StudyInstanceUID, SeriesNumber=997,
+                          SeriesDescription="Dose Report")  # fmt: skip
+    alone = make_non_image(XRayRadiationDoseSRStorage, "SR", study_uid=generate_uid())  # no images of its exam
+    uploads = [dicom.Upload(f"{i}.dcm", to_bytes(ds)) for i, ds in enumerate(images)]
+    uploads += [dicom.Upload("dose.dcm", to_bytes(dose)), dicom.Upload("alone.dcm", to_bytes(alone))]
+    wl, inbox, deferred = Worklist(tmp_path), Inbox(tmp_path / "inbox"), []
+    report = queue_uploads(wl, inbox, uploads, deferred.append)
+    assert [p.path for p in report.problems] == ["alone.dcm"] and len(deferred) == 1
+    ExamJobs(wl, FakePredictor(), tmp_path / "inbox").run(deferred[0], job(0, deferred[0]))
+    (study_id,) = wl.studies()["id"]
+    listed = [(c.number, c.scored, c.reason) for c in wl.study(int(study_id)).exam_series]
+    assert listed[1:] == [(997, False, "not a CT image (modality SR, X-Ray Radiation Dose SR Storage)")]
+
+
 def test_an_upload_the_queue_refuses_is_a_problem_line_not_an_error(tmp_path):
     def down(key: str) -> None:
         raise OSError("connection refused")
