@@ -28,9 +28,12 @@ OUTSIDE_HEAD_HU = -300.0  # air and the scanner's padding: the map is cleared th
 def target_layer(model: nn.Module) -> nn.Module:
     """ResNet ``layer2``; DenseNet, AlexNet, EfficientNet ``features`` (their last convolutional stage).
 
-    ResNet's last stage, ``layer4``, is 5x5 cells at 160 px: its map cannot point at a bleed. On the
-    bundled model, the map's peak lands within 8 px of the masked bleed on 43 of 326 real bleed slices
-    from ``layer4``, 85 from ``layer3`` and 155 from ``layer2`` (20x20 cells); see the model card.
+    ResNet's last stage, ``layer4``, is 6x6 cells at 192 px: its map cannot point at a bleed. On the
+    bundled model and the 196 masked bleed slices of ``physionet-series`` (never trained on), the map's
+    peak lands on the bleed / within 8 px of it on 5 / 40 slices from ``layer1``, 11 / 46 from ``layer2``
+    (24x24 cells), 11 / 34 from ``layer3`` and 2 / 23 from ``layer4`` (chance 0.025): ``layer2`` is best
+    or tied on both counts, though all are low. ``python -m train.bundle --checks-only`` remeasures it;
+    see the model card's "Does the heatmap point at the bleed?".
     """
     net = unwrap(model)
     if isinstance(net, torchvision.models.ResNet):
@@ -53,8 +56,10 @@ def _to_slice(cam: np.ndarray, shape: tuple[int, int], box: tuple[int, int, int]
     return out
 
 
-def _cams(predictor, hus: Sequence[np.ndarray], target: str) -> list[np.ndarray]:
+def _cams(predictor, hus: Sequence[np.ndarray], target: str, layer: nn.Module | None = None) -> list[np.ndarray]:
     """Grad-CAM of ``target``'s logit for each HU slice, unscaled, on the slice's own grid and zero over air.
+
+    ``layer``: the module whose activations are weighted (default :func:`target_layer`).
 
     One batched pass: in eval mode a slice's logit depends on that slice alone, so the gradient of
     the batch's summed logits is each slice's own gradient.
@@ -63,7 +68,7 @@ def _cams(predictor, hus: Sequence[np.ndarray], target: str) -> list[np.ndarray]
         raise ValueError(f"the model does not predict {target!r}; it predicts {', '.join(predictor.model_classes)}")
     column = predictor.model_classes.index(target)
     images = np.stack([predictor.preprocess(hu) for hu in hus])
-    layer = target_layer(predictor.model)
+    layer = target_layer(predictor.model) if layer is None else layer
     captured: list[torch.Tensor] = []
     with predictor.lock:
         handle = layer.register_forward_hook(lambda module, inputs, output: captured.append(output))
@@ -91,14 +96,14 @@ def _scaled(cam: np.ndarray, peak: float) -> np.ndarray:
     return (cam / peak).astype(np.float32) if peak > 0 else np.zeros_like(cam)
 
 
-def grad_cam(predictor, hu: np.ndarray, target: str = "any") -> np.ndarray:
+def grad_cam(predictor, hu: np.ndarray, target: str = "any", layer: nn.Module | None = None) -> np.ndarray:
     """Grad-CAM of ``target``'s logit for one HU slice: float32 ``hu.shape`` in [0, 1], scaled to its
     peak in the head.
 
-    ``predictor`` is an :class:`ich.inference.Predictor`. All zeros when nothing in the slice raises
-    the logit.
+    ``predictor`` is an :class:`ich.inference.Predictor`; ``layer`` a module of its model (default
+    :func:`target_layer`: what the viewer shows). All zeros when nothing in the slice raises the logit.
     """
-    (cam,) = _cams(predictor, [hu], target)
+    (cam,) = _cams(predictor, [hu], target, layer)
     return _scaled(cam, float(cam.max()))
 
 

@@ -27,6 +27,32 @@ def test_card_rebuilds_the_bundled_model_card():
     assert "Not for clinical use" in card and meta["calibration"]["method"] == "platt"
 
 
+def test_card_holds_what_the_real_series_audit_asked_for():
+    """The bundled card: the flag's margin, CQ500-CT-0 as a row scored by the rule (CT-1 a single slice),
+    its score on slabs and slice by slice, the per-set sensitivity, and the Grad-CAM layer comparison."""
+    card = (WEIGHTS / "MODEL_CARD.md").read_text()
+    evaluation = json.loads((WEIGHTS / "evaluation.json").read_text())
+    real = evaluation["real_series"]
+    below, lowest = real["threshold_between"]
+    assert below < real["threshold"] < lowest and real["threshold"] == pytest.approx((below + lowest) / 2)
+    assert (real["previous"]["top_k"], real["previous"]["threshold"]) == (
+        evaluation["cross_validation"]["series_rule"]["top_k"],
+        evaluation["cross_validation"]["series_rule"]["threshold"],
+    )
+    scans = {s["scan"]: s for s in evaluation["external"]["cq500"]["scans"]}
+    thin = scans["CQ500-CT-0"]
+    assert thin["slabs"] < thin["slices"] == 238 and f"it would be {thin['score_per_slice']:.3f}" in card
+    assert "| cq500 `CQ500-CT-0`" in card and "`CQ500-CT-1` is a single slice, not a series" in card
+    for name, m in real["cross_validated"].items():
+        sens = m["sensitivity"]
+        if name != "all" and sens["rate"] < real["target_sensitivity"]:
+            assert f"`{name}` alone is {sens['hits']}/{sens['n']}" in card
+    physionet = evaluation["heatmaps"]["physionet-series"]
+    assert list(physionet["layers"]) == list(bundle.RESNET_STAGES) and physionet["layer"] == "layer2"
+    for name, m in physionet["layers"].items():
+        assert f"| `{name}`" in card and f"{m['hits_near']}/{m['slices']}" in card
+
+
 def synthetic_oof(n=1500, seed=0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     y = np.zeros((n, len(CLASSES)), int)

@@ -71,6 +71,18 @@ def test_cam_is_pasted_over_the_crop_square():
     assert whole.shape == (16, 32) and whole[:6, :14].min() > 0.99 and whole[10:, 18:].max() < 0.01
 
 
+def test_grad_cam_from_another_layer(tmp_path):
+    """The layer the viewer shows is the default; another (train.bundle compares them) gives its own map, hooks gone."""
+    pred = Predictor.from_checkpoint(make_checkpoint(tmp_path / "resnet18", size=64), device="cpu")
+    net = pred.model
+    hu = head()
+    shown = explain.grad_cam(pred, hu, "any")
+    assert np.array_equal(explain.grad_cam(pred, hu, "any", explain.target_layer(net)), shown)
+    other = explain.grad_cam(pred, hu, "any", net.layer4)
+    assert other.shape == hu.shape and other.max() <= 1.0 and not np.array_equal(other, shown)
+    assert not net.layer4._forward_hooks
+
+
 def test_grad_cam_unknown_class(tmp_path):
     pred = Predictor.from_checkpoint(make_checkpoint(tmp_path / "binary", classes=("any",)), device="cpu")
     assert explain.grad_cam(pred, head(), "any").shape == (160, 200)

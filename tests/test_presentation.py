@@ -88,10 +88,12 @@ def test_the_worklist_table_names_the_subtype_only_where_flagged():
             "top_subtype": ["subdural", "epidural"],
             "flagged": [True, False],
             "status": ["new", "new"],
+            "updated": [pd.NaT, pd.Timestamp("2026-11-27 16:30")],  # the second re-scored after it was listed
         }
     )
     table = studies_table(studies)
     assert table["Most likely subtype"].tolist() == ["subdural", "—"]
+    assert table["Status"].tolist() == ["new", "new · updated"]
     assert table["Likelihood"].tolist() == [90.0, 20.0] and table["Flag"].tolist() == ["⚠ flagged", ""]
     assert table["Exam"].tolist() == ["2026-11-27 16:12", "—"] and table["Description"].tolist() == ["CT head", "—"]
 

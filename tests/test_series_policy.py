@@ -63,6 +63,29 @@ def test_the_rule_prefers_a_mean_of_top_slices_over_one_mimic_and_reaches_the_ta
     assert flags[scores["truth"] == 1].mean() >= sp.TARGET_SENSITIVITY
 
 
+def test_the_flag_threshold_keeps_a_margin_so_float_noise_cannot_unflag_a_series():
+    """The bleeding series the aim must catch is flagged with room: halfway down to the next series score.
+
+    The scores are the audited case: rsna-sample's ID_3780d48b28 scored 0.31024807194868725 and the flag sat
+    one float step under it; ONNX Runtime scores it 0.310248144 (7e-8 away), and a score 1e-7 lower un-flagged it.
+    """
+    edge = 0.31024807194868725
+    bleeding = [0.1, edge, *np.linspace(0.5, 0.9, 18)]  # 20: 19 must be flagged (0.95), the 0.1 may be missed
+    clear = [0.2, 0.302, 0.6]
+    scores = pd.DataFrame({"truth": [1] * 20 + [0] * 3, 3: bleeding + clear})
+    rule = sp.choose_rule(scores)
+    assert rule.threshold == pytest.approx((edge + 0.302) / 2)
+    # The same series as the highest threshold flags (in-sample nothing changes) ...
+    highest = sp.threshold_for_sensitivity(scores["truth"], scores[3], sp.TARGET_SENSITIVITY)
+    assert rule.flags(scores).equals(scores[3] >= highest)
+    # ... but a score moved by float noise, either way, flags as before.
+    for moved in (edge - 1e-7, edge + 1e-7, 0.302 + 1e-7):
+        noisy = scores.replace({3: {edge if moved != 0.302 + 1e-7 else 0.302: moved}})
+        assert rule.flags(noisy).equals(rule.flags(scores))
+    # Nothing scores lower than the series that must be caught: half its score.
+    assert sp.margin_threshold(np.array([1, 1]), np.array([0.4, 0.8]), 1.0) == pytest.approx(0.2)
+
+
 def test_naming_needs_a_likely_subtype_at_a_probability_that_is_not_negligible():
     carries = np.array([1, 1, 1, 0, 0, 0])
     # Perfectly ranked but tiny (as the bundled epidural is): not named.
@@ -111,14 +134,26 @@ def test_bundle_series_policy_refits_the_checkpoint_on_real_series(shared_data, 
     shared.mkdir()
     (shared / "rsna-sample").symlink_to(shared_data / "rsna-sample")  # 7 series: quick, and enough to fit on
     before = json.loads((out / f"{bundle.NAME}.json").read_text())
-    assert bundle.main(["--series-policy", "--out", str(out), "--shared", str(shared), "--device", "cpu"]) == 0
+    simulated = json.loads((out / "evaluation.json").read_text())["cross_validation"]["series_rule"]
+    command = ["--series-policy", "--out", str(out), "--shared", str(shared), "--device", "cpu"]
+    assert bundle.main(command) == 0
     meta = json.loads((out / f"{bundle.NAME}.json").read_text())
     real = json.loads((out / "evaluation.json").read_text())["real_series"]
     assert meta["sha256"] == before["sha256"] and meta["calibration"] == before["calibration"]
     assert (meta["study_top_k"], meta["thresholds"]) == (real["top_k"], real["thresholds"])
-    assert (
-        real["series"] == 7 and real["sets"] == ["rsna-sample"] and real["previous"]["top_k"] == before["study_top_k"]
-    )
+    assert real["series"] == 7 and real["sets"] == ["rsna-sample"]
+    # The rule it replaces is the simulated one kept in evaluation.json, not the checkpoint's (the refitted one
+    # after a first run): a rerun writes the same card.
+    assert (real["previous"]["top_k"], real["previous"]["threshold"]) == (simulated["top_k"], simulated["threshold"])
+
+    def written() -> dict:  # weights/ but the checkpoint's "created", which each store sets
+        files = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".json", ".md", ".safetensors")}
+        return files | {meta_path.name: {**json.loads(files[meta_path.name]), "created": None}}
+
+    meta_path = out / f"{bundle.NAME}.json"
+    first = written()
+    assert bundle.main(command) == 0
+    assert written() == first
     assert meta["thresholds"]["epidural"] == NOT_NAMED  # rsna-sample has no epidural slice to name it on
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Real series" in card and "python -m train.bundle --series-policy" in card

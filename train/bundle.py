@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torchvision
 
 from ich import checkpoint, datasets, dicom, evaluate, explain, review
 from ich.calibration import Platt, fit_platt, reliability
@@ -48,7 +49,7 @@ from ich.files import data_dir
 from ich.inference import Predictor, aggregation_text
 from ich.labels import CLASSES, INDEX_NAME, NOT_NAMED, SUBTYPES, read_rsna_csv
 from ich.metrics import bootstrap_auc, mcc_thresholds, rsna_weights, summarize, weighted_log_loss, wilson_interval
-from ich.models import build_model
+from ich.models import build_model, unwrap
 from ich.windowing import BRAIN_INPUT
 from train import fit, prepare, series_policy
 from train.data import Cache
@@ -65,6 +66,7 @@ BUNDLE_RECORD = "bundle.json"  # in --work: the command, so a later stage can ci
 FAILURES_SHOWN = 5
 POINTING_TOLERANCE_PX = 8  # the pointing game's usual slack: a peak this close to the mask still points at it
 POINTING_LIMIT = 300  # PHE-SICH bleed slices checked (it has 676; the model trained on all of them)
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")  # Grad-CAM layers compared on physionet-series
 # What a person saw looking at the worst cases of the run in weights/ (rewritten after each rebuild).
 FAILURE_NOTES = Path(__file__).with_name("failure_notes.md")
 PHYSIONET_SUBTYPES = {"Epidural": "epidural", "Intraparenchymal": "intraparenchymal", "Intraventricular": "intraventricular",
@@ -211,7 +213,7 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
             else ""
         ),
         "",
-        *(real_series_lines(real) if real else []),
+        *(real_series_lines(real, ext.get("cq500")) if real else []),
         "## Real DICOM series it never saw",
         "",
     ]
@@ -245,8 +247,18 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
         lines.append("")
         for s in ext["cq500"]["scans"]:
             truth = {1: "ICH", 0: "no ICH"}.get(s["truth"], "unknown")
+            what = f"{s['slices']} slices" if s["slices"] > 1 else "1 slice: a single slice, not a series"
             lines.append(
-                f"- `{s['scan']}` ({s['slices']} slices, {truth}): score {s['score']:.3f}, {'flagged' if s['flagged'] else 'not flagged'}"
+                f"- `{s['scan']}` ({what}, {truth}): score {s['score']:.3f}, {'flagged' if s['flagged'] else 'not flagged'}"
+                + (
+                    f". A thin series: scored, as the worklist scores it, on its {s['slabs']} slabs of ~5 mm "
+                    f"(`ich.slabs`, `Predictor.predict_series`); scored slice by slice ({s['slices']} slices) under "
+                    f"the same rule it would be {s['score_per_slice']:.3f}, "
+                    + ("also flagged" if s["score_per_slice"] >= meta["thresholds"]["any"] else "not flagged")
+                    if "score_per_slice" in s
+                    else ""
+                )
+                + "."
             )
         lines.append("")
     if "physionet-ctich" in ext:
@@ -262,10 +274,11 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
                 )
         lines.append("")
     if ev.get("heatmaps"):
+        shown = ev["heatmaps"].get("physionet-series", {}).get("layer") or "layer2"
         lines += [
             "## Does the heatmap point at the bleed?",
             "",
-            "Grad-CAM of 'any' (ResNet `layer2`), cleared over air. Pointing game: the map's peak on the masked "
+            f"Grad-CAM of 'any' (ResNet `{shown}`), cleared over air. Pointing game: the map's peak on the masked "
             f"bleed, exactly or within {POINTING_TOLERANCE_PX} px; chance is the mask's share of the head.",
             "",
         ]
@@ -278,6 +291,7 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
                 f"{r['hits_near']} ({_f(r['hit_rate_near'], 2)}); chance {_f(r['chance'], 3)}"
             )
         lines.append("")
+        lines += layer_lines(ev["heatmaps"].get("physionet-series", {}), meta["input_size"])
     lines += [
         "## Known failure modes",
         "",
@@ -308,24 +322,80 @@ def model_card(meta: dict, ev: dict, notes: str) -> str:
     return "\n".join(lines)
 
 
+def layer_lines(r: dict, size: int) -> list[str]:
+    """The card's comparison of Grad-CAM layers on physionet-series (:func:`layer_comparison`), if measured."""
+    layers, shown = r.get("layers"), r.get("layer")
+    if not layers:
+        return []
+    stride = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+    lines = [
+        f"Which layer: every ResNet stage on the same {r['slices']} bleed slices of `physionet-series` (never trained "
+        f"on; chance {_f(r['chance'], 3)}), Wilson 95 % intervals:",
+        "",
+        f"| layer | map cells at {size} px | peak on the bleed | within {POINTING_TOLERANCE_PX} px |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, m in layers.items():
+        lines.append(
+            f"| `{name}`{' (shown)' if name == shown else ''} | {size // stride[name]}x{size // stride[name]} | "
+            f"{_rate_text({'hits': m['hits'], 'n': m['slices'], 'rate': m['hit_rate'], 'ci': m['hit_ci']})} | "
+            f"{_rate_text({'hits': m['hits_near'], 'n': m['slices'], 'rate': m['hit_rate_near'], 'ci': m['near_ci']})} |"
+        )
+    best_exact = max(m["hits"] for m in layers.values())
+    best_near = max(m["hits_near"] for m in layers.values())
+    if shown and layers[shown]["hits"] == best_exact and layers[shown]["hits_near"] == best_near:
+        verdict = (
+            f"`{shown}`, the layer the viewer shows (`ich.explain.target_layer`), is best or tied on both counts here, "
+            "so it stays; the intervals overlap and every layer misses the bleed on most slices."
+        )
+    else:
+        better = [n for n, m in layers.items() if m["hits"] > layers[shown]["hits"] or m["hits_near"] > layers[shown]["hits_near"]] if shown else []  # fmt: skip
+        verdict = (
+            f"The viewer shows `{shown}` (`ich.explain.target_layer`); {', '.join(f'`{n}`' for n in better)} "
+            "pointed better on some count here (see the intervals before changing it)."
+        )
+    return [*lines, "", verdict, ""]
+
+
 def _rate_text(r: dict) -> str:
     low, high = r["ci"]
     return f"{r['hits']}/{r['n']} = {_f(r['rate'], 2)} ({_f(low, 2)}–{_f(high, 2)})" if r["n"] else "—"
 
 
-def real_series_lines(rs: dict) -> list[str]:
-    """The card's "Real series" section from ``evaluation.json``'s ``real_series`` (:func:`train.series_policy.fit`)."""
+def real_series_lines(rs: dict, cq500: dict | None = None) -> list[str]:
+    """The card's "Real series" section from ``evaluation.json``'s ``real_series`` (:func:`train.series_policy.fit`)
+    and, scored by its rule but not fitted on, the complete series of ``external["cq500"]``."""
     cv, prev = rs["cross_validated"], rs.get("previous")
     missed = [s for s in rs["scores"] if s["truth"] and not s["flagged_cross_validated"]]
+    below, lowest = rs.get("threshold_between", [None, None])
+    margin = (
+        f" The threshold lies halfway between the lowest bleeding series score it must flag ({lowest:.4f}) and the "
+        f"highest series score below that ({below:.4f}): the same series are flagged as at the highest such threshold, "
+        f"but no series sits on it: a score must move by {(lowest - below) / 2:.4f} to flip a flag, where float noise "
+        "(another inference engine, a GPU, float16) moves it by about 1e-7. The leave-one-patient-out refits use the "
+        "same rule."
+        if lowest is not None and below is not None
+        else ""
+    )
+    series_rows = [s for s in (cq500 or {}).get("scans", []) if s["slices"] > 1 and s["truth"] is not None]
+    series_rows_names = [s["scan"] for s in series_rows]
+    single = [s["scan"] for s in (cq500 or {}).get("scans", []) if s["slices"] == 1]
     lines = [
         "## Real series",
         "",
-        f"Rule (as the dashboard states it): **a study is flagged when the {aggregation_text(rs['top_k'])} (each ~5 mm "
-        f"slab of a thin series once) is at least {rs['threshold']:.3f}**. Chosen on {rs['series']} complete real series "
+        f"Rule (the dashboard's line, with how thin series count): **a study is flagged when the "
+        f"{aggregation_text(rs['top_k'])} is at least {rs['threshold']:.3f}**, a thin series' ~5 mm slabs each counted "
+        f"once. Chosen on {rs['series']} complete real series "
         f"({', '.join(rs['sets'])}; {rs['slices']} slices, every slice labelled): the `k` with the best series AUC "
-        f"({', '.join(f'top-{k} {_f(v)}' for k, v in rs['auc_by_k'].items())}), then the highest threshold that flags at "
+        f"({', '.join(f'top-{k} {_f(v)}' for k, v in rs['auc_by_k'].items())}), then a threshold that flags at "
         f"least {rs['target_sensitivity']} of the bleeding series"
-        + (f"; it replaces the {aggregation_text(prev['top_k'])} at >= {prev['threshold']:.3f}." if prev else "."),
+        + (
+            f"; it replaces the {aggregation_text(prev['top_k'])} at >= {prev['threshold']:.3f}, chosen on simulated "
+            "series (Operating point)."
+            if prev
+            else "."
+        )
+        + margin,
         "",
         "```bash",
         "python -m train.bundle --series-policy   # scores the real series in ../shared/data, refits, rewrites weights/",
@@ -334,7 +404,13 @@ def real_series_lines(rs: dict) -> list[str]:
         "Cross-validated: each series is flagged by the rule refitted without its patient (one series per patient; "
         f"`k` chosen per fold: {', '.join(f'top-{k} in {n}' for k, n in rs['cross_validated_top_k'].items())}). "
         "Sensitivity and specificity with Wilson 95 % intervals, AUC of the chosen score with a bootstrap over series "
-        "(its `k` was chosen on these series too):",
+        "(its `k` was chosen on these series too)"
+        + (
+            f"; {', '.join(f'`{s}`' for s in series_rows_names)} (not used to fit) scored by the rule"
+            if series_rows_names
+            else ""
+        )
+        + ":",
         "",
         "| series set | series (bleeding) | sensitivity | specificity | AUC (95 % CI) |"
         + (" previous rule: sensitivity | specificity |" if prev else ""),
@@ -350,9 +426,53 @@ def real_series_lines(rs: dict) -> list[str]:
             p = prev["table"][name]
             row += f" {_rate_text(p['sensitivity'])} | {_rate_text(p['specificity'])} |"
         lines.append(row)
+    for s in series_rows:
+        bleed, caught = bool(s["truth"]), bool(s["flagged"]) == bool(s["truth"])
+        rate = {"hits": int(caught), "n": 1, "rate": float(caught), "ci": list(wilson_interval(int(caught), 1))}
+        lines.append(
+            f"| cq500 `{s['scan']}` (scored, not fitted on; score {s['score']:.3f}) | 1 ({int(bleed)}) | "
+            f"{_rate_text(rate) if bleed else '—'} | {'—' if bleed else _rate_text(rate)} | n/a |"
+            + (" — | — |" if prev else "")
+        )
     fitted = rs["in_sample"]["all"]
+    pooled = cv["all"]["sensitivity"]
+    under = [
+        f"`{name}` alone is {_rate_text(m['sensitivity'])} cross-validated, under it"
+        for name, m in cv.items()
+        if name != "all" and m["sensitivity"]["n"] and m["sensitivity"]["rate"] < rs["target_sensitivity"]
+    ]
+    boot = pooled.get("ci_bootstrap")
     lines += [
         "",
+        *(
+            [
+                f"CQ500: {', '.join(f'`{s}`' for s in single)} is a single slice, not a series: not in this table "
+                "(listed under CQ500 below).",
+                "",
+            ]
+            if single
+            else []
+        ),
+        f"Per set: the {rs['target_sensitivity']} sensitivity aim "
+        + (
+            f"holds only on the pooled {cv['all']['series']} series ({_rate_text(pooled)}, and even there the "
+            f"interval's lower bound is {_f(pooled['ci'][0], 2)}); " + "; ".join(under) + "."
+            if under and pooled["rate"] >= rs["target_sensitivity"]
+            else f"{'is met' if pooled['rate'] >= rs['target_sensitivity'] else 'is missed'} on the pooled "
+            f"{cv['all']['series']} series ({_rate_text(pooled)})" + ("; " + "; ".join(under) if under else "") + "."
+        ),
+        "",
+        *(
+            [
+                f"Why Wilson and not a bootstrap over series for sensitivity and specificity: a percentile bootstrap of "
+                f"{pooled['hits']}/{pooled['n']} gives {_f(boot[0], 2)}–{_f(boot[1], 2)} (Wilson {_f(pooled['ci'][0], 2)}–"
+                f"{_f(pooled['ci'][1], 2)}): no resample catches more than all of them, so its upper bound collapses to 1.00 "
+                f"when all or nearly all are caught, and at {pooled['n']} series it is narrower than the data support.",
+                "",
+            ]
+            if boot and boot[0] is not None
+            else []
+        ),
         f"In-sample (the rule on the series it was fitted on): sensitivity {_rate_text(fitted['sensitivity'])}, "
         f"specificity {_rate_text(fitted['specificity'])}. Bleeding series the cross-validated flag missed: "
         + (", ".join(f"`{s['series']}` (score {s['score']:.3f})" for s in missed) or "none")
@@ -666,10 +786,16 @@ def external_checks(predictor: Predictor, shared: Path) -> dict[str, dict]:
         for scan in sorted(p for p in folder.iterdir() if p.is_dir()):
             result = evaluate.predict(predictor, [scan], progress=False, every_series=True)
             vote = votes[votes["name"] == scan.name]
+            slab = result.frame.groupby(["series_uid", "slab"]).ngroup().to_numpy()
             rows.append({"scan": scan.name, "slices": len(result.frame), "score": float(predictor.summarize(
-                list(result.frame.index), result.frame[list(CLASSES)].to_numpy(),
-                slab_of_slice=result.frame.groupby(["series_uid", "slab"]).ngroup().to_numpy()).score),
+                list(result.frame.index), result.frame[list(CLASSES)].to_numpy(), slab_of_slice=slab).score),
                 "truth": int(vote["ICH_majority"].iloc[0]) if len(vote) else None})  # fmt: skip
+            if result.frame["series_uid"].nunique() == 1 and slab.max() + 1 < len(slab):
+                # A thin series, scored on ~5 mm slabs as the worklist scores it; slice by slice for comparison.
+                series = next(dicom.iter_series([scan], []))
+                probs, _ = predictor.predict_volume([s.pixels for s in series.slices])
+                rows[-1] |= {"slabs": int(slab.max() + 1),
+                             "score_per_slice": float(predictor.summarize(series.sop_uids, probs).score)}  # fmt: skip
         for r in rows:
             r["flagged"] = r["score"] >= predictor.thresholds["any"]
         reports["cq500"] = {"scans": rows}
@@ -708,26 +834,40 @@ def _pointing(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], trained_on
     near = sum(explain.pointing_hit(cam, mask, POINTING_TOLERANCE_PX) for cam, mask, _ in cases)
     chance = float(np.mean([mask.sum() / max(1, (hu > 0).sum()) for _, mask, hu in cases])) if n else None
     return {"slices": n, "hits": exact, "hit_rate": exact / n if n else None, "hit_ci": wilson_interval(exact, n),
-            "hits_near": near, "hit_rate_near": near / n if n else None, "chance": chance,
-            "trained_on": trained_on}  # fmt: skip
+            "hits_near": near, "hit_rate_near": near / n if n else None, "near_ci": wilson_interval(near, n),
+            "chance": chance, "trained_on": trained_on}  # fmt: skip
 
 
-def _masked_cases(predictor: Predictor, folder: Path, limit: int | None) -> list:
-    """``(cam, mask, hu)`` of the first ``limit`` masked bleed slices of an image layout (:mod:`ich.datasets`)."""
+def _masked_slices(folder: Path, limit: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(mask, hu)`` of the first ``limit`` masked bleed slices of an image layout (:mod:`ich.datasets`)."""
     manifest = datasets.read_source(folder).manifest
     rows = manifest[(manifest["any"] == 1) & manifest["mask"].notna()].head(limit)
-    cases = []
+    out = []
     for row in rows.itertuples():
         mask = datasets.load_image(row.mask, row.rotate) > 0
         if mask.any():
-            hu = datasets.load_hu(row.path, row.rotate)
-            cases.append((explain.grad_cam(predictor, hu, "any"), mask, hu))
-    return cases
+            out.append((mask, datasets.load_hu(row.path, row.rotate)))
+    return out
+
+
+def _masked_cases(predictor: Predictor, slices: list, layer: Any = None) -> list:
+    """``(cam, mask, hu)`` of ``(mask, hu)`` slices: Grad-CAM of 'any' from ``layer`` (default the viewer's)."""
+    return [(explain.grad_cam(predictor, hu, "any", layer), mask, hu) for mask, hu in slices]
+
+
+def layer_comparison(predictor: Predictor, slices: list) -> dict[str, dict]:
+    """The pointing game of each ResNet stage (:data:`RESNET_STAGES`) on the same slices; ``{}`` for
+    another architecture. Which layer :func:`ich.explain.target_layer` shows rests on this."""
+    net = unwrap(predictor.model)
+    if not isinstance(net, torchvision.models.ResNet):
+        return {}
+    return {name: _pointing(_masked_cases(predictor, slices, getattr(net, name)), False) for name in RESNET_STAGES}
 
 
 def heatmap_checks(predictor: Predictor, shared: Path, limit: int = POINTING_LIMIT) -> dict[str, dict]:
     """Does the heatmap point at the bleed? The pointing game on the masked sets (PhysioNet never trained on:
-    the DICOM subset, and every bleed slice of its complete series)."""
+    the DICOM subset, and every bleed slice of its complete series, there for each ResNet stage too:
+    :func:`layer_comparison`)."""
     reports: dict[str, dict] = {}
     folder = shared / "physionet-ctich"
     if (folder / "Masks_subset").is_dir():
@@ -739,9 +879,16 @@ def heatmap_checks(predictor: Predictor, shared: Path, limit: int = POINTING_LIM
                 cases.append((explain.grad_cam(predictor, hu, "any"), mask, hu))
         reports["physionet-ctich"] = _pointing(cases, trained_on=False)
     if (shared / "physionet-series").is_dir():
-        reports["physionet-series"] = _pointing(_masked_cases(predictor, shared / "physionet-series", None), False)
+        # Every ResNet stage compared on its bleed slices; the viewer's layer is one of them, reported as the others.
+        slices = _masked_slices(shared / "physionet-series", None)
+        layers = layer_comparison(predictor, slices)
+        shown = explain.target_layer(predictor.model)
+        name = next((n for n in layers if getattr(unwrap(predictor.model), n) is shown), None)
+        chosen = dict(layers[name]) if name else _pointing(_masked_cases(predictor, slices), False)
+        reports["physionet-series"] = chosen | ({"layer": name, "layers": layers} if layers else {})
     if (shared / "phe-sich").is_dir():
-        reports["phe-sich"] = _pointing(_masked_cases(predictor, shared / "phe-sich", limit), trained_on=True)
+        slices = _masked_slices(shared / "phe-sich", limit)
+        reports["phe-sich"] = _pointing(_masked_cases(predictor, slices), trained_on=True)
     return reports
 
 
@@ -821,7 +968,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta_path = write_checkpoint(final, args.out, platt, thresholds, cv)
     reports: dict[str, Any] = {}
     if series_policy.available(args.shared):
-        meta_path, reports["real_series"] = real_series_policy(meta_path, args.shared, args.device)
+        meta_path, reports["real_series"] = real_series_policy(meta_path, args.shared, args.device, cv["series_rule"])
     predictor = Predictor.from_checkpoint(meta_path, args.device)
     reports |= {
         "cross_validation": cv,
@@ -862,13 +1009,17 @@ def write_reports(meta_path: Path, reports: dict[str, Any]) -> str:
     return card
 
 
-def real_series_policy(meta_path: Path, shared: Path, device: str) -> tuple[Path, dict]:
+def real_series_policy(meta_path: Path, shared: Path, device: str, simulated: dict) -> tuple[Path, dict]:
     """The checkpoint ``meta_path`` with its study rule and thresholds refitted on the real series in ``shared``
-    (:mod:`train.series_policy`), and the report, which measures the rule replaced on the same series."""
-    meta = json.loads(meta_path.read_text())
+    (:mod:`train.series_policy`), and the report, which measures the rule it replaces on the same series.
+
+    The rule replaced is ``simulated``, the cross-validation's ``series_rule`` (chosen on simulated series,
+    kept in ``evaluation.json``), not the checkpoint's: once refitted, the checkpoint holds the real-series
+    rule, and a rerun compared with it would rewrite the card's "previous rule" with the current one.
+    """
     frame = series_policy.score_real_sets(Predictor.from_checkpoint(meta_path, device), shared)
     rule, thresholds, report = series_policy.fit(
-        frame, {"top_k": meta["study_top_k"], "threshold": meta["thresholds"]["any"]}
+        frame, {"top_k": simulated["top_k"], "threshold": simulated["threshold"]}
     )
     updates = {
         "thresholds": thresholds,
@@ -901,7 +1052,9 @@ def recheck(out: Path, shared: Path, device: str, recalibrate: bool = False, rea
     elif json.loads(meta_path.read_text()).get("weights_dtype") != "float16":
         meta_path = store(meta_path, out, {})  # one bundled before weights were stored in float16: checked as shipped
     if real_series or (recalibrate and series_policy.available(shared)):
-        meta_path, reports["real_series"] = real_series_policy(meta_path, shared, device)
+        meta_path, reports["real_series"] = real_series_policy(
+            meta_path, shared, device, reports["cross_validation"]["series_rule"]
+        )
     predictor = Predictor.from_checkpoint(meta_path, device)
     reports["external"] = external_checks(predictor, shared)
     reports["heatmaps"] = heatmap_checks(predictor, shared)
