@@ -99,18 +99,27 @@ def deflated(pixel_bytes: int, hu: np.ndarray | None = None) -> bytes:
 
 
 def make_enhanced_ct(
-    n_frames: int = 4, *, spacing: float = 5.0, series_uid: str | None = None, study_uid: str | None = None, **overrides
+    n_frames: int = 4,
+    *,
+    frames: np.ndarray | None = None,
+    spacing: float = 5.0,
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    **overrides,
 ) -> Dataset:
     """An Enhanced CT (multi-frame) object of ``n_frames`` axial frames ``spacing`` mm apart, each the
-    :func:`make_ct` disc, its geometry and rescale in the functional groups as the standard puts them."""
+    :func:`make_ct` disc (or the HU ``frames``, ``(n, H, W)``), its geometry and rescale in the functional groups
+    as the standard puts them."""
     from pydicom.sequence import Sequence
     from pydicom.uid import EnhancedCTImageStorage
 
-    ds = make_ct(series_uid=series_uid, study_uid=study_uid)
-    frame = np.frombuffer(ds.PixelData, np.int16)
+    ds = make_ct(None if frames is None else frames[0], series_uid=series_uid, study_uid=study_uid)
+    if frames is not None:
+        n_frames = len(frames)
+    pixels = np.tile(np.frombuffer(ds.PixelData, np.int16), n_frames) if frames is None else frames + 1024
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
     ds.NumberOfFrames = n_frames
-    ds.PixelData = np.tile(frame, n_frames).tobytes()
+    ds.PixelData = np.asarray(pixels, np.int16).tobytes()
     del ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.RescaleIntercept, ds.RescaleSlope
     per_frame = []
     for i in range(n_frames):

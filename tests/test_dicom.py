@@ -9,10 +9,8 @@ import warnings
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 from pydicom.uid import (
     ComprehensiveSRStorage,
-    EnhancedCTImageStorage,
     MRImageStorage,
     SecondaryCaptureImageStorage,
     XRayRadiationDoseSRStorage,
@@ -20,7 +18,7 @@ from pydicom.uid import (
 )
 
 from ich import dicom
-from tests.dicom_factory import make_ct, make_non_image, to_bytes
+from tests.dicom_factory import make_ct, make_enhanced_ct, make_non_image, to_bytes
 from tests.helpers import zip_bytes
 
 
@@ -150,26 +148,9 @@ def test_invalid_uids_read_and_pydicom_left_as_it_was(monkeypatch):
 
 def test_multiframe_enhanced_ct_split():
     frames = np.stack([np.full((8, 8), v, np.float32) for v in (0.0, 50.0, 100.0)])
-    ds = make_ct(frames[0])
-    ds.SOPClassUID = EnhancedCTImageStorage
-    ds.NumberOfFrames = 3
-    ds.PixelData = (frames + 1024).astype(np.int16).tobytes()
-    del ds.ImagePositionPatient, ds.ImageOrientationPatient
+    ds = make_enhanced_ct(frames=frames, spacing=2.5)
     # Enhanced CT keeps the rescale in the functional groups; a stale top-level one must not be used.
     ds.RescaleIntercept = 0
-    per_frame = []
-    for i in range(3):
-        item, plane = Dataset(), Dataset()
-        plane.ImagePositionPatient = [0, 0, 2.5 * i]
-        item.PlanePositionSequence = Sequence([plane])
-        per_frame.append(item)
-    shared, orient, transform = Dataset(), Dataset(), Dataset()
-    orient.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    shared.PlaneOrientationSequence = Sequence([orient])
-    transform.RescaleSlope, transform.RescaleIntercept = 1, -1024
-    shared.PixelValueTransformationSequence = Sequence([transform])
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
     result = dicom.load([dicom.Upload("enhanced.dcm", to_bytes(ds))])
     (s,) = result.series
     assert len(s) == 3 and s.spacing == pytest.approx(2.5)

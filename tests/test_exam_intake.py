@@ -73,9 +73,10 @@ class ByKernel(FakePredictor):
 
 
 def send_all(port: int, datasets: list) -> list[int]:
-    """One association offering CT and Secondary Capture, as a PACS sending a whole exam would."""
+    """One association offering each dataset's own SOP class (CT, a dose page, a dose SR, an Enhanced CT...), as a
+    PACS sending a whole exam would."""
     ae = AE(ae_title="PACS")
-    for sop_class in (CTImageStorage, SecondaryCaptureImageStorage):
+    for sop_class in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
         ae.add_requested_context(sop_class)
     assoc = ae.associate("127.0.0.1", port, ae_title="ICH")
     assert assoc.is_established
@@ -123,19 +124,6 @@ def test_a_whole_exam_by_c_store_is_one_row_scored_on_the_axial_soft_tissue_seri
     assert len(list((tmp_path / "inbox").rglob("*.dcm"))) == 1 + 6 + 6 + 8
 
 
-def send_classes(port: int, datasets: list) -> list[int]:
-    """:func:`send_all` offering each dataset's own SOP class (a dose SR, an Enhanced CT...)."""
-    ae = AE(ae_title="PACS")
-    for sop_class in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
-        ae.add_requested_context(sop_class)
-    assoc = ae.associate("127.0.0.1", port, ae_title="ICH")
-    assert assoc.is_established
-    try:
-        return [int(s.Status) if s else -1 for s in (assoc.send_c_store(ds) for ds in datasets)]
-    finally:
-        assoc.release()
-
-
 def test_dose_reports_and_an_enhanced_ct_by_c_store(tmp_path, caplog):
     """Structured reports are set aside (answered with success, not stored) and listed with the exam's series,
     whichever order they come in; an Enhanced CT object is stored and scored, frame by frame; a dose page sent
@@ -153,7 +141,7 @@ def test_dose_reports_and_an_enhanced_ct_by_c_store(tmp_path, caplog):
                           SeriesDescription="Dose page")  # fmt: skip
     try:
         with caplog.at_level(logging.INFO, logger="ich"):
-            assert send_classes(port, [dose_sr, report, enhanced, dose_sr]) == [0, 0, 0, 0]  # SRs first, one twice
+            assert send_all(port, [dose_sr, report, enhanced, dose_sr]) == [0, 0, 0, 0]  # SRs first, one twice
             wait_for(lambda: len(wl) == 1 and len(wl.intake()) == 0)
             (study_id,) = wl.studies()["id"]
             row = wl.study(int(study_id))
@@ -163,7 +151,7 @@ def test_dose_reports_and_an_enhanced_ct_by_c_store(tmp_path, caplog):
                 (997, "Dose Report", 1, False, "not a CT image (modality SR, X-Ray Radiation Dose SR Storage)"),
                 (998, "", 1, False, "not a CT image (modality SR, Comprehensive SR Storage)"),
             ]
-            assert send_classes(port, [page]) == [0]  # after the exam was scored, alone
+            assert send_all(port, [page]) == [0]  # after the exam was scored, alone
             wait_for(lambda: len(wl.study(int(study_id)).exam_series) == 4 and len(wl.intake()) == 0)
     finally:
         listener.stop()
