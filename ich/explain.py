@@ -17,9 +17,8 @@ import torchvision
 from torch import nn
 
 from ich.models import unwrap
-from ich.windowing import Window, apply_window
 
-__all__ = ["target_layer", "grad_cam", "study_heatmap", "overlay", "pointing_hit", "render"]
+__all__ = ["target_layer", "grad_cam", "study_heatmap", "pointing_hit"]
 
 
 OUTSIDE_HEAD_HU = -300.0  # air and the scanner's padding: the map is cleared there
@@ -128,19 +127,6 @@ def study_heatmap(
     return _scaled(stack, float(stack.max()))
 
 
-def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.5, floor: float = 0.2) -> np.ndarray:
-    """RGB uint8 of a windowed uint8 slice with ``cam`` in a jet colour map where it exceeds ``floor``.
-
-    Below the floor the slice stays plain grey, so weak, diffuse attention does not hide anatomy.
-    """
-    colour = cv2.cvtColor(
-        cv2.applyColorMap((np.clip(cam, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB
-    )
-    weight = np.where(cam > floor, alpha * cam, 0.0).astype(np.float32)[..., None]
-    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
-    return (rgb * (1 - weight) + colour * weight + 0.5).astype(np.uint8)
-
-
 def pointing_hit(cam: np.ndarray, mask: np.ndarray, tolerance_px: int = 0) -> bool:
     """The pointing game (Zhang et al. 2016): does the map's peak fall on the lesion, within ``tolerance_px``?
 
@@ -153,9 +139,3 @@ def pointing_hit(cam: np.ndarray, mask: np.ndarray, tolerance_px: int = 0) -> bo
     y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
     t = tolerance_px
     return bool(np.any(mask[max(0, y - t) : y + t + 1, max(0, x - t) : x + t + 1]))
-
-
-def render(hu: np.ndarray, window: Window, cam: np.ndarray | None = None) -> np.ndarray:
-    """What a reader sees of one slice: uint8 grey through ``window``, or RGB with ``cam`` over it."""
-    grey = apply_window(hu, window, np.uint8)
-    return grey if cam is None else overlay(grey, cam)

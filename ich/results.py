@@ -60,10 +60,12 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, generate_uid
 
 from ich import __version__
-from ich.explain import render
 from ich.files import atomic_write
 from ich.labels import CLASSES
-from ich.windowing import BRAIN
+from ich.windowing import (
+    BRAIN,
+    render,  # not ich.explain: no torch for a queue-mode listener
+)
 
 if TYPE_CHECKING:
     from ich.worklist import Worklist

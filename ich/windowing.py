@@ -35,6 +35,8 @@ __all__ = [
     "Resize",
     "WindowStack",
     "Preprocess",
+    "overlay",
+    "render",
 ]
 
 
@@ -256,3 +258,22 @@ class Preprocess:
             img = self.crop(img)
         img = self.resize(img)
         return np.ascontiguousarray(self.stack(img).transpose(2, 0, 1))
+
+
+def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.5, floor: float = 0.2) -> np.ndarray:
+    """RGB uint8 of a windowed uint8 slice with ``cam`` in a jet colour map where it exceeds ``floor``.
+
+    Below the floor the slice stays plain grey, so weak, diffuse attention does not hide anatomy.
+    """
+    colour = cv2.cvtColor(
+        cv2.applyColorMap((np.clip(cam, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB
+    )
+    weight = np.where(cam > floor, alpha * cam, 0.0).astype(np.float32)[..., None]
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    return (rgb * (1 - weight) + colour * weight + 0.5).astype(np.uint8)
+
+
+def render(hu: np.ndarray, window: Window, cam: np.ndarray | None = None) -> np.ndarray:
+    """What a reader sees of one slice: uint8 grey through ``window``, or RGB with ``cam`` over it."""
+    grey = apply_window(hu, window, np.uint8)
+    return grey if cam is None else overlay(grey, cam)

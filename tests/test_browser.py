@@ -455,12 +455,12 @@ def test_a_signed_out_client_gets_no_study_data_from_any_address_the_signed_in_p
     known = [d.splitlines()[1] for d in downloaded]  # a first data row of each export
     assert all(_study_data_in(server, d, known, icon) for d in downloaded)
     volume = wl.volume(int(wl.studies()["id"].iloc[0]))
-    from ich import explain, viewer
+    from ich import viewer
     from ich.presentation import png_bytes
-    from ich.windowing import BRAIN
+    from ich.windowing import BRAIN, render
 
     assert _study_data_in(server, viewer.volume_nifti(volume, None), known, icon) == "a NIfTI image"
-    slice_png = png_bytes(explain.render(volume[0].astype(np.float32), BRAIN))
+    slice_png = png_bytes(render(volume[0].astype(np.float32), BRAIN))
     assert _study_data_in(f"{server}/media/x.png", slice_png, known, icon) == "a 96x96 image from /media"
     assert len(fetched) > 10 and any("/_stcore/" in u or "/static/" in u for u in fetched)
     leaks = {url: why for url, body in fetched.items() if (why := _study_data_in(url, body, known, icon))}

@@ -10,7 +10,7 @@ from ich import explain
 from ich.inference import Predictor
 from ich.labels import CLASSES
 from ich.models import head_module
-from ich.windowing import CropHead, crop_square
+from ich.windowing import CropHead, crop_square, overlay
 from tests.helpers import head, make_checkpoint
 
 
@@ -94,7 +94,7 @@ def test_overlay_keeps_grey_below_floor():
     grey = np.full((4, 4), 100, np.uint8)
     cam = np.zeros((4, 4), np.float32)
     cam[0, 0] = 1.0
-    rgb = explain.overlay(grey, cam)
+    rgb = overlay(grey, cam)
     assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
     assert (rgb[1:, :] == 100).all() and tuple(rgb[0, 0]) != (100, 100, 100)
 

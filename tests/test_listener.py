@@ -256,3 +256,11 @@ def _encoded(ds) -> io.BytesIO:
     ds.save_as(buffer, enforce_file_format=True)
     buffer.seek(0)
     return buffer
+
+
+def test_a_listener_that_only_receives_does_not_load_torch():
+    """``ich listen --queue`` receives and stores while workers score: it should not pay torch's import (seconds,
+    hundreds of MB) for a model it never runs."""
+    code = "import sys, ich.listener, ich.jobs; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

@@ -41,7 +41,7 @@ from ich.presentation import (
 )
 from ich.viewer.component import data_id, download_button, slice_viewer
 from ich.viewer.planes import Planes
-from ich.windowing import PRESETS, Window
+from ich.windowing import PRESETS, Window, render
 from ich.worklist import STATUS_NEW, StudyRecord, Worklist, data_dir
 
 VIEW_WINDOWS = ("brain", "subdural", "bone", "stroke")
@@ -224,7 +224,7 @@ def gallery_ui(
     for col, k in zip(st.columns(GALLERY), np.argsort(-np.nan_to_num(probs, nan=-1.0), kind="stable")[:GALLERY]):
         first = int(planes.first[k])
         with col:
-            st.image(png_data_uri(explain.render(shown[k], window)[::2, ::2]), width="stretch")
+            st.image(png_data_uri(render(shown[k], window)[::2, ::2]), width="stretch")
             st.markdown(
                 f"**{planes.label(int(k), of_total=False)}** · any {pct(probs[k])}  \n"
                 + findings_markdown(*slice_findings(rows.iloc[k], thresholds), unknown=unknown)
@@ -403,7 +403,7 @@ def viewer_ui(
     planes = shown.planes
 
     def preview() -> bytes:  # the first image, before the browser has loaded the viewer and the volume
-        return png_bytes(explain.render(shown.hu()[goto - 1], window))
+        return png_bytes(render(shown.hu()[goto - 1], window))
 
     return slice_viewer(
         shown.volume_id,
