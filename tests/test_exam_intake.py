@@ -319,7 +319,9 @@ def test_a_failed_exam_is_scored_at_restart(tmp_path):
     for ds in series(3):
         inbox.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, to_bytes(ds))
     wl = Worklist(tmp_path)
-    first = Listener(wl, FakePredictor(fail_on=1), inbox, retry_seconds=3600)
+    # A new Inbox, as after a restart: the files are found on disk, not also seen arriving (which would make
+    # the exam due a second time once quiet, and a second attempt could succeed before the check below).
+    first = Listener(wl, FakePredictor(fail_on=1), Inbox(tmp_path / "inbox", QUIET), retry_seconds=3600)
     first.start("127.0.0.1", 0, poll_seconds=0.05)
     try:
         wait_for(lambda: len(wl.intake()) == 1 and wl.intake()["state"].iloc[0] == INTAKE_FAILED)
