@@ -78,3 +78,36 @@ def test_no_answer_records_nothing(tmp_path):
     with pytest.raises(ConnectionError):
         SendResults(wl, "PACS@127.0.0.1:9")(study_id)  # the discard port: nothing listens
     assert not (tmp_path / results.RESULTS_DIR).exists()
+
+
+def test_a_crash_after_sending_but_before_the_exam_is_marked_done_sends_a_replacement_not_nothing(tmp_path, pacs):
+    """score_exam runs the results callbacks before it marks the exam done: a process dying in between
+    (here a BaseException after the send, which nothing catches, as a kill would stop it) leaves the exam
+    unscored, and the restart scores it again and sends results that replace the first ones."""
+    from ich.listener import Inbox, score_exam
+    from tests.dicom_factory import to_bytes
+    from tests.test_listener import series
+
+    destination, received, _ = pacs
+    wl, inbox = Worklist(tmp_path), Inbox(tmp_path / "inbox")
+    for ds in series(3):
+        inbox.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, to_bytes(ds))
+    (folder,) = inbox.unscored()
+    sender = SendResults(wl, destination)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(_: int) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        score_exam(wl, FakePredictor({"any": 0.9}), folder, [sender, killed])
+    assert len(received) == 2 and inbox.unscored() == [folder]  # sent, but not marked done
+    (study_id,) = score_exam(wl, FakePredictor({"any": 0.9}), folder, [sender])  # the restart
+    assert len(wl) == 1 and not inbox.unscored() and len(received) == 4
+    first, again = received[0][1], received[2][1]
+    assert again.InstanceNumber == 2 and again.SeriesInstanceUID == first.SeriesInstanceUID
+    predecessor = again.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert wl.study(study_id).updated  # scored twice: the row says so
