@@ -286,6 +286,7 @@ def _worklist(args: argparse.Namespace) -> int:
         rows += json.loads(pending[pending_columns].to_json(orient="records"))
         print(json.dumps(rows, indent=2))
         return EXIT_OK
+    frame["updated"] = frame["updated"].dt.strftime("%Y-%m-%d %H:%M:%S").fillna("—")  # scored once: no "NaT"
     print(frame[columns].to_string(index=False) if len(frame) else "the worklist is empty")
     if len(pending):
         print("\nreceived, not on the worklist (yet):")

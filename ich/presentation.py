@@ -150,16 +150,18 @@ def studies_table(studies: pd.DataFrame) -> pd.DataFrame:
 
 
 def exam_series_table(info: StudyRecord) -> pd.DataFrame:
-    """Every series of the exam: the scored one first, the others with why the model did not score them."""
+    """Every series of the exam: the scored one first, the others with why the model did not score them (that
+    column second, so a narrow side panel shows it without scrolling); "—" where a header gave nothing (a series
+    set aside at the door has no thickness, kernel or plane)."""
     return pd.DataFrame(
         {
             "Series": [c.number for c in info.exam_series],
             "Description": [c.description or "—" for c in info.exam_series],
-            "Slices": [c.n_slices for c in info.exam_series],
-            "Thickness (mm)": [c.thickness for c in info.exam_series],
-            "Kernel": [c.kernel or "—" for c in info.exam_series],
-            "Plane": [c.plane for c in info.exam_series],
             "Scored": ["scored" if c.scored else f"not scored: {c.reason}" for c in info.exam_series],
+            "Slices": [c.n_slices for c in info.exam_series],
+            "Thickness (mm)": [f"{c.thickness:g}" if c.thickness is not None else "—" for c in info.exam_series],
+            "Kernel": [c.kernel or "—" for c in info.exam_series],
+            "Plane": [c.plane if c.plane != "unknown" else "—" for c in info.exam_series],
         }
     )
 

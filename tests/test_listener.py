@@ -208,7 +208,7 @@ def test_worklist_command_prints_without_identifiers(tmp_path):
     text = subprocess.run(
         [sys.executable, "-m", "ich", "worklist", "--data-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
     ).stdout
-    assert "updated" in text.splitlines()[0] and high["updated"][:16] in text
+    assert "updated" in text.splitlines()[0] and high["updated"][:16] in text and "NaT" not in text
 
 
 def test_results_go_back_to_pacs_in_the_scanned_study(tmp_path, pacs):

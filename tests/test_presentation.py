@@ -9,8 +9,9 @@ import time
 import numpy as np
 import pandas as pd
 from PIL import Image
+from pydicom.uid import XRayRadiationDoseSRStorage
 
-from ich.exam import SeriesChoice
+from ich.exam import SeriesChoice, set_aside
 from ich.labels import CLASSES
 from ich.presentation import (
     exam_series_table,
@@ -104,9 +105,18 @@ def test_every_series_of_an_exam_says_whether_it_was_scored_and_why_not():
         SeriesChoice("1", 2, "Head soft", 36, 5.0, "H30s", "axial", True, ""),
         SeriesChoice("2", 3, "", 36, 5.0, "H70h", "axial", False, "bone kernel (H70h)"),
     )
+    info.exam_series += (
+        set_aside(997, "Dose Report", "SR", XRayRadiationDoseSRStorage, "X-Ray Radiation Dose SR Storage", 1),
+    )
     table = exam_series_table(info)
-    assert table["Scored"].tolist() == ["scored", "not scored: bone kernel (H70h)"]
-    assert table["Description"].tolist() == ["Head soft", "—"]
+    assert list(table.columns[:3]) == ["Series", "Description", "Scored"]  # the reason first, in a narrow panel
+    assert table["Scored"].tolist() == [
+        "scored",
+        "not scored: bone kernel (H70h)",
+        "not scored: not a CT image (modality SR, X-Ray Radiation Dose SR Storage)",
+    ]
+    assert table["Description"].tolist() == ["Head soft", "—", "Dose Report"]
+    assert table["Thickness (mm)"].tolist() == ["5", "5", "—"] and table["Plane"].tolist() == ["axial", "axial", "—"]
 
 
 def test_an_image_is_shown_from_a_data_uri_that_decodes_to_its_pixels():
