@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ich import dicom
-from ich.listener import QUEUE_MODE, Inbox, NotScored, score_exam, uploaded_aside
+from ich.listener import QUEUE_MODE, Inbox, NotScored, score_exam
 from ich.worklist import Worklist
 from ich.worklist.intake import Scorer
 from ich.worklist.store import advisory_key
@@ -187,7 +187,7 @@ def queue_uploads(
     report = QueuedUploads()
     exams: dict[str, str] = {}  # study UID -> inbox key, in upload order
     broken: set[str] = set()
-    others: list[tuple[dicom.Problem, dicom.OtherObject]] = []  # not CT images (a dose SR): listed with their exam
+    others: dict[str, list[dicom.Problem]] = {}  # study UID -> files not CT images (a dose SR): listed with the exam
     for item in dicom.iter_sources(uploads):
         if isinstance(item, dicom.Problem):
             report.problems.append(item)
@@ -198,7 +198,7 @@ def queue_uploads(
         except dicom.DicomError as exc:
             problem = dicom.Problem(exc.path, exc.reason, exc.other)
             if exc.other:
-                others.append((problem, exc.other))
+                others.setdefault(exc.other.study_uid, []).append(problem)
             else:
                 report.problems.append(problem)
             continue
@@ -208,13 +208,15 @@ def queue_uploads(
         except OSError as exc:
             report.problems.append(dicom.Problem(item.name, f"could not be stored: {exc.strerror or exc}"))
             broken.add(uids[0])
-    for problem, other in others:  # once the exam's images are stored: an SR alone has no exam to be listed with
-        try:
-            listed = other.study_uid in exams and inbox.set_aside(other.study_uid, [uploaded_aside(other)]) >= 0
-        except OSError:  # a full disk: only the series list would miss it, so say it as a problem line
-            listed = False
+    for study_uid, problems in others.items():  # after the images: an SR alone has no exam to be listed with
+        listed = study_uid in exams
+        if listed:
+            try:
+                inbox.set_aside(study_uid, [p.other for p in problems if p.other])
+            except OSError:  # a full disk: only the series list would miss them, so they stay problem lines
+                listed = False
         if not listed:
-            report.problems.append(problem)
+            report.problems += problems
     for n, (uid, key) in enumerate(exams.items(), 1):
         place = f"exam {n} of {len(exams)}"  # never an identifier
         if uid in broken:

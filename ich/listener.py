@@ -63,7 +63,7 @@ from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verific
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ich import results
-from ich.dicom import OtherObject
+from ich.dicom import OtherObject, other_object
 from ich.exam import SeriesChoice
 from ich.exam import set_aside as set_aside_choice
 from ich.files import atomic_write, private_dir
@@ -80,7 +80,6 @@ __all__ = [
     "NotScored",
     "SendResults",
     "retry_delay",
-    "uploaded_aside",
     "score_exam",
     "scoring_workers",
 ]
@@ -159,20 +158,24 @@ class Inbox:
             self._last[exam] = time.monotonic()
         return True
 
-    def set_aside(self, study_uid: str, instances: Sequence[tuple[str, str, dict[str, Any]]]) -> int:
-        """Remember instances of one exam that were not stored, ``(series UID, SOP instance UID, what it is``
-        (:func:`describe`)``)`` each, in the exam's :data:`SET_ASIDE`, under their series (and SOP class), in one
-        write. Returns how many were new: none when all were remembered already, or the exam has no folder
-        (no image of it stored: a study that holds no CT leaves nothing here)."""
+    def set_aside(self, study_uid: str, objects: Sequence[OtherObject]) -> int:
+        """Remember objects of one exam that were not stored (:func:`ich.dicom.other_object`) in the exam's
+        :data:`SET_ASIDE`, under their series and SOP class, in one write: what :func:`ich.exam.set_aside` lists,
+        and their instances by hash (no UID, no identifier). Returns how many were new: none when all were
+        remembered already, or the exam has no folder (no image of it stored: a study that holds no CT leaves
+        nothing here)."""
         exam = self.folder(study_uid)
         with self._aside_lock:
             if not exam.is_dir():
                 return 0
             records, new = _set_aside(exam), 0
-            for series_uid, sop_uid, series in instances:
-                key, instance = _key(study_uid, series_uid, series["sop_class"]), _key(sop_uid)
-                record = records.setdefault(key, {**series, "instances": []})
-                if instance not in record["instances"]:
+            for o in objects:
+                what = {"number": o.number, "description": o.description, "modality": o.modality}
+                record = records.setdefault(
+                    _key(study_uid, o.series_uid, o.sop_class),
+                    {**what, "sop_class": o.sop_class, "sop_class_name": o.sop_class_name, "instances": []},
+                )
+                if (instance := _key(o.sop_uid)) not in record["instances"]:
                     record["instances"].append(instance)
                     new += 1
             if new:
@@ -262,32 +265,6 @@ def _contents(folder: Path) -> list[str]:
     return sorted(_files(folder) + aside)
 
 
-def uploaded_aside(other: OtherObject) -> tuple[str, str, dict[str, Any]]:
-    """An uploaded object the reader refused as not a CT image, as :meth:`Inbox.set_aside` takes it (a queued
-    upload lists it as a received one is listed)."""
-    what = {"number": other.number, "description": other.description, "modality": other.modality}
-    return (
-        other.series_uid,
-        other.sop_uid,
-        {**what, "sop_class": other.sop_class, "sop_class_name": other.sop_class_name},
-    )
-
-
-def describe(ds: Dataset, sop_class: UID) -> dict[str, Any]:
-    """What :meth:`Inbox.set_aside` keeps of an instance not stored: no identifier, no UID but its SOP class's."""
-    try:
-        number: int | None = int(ds.get("SeriesNumber"))
-    except (TypeError, ValueError):
-        number = None
-    return {
-        "number": number,
-        "description": str(ds.get("SeriesDescription", "") or ""),
-        "modality": str(ds.get("Modality", "") or "").strip().upper(),
-        "sop_class": str(sop_class),
-        "sop_class_name": sop_class.name,
-    }
-
-
 def _scored(folder: Path) -> list[str] | None:
     try:
         return json.loads((folder / SCORED).read_text())
@@ -369,9 +346,9 @@ class _Association:
     duplicates: int = 0
     failed: int = 0
     set_aside: Counter[str] = field(default_factory=Counter)  # SOP class name -> instances not stored
-    # Instances not stored: study UID -> (series, SOP instance UIDs, what Inbox.set_aside keeps), remembered in one
+    # Instances not stored: study UID -> what each is (ich.dicom.other_object), remembered in one
     # write per exam when the association closes (by then the exam's images have come, in whatever order).
-    aside: dict[str, list[tuple[str, str, dict[str, Any]]]] = field(default_factory=dict)
+    aside: dict[str, list[OtherObject]] = field(default_factory=dict)
     exams: set[Path] = field(default_factory=set)  # exam folders it delivered to (held in the inbox until it closes)
     started: float = field(default_factory=time.monotonic)
 
@@ -489,12 +466,12 @@ class Listener:
             return CANNOT_UNDERSTAND
         sop_class = UID(str(event.request.AffectedSOPClassUID))
         if sop_class not in SCORED_SOP_CLASSES:  # part of the exam, not for the model: accepted, not kept
-            instance = uids[1], uids[2], describe(ds, sop_class)
+            other = other_object(ds, sop_class)
             if counts:
                 counts.set_aside[sop_class.name] += 1
-                counts.aside.setdefault(uids[0], []).append(instance)
+                counts.aside.setdefault(uids[0], []).append(other)
             else:
-                self._remember(None, uids[0], [instance])
+                self._remember(None, uids[0], [other])
             return SUCCESS
         try:
             new = self.inbox.store(*uids, event.encoded_dataset(include_meta=True))
@@ -519,15 +496,13 @@ class Listener:
             self._receiving[exam] = time.monotonic()
             self._notes.put((exam, study_uid))
 
-    def _remember(
-        self, counts: _Association | None, study_uid: str, instances: Sequence[tuple[str, str, dict[str, Any]]]
-    ) -> None:
+    def _remember(self, counts: _Association | None, study_uid: str, objects: Sequence[OtherObject]) -> None:
         """Keep instances set aside in their exam's series list; one new to an exam stored already (a dose report
         sent after the images) makes the exam due, which lists it (:func:`score_exam`: without scoring again)."""
         try:
-            new = self.inbox.set_aside(study_uid, instances)
+            new = self.inbox.set_aside(study_uid, objects)
         except OSError as exc:  # only the series list misses them: the exam's images are stored
-            log.error("could not note %d instance(s) set aside: %s", len(instances), exc.strerror or exc)
+            log.error("could not note %d instance(s) set aside: %s", len(objects), exc.strerror or exc)
             return
         if new:
             self._arrived(counts, study_uid)

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from pydicom.uid import (
-    UID,
     ComprehensiveSRStorage,
     SecondaryCaptureImageStorage,
     XRayRadiationDoseSRStorage,
@@ -28,7 +27,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 import ich.worklist.store
 from ich import dicom
-from ich.listener import SET_ASIDE, Inbox, Listener, SendResults, describe, retry_delay
+from ich.listener import SET_ASIDE, Inbox, Listener, SendResults, retry_delay
 from ich.worklist import INTAKE_FAILED, INTAKE_RECEIVING, StoreError, Worklist, ingest
 from tests.dicom_factory import make_ct, make_enhanced_ct, make_non_image, to_bytes
 from tests.helpers import ROOT, FakePrediction, FakePredictor, add, series_of, uploads
@@ -175,8 +174,7 @@ def test_a_queue_worker_lists_the_series_set_aside_too(tmp_path):
 
     parts, inbox, wl = exam(generate_uid()), Inbox(tmp_path / "inbox"), Worklist(tmp_path)
     (dose,) = parts.pop("dose")
-    described = describe(dose, UID(SecondaryCaptureImageStorage))
-    study, instance = dose.StudyInstanceUID, (dose.SeriesInstanceUID, dose.SOPInstanceUID, described)
+    study, instance = dose.StudyInstanceUID, dicom.other_object(dose)
     assert inbox.set_aside(study, [instance]) == 0  # no image of the exam stored yet: nothing kept
     for ds in (ds for part in parts.values() for ds in part):
         inbox.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, to_bytes(ds))

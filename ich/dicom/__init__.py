@@ -20,7 +20,7 @@ from __future__ import annotations
 from ich.dicom.metadata import metadata_frame
 from ich.dicom.reader import MAX_DIM as MAX_DIM
 from ich.dicom.reader import MAX_FRAMES as MAX_FRAMES
-from ich.dicom.reader import quiet_invalid_values, read_file, read_slice
+from ich.dicom.reader import other_object, quiet_invalid_values, read_file, read_slice
 from ich.dicom.series import DicomError, LoadResult, OtherObject, Problem, Series, Slice
 from ich.dicom.sources import MAX_ARCHIVE_BYTES as MAX_ARCHIVE_BYTES
 from ich.dicom.sources import MAX_COMPRESSION_RATIO as MAX_COMPRESSION_RATIO
@@ -44,6 +44,7 @@ __all__ = [
     "Series",
     "LoadResult",
     "read_slice",
+    "other_object",
     "read_file",
     "quiet_invalid_values",
     "iter_sources",

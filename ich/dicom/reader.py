@@ -185,8 +185,14 @@ def _sop_class(ds: Dataset) -> str:
     return str(ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None) or "")
 
 
-def _other(ds: Dataset, sop_class: str, class_name: str) -> OtherObject:
-    """What an object of another kind than a CT image says of itself, to be listed with its exam's series."""
+def _class_name(sop_class: str) -> str:
+    return UID(sop_class).name if sop_class else "unknown SOP class"
+
+
+def other_object(ds: Dataset, sop_class: str | None = None) -> OtherObject:
+    """What an object of another kind than a CT image says of itself, to be listed with its exam's series (an
+    upload's file, or an instance the DICOM listener set aside: ``sop_class`` as its C-STORE request named it)."""
+    sop_class = sop_class or _sop_class(ds)
     return OtherObject(
         study_uid=str(ds.get("StudyInstanceUID", "") or ""),
         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
@@ -195,7 +201,7 @@ def _other(ds: Dataset, sop_class: str, class_name: str) -> OtherObject:
         description=str(ds.get("SeriesDescription", "") or ""),
         modality=str(ds.get("Modality", "") or "").strip().upper(),
         sop_class=sop_class,
-        sop_class_name=class_name,
+        sop_class_name=_class_name(sop_class),
     )
 
 
@@ -204,13 +210,13 @@ def _check_kind(ds: Dataset, name: str, notes: list[str]) -> str:
     image, a colour image of a class other than CT's) carries what it is (:class:`OtherObject`); a damaged CT
     image does not."""
     sop_class = _sop_class(ds)
-    class_name = UID(sop_class).name if sop_class else "unknown SOP class"
+    class_name = _class_name(sop_class)
     modality = str(ds.get("Modality", "")).upper()
     if modality in _MODALITY_NAMES:
         raise DicomError(
             name,
             f"not a CT image: modality {modality} ({_MODALITY_NAMES[modality]}; {class_name})",
-            _other(ds, sop_class, class_name),
+            other_object(ds),
         )
     if "PixelData" not in ds and "Rows" not in ds:
         if "Image Storage" in class_name:
@@ -218,15 +224,15 @@ def _check_kind(ds: Dataset, name: str, notes: list[str]) -> str:
             raise DicomError(
                 name, f"truncated file: {class_name} header ends before the image (no Rows/Columns/PixelData)"
             )
-        raise DicomError(name, f"no pixel data: {class_name} is not an image", _other(ds, sop_class, class_name))
+        raise DicomError(name, f"no pixel data: {class_name} is not an image", other_object(ds))
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric in _COLOUR or int(ds.get("SamplesPerPixel", 1)) != 1:
-        other = _other(ds, sop_class, class_name) if sop_class and sop_class not in _CT_CLASSES else None
+        other = other_object(ds) if sop_class and sop_class not in _CT_CLASSES else None
         raise DicomError(name, f"colour image ({photometric}, {class_name}): a head CT slice is greyscale", other)
     if modality == "OT":
         notes.append("secondary capture (modality OT): pixel values taken as Hounsfield units")
     elif modality not in ("CT", ""):
-        raise DicomError(name, f"not a CT image: modality {modality} ({class_name})", _other(ds, sop_class, class_name))
+        raise DicomError(name, f"not a CT image: modality {modality} ({class_name})", other_object(ds))
     return modality or "CT"
 
 
