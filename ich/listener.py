@@ -565,10 +565,11 @@ class Listener:
             self._queue(self.inbox.due(now) + retries)
 
     def _queue(self, folders: Sequence[Path]) -> None:
+        """Add exams to the queue (queue mode: hand them to ``enqueue``); one not seen arriving here (a retry, one
+        found at start) counts from now."""
         if self.enqueue is not None:
             self._hand_over(folders)
             return
-        """Add exams to the queue; one not seen arriving here (a retry, one found at start) counts from now."""
         now = time.monotonic()
         with self._queue_changed:
             for folder in folders:

@@ -128,7 +128,8 @@ def test_dose_reports_and_an_enhanced_ct_by_c_store(tmp_path, caplog):
     whichever order they come in; an Enhanced CT object is stored and scored, frame by frame; a dose page sent
     after the exam was scored is added to its series list, without scoring the same images again."""
     wl = Worklist(tmp_path)
-    listener = Listener(wl, ByKernel(), Inbox(tmp_path / "inbox", QUIET))
+    sent: list[int] = []  # what would go to PACS (SendResults is one of these callbacks)
+    listener = Listener(wl, ByKernel(), Inbox(tmp_path / "inbox", QUIET), on_scored=[sent.append])
     port = listener.start("127.0.0.1", 0, poll_seconds=0.05)
     study = generate_uid()
     dose_sr = make_non_image(XRayRadiationDoseSRStorage, "SR", study_uid=study, SeriesNumber=997,
@@ -157,6 +158,7 @@ def test_dose_reports_and_an_enhanced_ct_by_c_store(tmp_path, caplog):
     row = wl.study(int(study_id))
     assert row.exam_series[-1].reason == "not a CT image (modality OT, Secondary Capture Image Storage)"
     assert len(wl) == 1 and listener.predictor.calls == 1 and not row.updated and row.n_slices == 4
+    assert sent == [int(study_id)]  # results went once: the late dose page sent nothing again
     assert "set-aside series listed, images unchanged: not scored again" in caplog.text
     assert (
         "1 stored, 0 duplicates ignored, 0 failed, set aside (not CT images): 1 Comprehensive SR Storage,"

@@ -304,10 +304,15 @@ def test_a_listener_refuses_associations_beyond_its_limit_and_takes_them_again_a
         assert third.is_rejected
         wait_for(lambda: listener.said("too many associations at once"))
         held.pop().release()
-        time.sleep(0.5)  # the listener counts it closed
-        again = ae.associate("127.0.0.1", port, ae_title="ICH")
-        assert again.is_established
-        again.release()
+        accepted: list = []  # once the listener counts it closed, the next sender is let in
+
+        def let_in() -> bool:
+            assoc = ae.associate("127.0.0.1", port, ae_title="ICH")
+            accepted.append(assoc)
+            return assoc.is_established
+
+        wait_for(let_in, seconds=10)
+        accepted[-1].release()
         held[0].release()
     finally:
         listener.stop()

@@ -372,6 +372,36 @@ def test_the_listener_says_where_uploads_go(tmp_path):
     assert not uploads_queued(wl)
 
 
+def test_a_queue_listener_hands_over_at_restart_what_was_not_scored_and_retries_a_refused_hand_over(
+    tmp_path, monkeypatch
+):
+    """At start a queue-mode listener queues every exam whose files differ from what was scored (received before
+    a crash), not the scored ones; one the queue refuses (its database restarting) is offered again shortly."""
+    import ich.listener
+
+    monkeypatch.setattr(ich.listener, "ENQUEUE_RETRY_SECONDS", 0.2)
+    inbox = Inbox(tmp_path / "inbox")
+    for ds in series(2) + series(3):
+        inbox.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, to_bytes(ds))
+    done, waiting = inbox.unscored()
+    Inbox.mark_scored(done, sorted(p.relative_to(done).as_posix() for p in done.rglob("*.dcm")))
+    offered: list[str] = []
+
+    def enqueue(key: str) -> None:
+        offered.append(key)
+        if len(offered) == 1:
+            raise OSError("connection refused")
+
+    listener = Listener(Worklist(tmp_path), None, Inbox(tmp_path / "inbox"), enqueue=enqueue)
+    listener.start("127.0.0.1", 0, poll_seconds=0.05)
+    try:
+        wait_for(lambda: len(offered) >= 2, seconds=10)
+        time.sleep(0.5)  # more retries than the one needed would show here
+    finally:
+        listener.stop()
+    assert offered == [waiting.name, waiting.name]  # refused once, then taken; the scored exam never offered
+
+
 def test_queue_mode_needs_postgresql(tmp_path, capsys):
     assert main(["listen", "--queue", "--data-dir", str(tmp_path), "--port", "0"]) == 2
     assert main(["worker", "--data-dir", str(tmp_path)]) == 2

@@ -465,7 +465,7 @@ def study_summary_ui(info: StudyRecord, slices: pd.DataFrame, thresholds: Mappin
         slices[[f"y_{c}" for c in CLASSES]].to_numpy(float),
     )
     flag = f":red[**flagged**] · most likely subtype **{info.top_subtype or '—'}**" if info.flagged else "not flagged"
-    updated = f" · :orange[updated {info.updated[:16].replace('T', ' ')}]" if info.updated else ""
+    updated = f" · :orange[updated {local_time(info.updated)}]" if info.updated else ""
     st.markdown(
         f"Likelihood **{pct(info.score)}** · {flag} · status **{info.status}** · "
         f"{SOURCE_NAMES[info.source]} · scored by {info.model or 'an unnamed model'}{updated}"
@@ -544,10 +544,9 @@ def results_ui(wl: Worklist, study_id: int) -> None:
         return
     pred = model()
     cam = (lambda hu: explain.grad_cam(pred, hu, "any")) if pred and "any" in pred.model_classes else None
-    how = aggregation(
-        wl.study(study_id).top_k
-    )  # the study's own rule, not the loaded model's (they differ after an update)
-    built = f"results-{study_id}-{wl.study(study_id).received}"  # a re-score needs new results
+    record = wl.study(study_id)
+    how = aggregation(record.top_k)  # the study's own rule, not the loaded model's (they differ after an update)
+    built = f"results-{study_id}-{record.received}"  # a re-score needs new results
     if built not in st.session_state:
         if st.button("Prepare results for PACS (DICOM SR + key image)", icon=":material/download:"):
             with st.spinner("Building the structured report and the key image…"):

@@ -929,7 +929,7 @@ class Worklist:
         with self._read() as db:
             frame = pd.read_sql_query(sa.text(query), db, params={"status": status, "new": STATUS_NEW})
         local = dt.datetime.now().astimezone().tzinfo
-        for when in ("received", "updated"):  # stored in UTC, shown in the server's local time
+        for when in ("received", "updated"):  # stored with the writer's UTC offset, shown in this server's local time
             frame[when] = pd.to_datetime(frame[when], utc=True).dt.tz_convert(local).dt.tz_localize(None)
         frame["study_datetime"] = pd.to_datetime(frame["study_datetime"])  # the scanner's local time, as DICOM has it
         frame[["flagged", "demo"]] = frame[["flagged", "demo"]].astype(bool)
