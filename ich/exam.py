@@ -185,12 +185,14 @@ def _not_scorable(s: Series, name: str, angle: float) -> str:
     return ""
 
 
-def _not_a_ct_image(modality: str, sop_class: str) -> str:
-    """Why an object is not a CT image the model could score ('' where it is one): rule step 1's first two."""
+def _not_a_ct_image(modality: str, sop_class: str, detail: str = "") -> str:
+    """Why an object is not a CT image the model could score ('' where it is one): rule step 1's first two;
+    ``detail`` (its SOP class's name) is added inside the brackets."""
+    more = f", {detail}" if detail else ""
     if modality != "CT":
-        return f"not a CT image (modality {modality or 'unknown'})"
+        return f"not a CT image (modality {modality or 'unknown'}{more})"
     if _secondary_capture(sop_class):
-        return "secondary capture (dose page or screenshot)"
+        return f"secondary capture (dose page or screenshot{more})"
     return ""
 
 
@@ -204,12 +206,13 @@ def set_aside(
     """A series the DICOM listener set aside at the door (a dose page, a dose SR, a structured report): never
     stored, so known only by what its instances said. Its reason reads as an upload's for the same object,
     with the SOP class named: "not a CT image (modality SR, X-Ray Radiation Dose SR Storage)"."""
-    reason = _not_a_ct_image(modality, sop_class) or "not a CT image"
-    if reason.endswith(")") and sop_class_name not in reason:
-        reason = f"{reason[:-1]}, {sop_class_name})"
-    elif sop_class_name not in reason:
-        reason = f"{reason} ({sop_class_name})"
+    reason = _not_a_ct_image(modality, sop_class, sop_class_name) or f"not a CT image ({sop_class_name})"
     return SeriesChoice("", number, description, instances, None, "", "unknown", False, reason)
+
+
+def is_set_aside(choice: SeriesChoice) -> bool:
+    """Whether ``choice`` is a series :func:`set_aside` made: known by no UID (none is kept)."""
+    return not choice.series_uid
 
 
 def with_set_aside(choices: Sequence[SeriesChoice], extra: Sequence[SeriesChoice]) -> list[SeriesChoice]:

@@ -228,12 +228,18 @@ def _files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.dcm"))
 
 
-def _set_aside(folder: Path) -> dict[str, dict[str, Any]]:
+def _read_json(path: Path) -> Any:
+    """A small JSON file this module wrote, or ``None`` when missing or unreadable (a crash mid-write leaves the
+    old one: :func:`ich.files.atomic_write`)."""
     try:
-        records = json.loads((folder / SET_ASIDE).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
-    return records if isinstance(records, dict) else {}
+        return None
+
+
+def _set_aside(folder: Path) -> dict[str, dict[str, Any]]:
+    found = _read_json(folder / SET_ASIDE)
+    return found if isinstance(found, dict) else {}
 
 
 def _aside_choice(record: dict[str, Any]) -> SeriesChoice:
@@ -266,10 +272,8 @@ def _contents(folder: Path) -> list[str]:
 
 
 def _scored(folder: Path) -> list[str] | None:
-    try:
-        return json.loads((folder / SCORED).read_text())
-    except (OSError, ValueError):
-        return None
+    found = _read_json(folder / SCORED)
+    return found if isinstance(found, list) else None
 
 
 class NotScored(Exception):

@@ -12,6 +12,7 @@ Latency counts from the end of the exam's association and includes the listener'
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import statistics
 import subprocess
@@ -78,7 +79,7 @@ def run(server: postgres.Server, exams: list[list], workers: int, weights: str |
             queue.close()
     server.drop_database(name)
     # `received` is written as the row commits, to the second: last instance -> worklist per exam
-    latency = [time.mktime(time.strptime(landed[uid][:19], "%Y-%m-%dT%H:%M:%S")) - t for uid, t in sent.items()]
+    latency = [dt.datetime.fromisoformat(landed[uid]).timestamp() - t for uid, t in sent.items()]
     return {
         "exams_per_hour": len(exams) / (end - start) * 3600,
         "wall_s": end - start,

@@ -73,7 +73,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from ich import dicom
-from ich.exam import SeriesChoice, with_set_aside
+from ich.exam import SeriesChoice, is_set_aside, with_set_aside
 from ich.files import atomic_write, data_dir, private_dir, warn_permissions
 from ich.labels import CLASSES
 from ich.review import Read, read_truth
@@ -344,6 +344,15 @@ def _nullable(values: np.ndarray) -> list[float | None]:
     return [None if np.isnan(v) else float(v) for v in values]
 
 
+def _series_json(choices: Sequence[SeriesChoice]) -> str:
+    """An exam's series as the ``exam_series`` column keeps them (:func:`_series_from_json` reads them back)."""
+    return json.dumps([dataclasses.asdict(c) for c in choices])
+
+
+def _series_from_json(text: str) -> tuple[SeriesChoice, ...]:
+    return tuple(SeriesChoice(**c) for c in json.loads(text))
+
+
 def _write_npz(path: Path, series: dicom.Series) -> None:
     """The series' int16 HU as a standard ``.npz`` (key ``hu``; ``affine``: voxel to patient LPS mm, and
     ``locations``: each slice's position along the normal, by which the viewer groups a thin series into the
@@ -410,7 +419,7 @@ class StudyRecord:
             thresholds=MappingProxyType({k: float(v) for k, v in json.loads(study["thresholds"]).items()}),
             notes=tuple(json.loads(study["notes"])),
             volume_file=study["volume"],
-            exam_series=tuple(SeriesChoice(**c) for c in json.loads(study["exam_series"])),
+            exam_series=_series_from_json(study["exam_series"]),
             updated=study["updated"],
             header_file=study["header_file"] or _header_key(study["study_uid"], study["series_uid"]),
             top_k=study["top_k"],
@@ -684,7 +693,7 @@ class Worklist:
             # Identifiers reach the store only while an admin has them on; never otherwise.
             patient_id=series.slices[0].patient_id or None if self.identifiers_on else None,
             accession=series.slices[0].identifiers.get("accession_number") or None if self.identifiers_on else None,
-            exam_series=json.dumps([dataclasses.asdict(c) for c in exam_series]),
+            exam_series=_series_json(exam_series),
             top_k=top_k,
             header_file=header,
         )
@@ -803,8 +812,8 @@ class Worklist:
             row = _run(db, "SELECT id, exam_series FROM studies WHERE study_uid = :uid", uid=study_uid).first()
             if row is None:
                 return False
-            kept = [SeriesChoice(**c) for c in json.loads(row.exam_series) if c["series_uid"]]
-            listed = json.dumps([dataclasses.asdict(c) for c in with_set_aside(kept, set_aside)])
+            kept = [c for c in _series_from_json(row.exam_series) if not is_set_aside(c)]
+            listed = _series_json(with_set_aside(kept, set_aside))
             _run(db, "UPDATE studies SET exam_series = :listed WHERE id = :id", listed=listed, id=row.id)
             return True
 
