@@ -23,7 +23,10 @@ os.environ.pop("ICH_DATABASE_URL", None)
 def shared_data() -> Path:
     """The real scans beside the checkout (../shared/data); absent in a user's fresh clone."""
     if not (SHARED_DATA / "README.md").exists():
-        pytest.skip(f"real head-CT data not found at {SHARED_DATA} (only present beside the project in CI/dev)")
+        pytest.skip(
+            f"real head-CT data not found at {SHARED_DATA} (present beside the project in CI/dev; elsewhere set "
+            "ICH_SHARED_DATA to its data folder)"
+        )
     return SHARED_DATA
 
 

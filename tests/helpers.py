@@ -25,7 +25,8 @@ from ich.worklist import Worklist
 from tests.dicom_factory import make_ct, to_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The real scans beside the checkout; ICH_SHARED_DATA points a clone elsewhere at them (never copied in).
+SHARED_DATA = Path(os.environ.get("ICH_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 
 def make_checkpoint(
